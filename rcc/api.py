@@ -1,0 +1,170 @@
+"""rcc.compile: source -> IR -> generated module -> a torch.nn.Module class (cached by content)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import linecache
+import os
+import sys
+import tempfile
+
+import torch
+
+from . import __version__, frontend
+from .elaborate import NeedStatic, elaborate
+from .errors import CompileError
+from .passes import run_pipeline
+
+BACKENDS = ("auto", "torch", "cpp", "triton")
+PLANS = ("auto", "sequential", "scan", "chunk", "newton")
+_CLASSES: dict = {}  # content key -> class, for this process
+
+
+def cache_dir() -> str:
+    return os.environ.get("RCC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rcc")
+
+
+def _check_choice(backend, plan):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
+    if backend in ("cpp", "triton"):
+        raise NotImplementedError(f"backend {backend!r} is not implemented yet; use backend='torch'")
+    if plan in ("scan", "chunk", "newton"):
+        raise NotImplementedError(f"plan {plan!r} is not implemented yet; use plan='sequential'")
+    return "torch", "sequential"
+
+
+def build_ir(source_or_path, cell=None, dims=None):
+    """Parse and elaborate one cell. Returns (CellIR, program, syntax cell), or raises NeedStatic
+    when a dim with no default sets a loop count and `dims` does not give it."""
+    text, filename = frontend.read_source(source_or_path)
+    prog = frontend.load(text, filename)
+    ast = frontend.pick_cell(prog, cell, filename)
+    cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
+    return cell_ir, prog, ast
+
+
+def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) -> str:
+    """The generated module's source text (what `rcc compile` writes)."""
+    backend, plan = _check_choice(backend, plan)
+    text, filename = frontend.read_source(source_or_path)
+    try:
+        cell_ir, _, _ = build_ir(source_or_path, cell, dims)
+    except NeedStatic as need:
+        raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
+                           f"value to generate code: give it a default or pass --dims "
+                           f"{need.names[0]}=N", need.span) from None
+    from rcc.backends.torch.printer import print_module
+    return print_module(cell_ir, filename if filename != "<string>" else "<string>", plan)
+
+
+def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
+    """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims."""
+    backend, plan = _check_choice(backend, plan)
+    text, filename = frontend.read_source(source_or_path)
+    prog = frontend.load(text, filename)
+    ast = frontend.pick_cell(prog, cell, filename)
+    return _specialize(prog, ast, filename, backend, plan, dict(dims or {}))
+
+
+def _specialize(prog, ast, filename, backend, plan, dims):
+    try:
+        cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
+    except NeedStatic:
+        return _deferred_class(prog, ast, filename, backend, plan)
+    static = {d.name: d.static for d in cell_ir.dims if d.static is not None}
+    key = _content_key(prog, ast.name, backend, plan, static)
+    if key in _CLASSES:
+        cls = _CLASSES[key]
+    else:
+        from rcc.backends.torch.printer import print_module
+        code = print_module(cell_ir, filename, plan)
+        cls = _load_class(code, key, cell_ir.name)
+        _CLASSES[key] = cls
+    cls._respecialize = staticmethod(
+        lambda all_dims: _specialize(prog, ast, filename, backend, plan,
+                                     {**dims, **{k: all_dims[k] for k in all_dims}}))
+    return cls
+
+
+def _deferred_class(prog, ast, filename, backend, plan):
+    """A class for a cell whose code depends on a dim with no default: it generates the code
+    when instantiated, once the dims are known."""
+    from .runtime.module import CellModule, span
+
+    dims = tuple((d.name, d.default, span(d.span.filename, d.span.line, d.span.col, d.span.end_col,
+                                          d.span.source_line)) for d in ast.dims)
+    static = {d.name: None for d in ast.dims if d.default is None}
+    cls = type(ast.name, (CellModule,), {"CELL": ast.name, "DIMS": dims, "STATIC_DIMS": static})
+    cls._respecialize = staticmethod(
+        lambda all_dims: _specialize(prog, ast, filename, backend, plan, dict(all_dims)))
+    return cls
+
+
+def _content_key(prog, cell_name, backend, plan, static) -> str:
+    h = hashlib.sha256()
+    payload = {"rcc": __version__, "cell": cell_name, "backend": backend, "plan": plan,
+               "static": static, "files": sorted(prog.texts.items())}
+    h.update(json.dumps(payload, sort_keys=True).encode())
+    h.update(_compiler_fingerprint())
+    return h.hexdigest()[:24]
+
+
+_FINGERPRINT = None
+
+
+def _compiler_fingerprint() -> bytes:
+    """A hash of the compiler's own sources, so a changed printer never reuses stale modules."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        h = hashlib.sha256()
+        roots = [os.path.dirname(__file__), os.path.dirname(sys.modules["rcc.backends"].__file__)
+                 if "rcc.backends" in sys.modules else None]
+        import rcc.backends
+        roots[1] = os.path.dirname(rcc.backends.__file__)
+        for root in roots:
+            for dirpath, _, files in sorted(os.walk(root)):
+                for f in sorted(files):
+                    if f.endswith((".py", ".lark")):
+                        with open(os.path.join(dirpath, f), "rb") as fh:
+                            h.update(f.encode() + fh.read())
+        _FINGERPRINT = h.digest()
+    return _FINGERPRINT
+
+
+def _load_class(code: str, key: str, cell_name: str):
+    """Write the module to the cache (atomically) and import it from there, so tracebacks and
+    inspect show the generated lines."""
+    directory = cache_dir()
+    path = os.path.join(directory, f"rcc_{key}.py")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.exists(path):
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(code)
+            os.replace(tmp, path)
+    except OSError:
+        path = None  # read-only home: keep the module in memory only
+    name = f"rcc_generated_{key}"
+    if path is not None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        filename = f"<rcc {key}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        module = type(sys)(name)
+        exec(builtins_compile(code, filename), module.__dict__)
+    sys.modules[name] = module
+    classes = [v for v in module.__dict__.values()
+               if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == name]
+    return classes[0]
+
+
+def builtins_compile(code, filename):
+    import builtins
+    return builtins.compile(code, filename, "exec")

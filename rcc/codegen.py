@@ -1,0 +1,63 @@
+"""Helpers shared by code printers: safe identifiers and printing of dim expressions."""
+from __future__ import annotations
+
+import builtins
+import keyword
+import re
+
+import sympy
+from sympy.printing.pycode import PythonCodePrinter
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class Namespace:
+    """Hands out unique Python identifiers. A user's name is kept when it is safe (a valid,
+    non-reserved identifier); otherwise it gets a suffix. Names that start with '_' are the
+    printer's own, so user names never take that form."""
+
+    def __init__(self, reserved=()):
+        self.taken = set(reserved) | set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins))
+
+    def new(self, hint: str) -> str:
+        base = hint if _IDENT.match(hint or "") else "v"
+        if base.startswith("_"):
+            base = "u" + base
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+class DimPrinter(PythonCodePrinter):
+    """Prints sympy expressions of dims as Python, with integer division for floor(a/b)."""
+
+    def __init__(self, names: dict):
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.names = names  # dim name -> local identifier
+
+    def _print_Symbol(self, s):
+        return self.names[s.name]
+
+    def _print_floor(self, e):
+        num, den = sympy.fraction(sympy.together(e.args[0]))
+        if den.is_Integer and num.is_integer:
+            return f"(({self._print(num)}) // {den})"
+        return f"math.floor({self._print(e.args[0])})"
+
+    def _print_Float(self, f):
+        return repr(float(f))
+
+    def _print_Rational(self, r):
+        return repr(float(r))
+
+    def _print_Integer(self, i):
+        return str(int(i))
+
+
+def dim_expr(expr, names: dict) -> str:
+    expr = sympy.sympify(expr)
+    if expr.is_number:
+        return repr(int(expr)) if expr.is_integer else repr(float(expr))
+    return DimPrinter(names).doprint(expr)

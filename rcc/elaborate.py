@@ -1,0 +1,702 @@
+"""AST -> typed IR: resolve names, inline fns, unroll loops, infer and check shapes.
+
+Shapes are symbolic in the dims, so one IR (and one generated module) serves every dim value.
+A dim used where an integer is required (a loop bound, a split count) must have a value now:
+`elaborate` asks for it through `static` and reports which dims it needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+
+from . import ir
+from . import syntax as S
+from .errors import CompileError, Span
+from .shapes import broadcast, fmt_shape, matmul_shape, same_dim
+
+
+class NeedStatic(Exception):
+    """Raised when an integer context needs a dim value not given yet (caught by the driver)."""
+
+    def __init__(self, names, span):
+        super().__init__(names)
+        self.names = tuple(sorted(names))
+        self.span = span
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A compile-time integer expression (literal, loop variable or dim expression)."""
+    expr: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Val:
+    """A run-time value: an IR node id."""
+    id: int
+
+
+@dataclass(frozen=True)
+class Multi:
+    """Several values (the result of split/chunk), only legal on the right of a destructuring."""
+    ids: tuple
+
+
+_UNARY_FUNCS = {name for name in ir.UNARY if name != "neg"}
+_BINARY_FUNCS = {"max": "maximum", "min": "minimum", "logaddexp": "logaddexp"}
+_REDUCE_FUNCS = set(ir.REDUCE)
+_SHAPE_FUNCS = {"softmax", "dot", "outer", "l2norm", "eye", "zeros", "ones", "concat", "stack",
+                "split", "chunk", "where"}
+BUILTINS = _UNARY_FUNCS | set(_BINARY_FUNCS) | _REDUCE_FUNCS | _SHAPE_FUNCS
+_COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+_ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
+# sympy versions of elementwise functions, for folding constant sub-expressions
+_FOLD = {
+    "neg": lambda a: -a, "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt,
+    "rsqrt": lambda a: 1 / sympy.sqrt(a), "abs": sympy.Abs, "sign": sympy.sign, "sin": sympy.sin,
+    "cos": sympy.cos, "tanh": sympy.tanh, "sigmoid": lambda a: 1 / (1 + sympy.exp(-a)),
+    "log1p": lambda a: sympy.log(1 + a), "expm1": lambda a: sympy.exp(a) - 1,
+    "relu": lambda a: sympy.Max(a, 0), "add": lambda a, b: a + b, "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
+    "maximum": sympy.Max, "minimum": sympy.Min,
+}
+_INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
+_RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
+
+
+class Elaborator:
+    def __init__(self, cell: S.Cell, fns: dict, static: dict):
+        self.cell = cell
+        self.fns = fns  # name -> S.FnDef
+        self.static = dict(static)  # dim name -> int, for integer contexts
+        self.nodes: list = []
+        self.memo: dict = {}  # (op, args, attrs) -> id, for leaves and pure repeats
+        self.env: dict = {}  # name -> Sym | Val
+        self.decls: dict = {}  # name -> ir.Decl
+        self.decl_order: list = []
+        self.state_inits: dict = {}  # state name -> (param name, span)
+        self.updated: dict = {}  # state name -> node id
+        self.outputs: list = []
+        self.constraints: list = []
+        self.call_stack: list = []  # (fn name, call span) while inlining
+        self.dims = {}
+        for d in cell.dims:
+            if d.name in self.dims:
+                raise CompileError(f"dim '{d.name}' is declared twice", d.span)
+            if d.default is not None and d.default <= 0:
+                raise CompileError(f"dim '{d.name}' must be a positive integer, got {d.default}",
+                                   d.span)
+            self.dims[d.name] = d
+            self.env[d.name] = Sym(ir.dim_symbol(d.name))
+
+    # ---- driver ---------------------------------------------------------------------------
+    def run(self) -> ir.CellIR:
+        if self.cell.topology != "seq":
+            raise CompileError(f"topology '{self.cell.topology}' is not supported yet "
+                               "(only 'seq'; grid2d and dag are planned)",
+                               self.cell.topology_span or self.cell.span)
+        self.block(self.cell.body)
+        kinds = {k: tuple(self.decls[n] for n in self.decl_order if self.decls[n].kind == k)
+                 for k in ("input", "param", "state")}
+        if not kinds["input"]:
+            raise CompileError(f"cell '{self.cell.name}' has no input: declare at least one "
+                               "(the sequence length comes from the inputs)", self.cell.span)
+        states = tuple(self._resolve_state_init(d) for d in kinds["state"])
+        dims = tuple(ir.Dim(d.name, d.default, d.span, self.static.get(d.name))
+                     for d in self.cell.dims)
+        return ir.CellIR(
+            name=self.cell.name, filename=self.cell.span.filename, topology=self.cell.topology,
+            dims=dims, inputs=kinds["input"], params=kinds["param"], states=states,
+            nodes=tuple(self.nodes), updates=tuple(self.updated.items()),
+            outputs=tuple(self.outputs), constraints=tuple(self.constraints), span=self.cell.span)
+
+    def _resolve_state_init(self, decl: ir.Decl) -> ir.Decl:
+        if decl.name not in self.state_inits:
+            return decl
+        pname, span = self.state_inits[decl.name]
+        p = self.decls.get(pname)
+        if p is None or p.kind != "param":
+            raise CompileError(f"unknown initializer '{pname}' for state '{decl.name}' (expected "
+                               "0, a number, zeros, ones, eye or the name of a param)", span)
+        if not _same_shape(p.shape, decl.shape):
+            raise CompileError(f"shape mismatch: state '{decl.name}' is {fmt_shape(decl.shape)} "
+                               f"but its initial param '{pname}' is {fmt_shape(p.shape)}", span)
+        return ir.Decl(decl.kind, decl.name, decl.shape, ir.Init("param", param=pname), decl.span)
+
+    # ---- building nodes -------------------------------------------------------------------
+    def emit(self, op, args, shape, span, attrs=(), batched=None) -> int:
+        args = tuple(args)
+        attrs = tuple(sorted(attrs))
+        if batched is None:
+            batched = op in ("input", "state") or any(self.nodes[a].type.batched for a in args)
+        key = (op, args, attrs)
+        if key in self.memo:
+            return self.memo[key]
+        node = ir.Node(len(self.nodes), op, args, attrs, ir.Type(tuple(shape), batched), span)
+        self.nodes.append(node)
+        self.memo[key] = node.id
+        return node.id
+
+    def const(self, value, span) -> int:
+        return self.emit("const", (), (), span, (("value", sympy.sympify(value)),))
+
+    def name_value(self, vid: int, name: str):
+        n = self.nodes[vid]
+        if not n.name and n.op not in ("input", "param", "state", "const"):
+            self.nodes[vid] = ir.Node(n.id, n.op, n.args, n.attrs, n.type, n.span, name)
+
+    def shape(self, vid):
+        return self.nodes[vid].type.shape
+
+    def const_value(self, vid):
+        n = self.nodes[vid]
+        return n.attr("value") if n.op == "const" else None
+
+    # ---- statements -----------------------------------------------------------------------
+    def block(self, stmts):
+        for st in stmts:
+            getattr(self, "stmt_" + type(st).__name__)(st)
+
+    def stmt_Decl(self, st: S.Decl):
+        for item in st.items:
+            self.declare(item)
+
+    def declare(self, item: S.DeclItem):
+        if item.name in self.decls:
+            raise CompileError(f"'{item.name}' is declared twice", item.span)
+        if item.name in self.dims:
+            raise CompileError(f"'{item.name}' is already a dim of cell '{self.cell.name}'",
+                               item.span)
+        if item.name in self.env:
+            raise CompileError(f"'{item.name}' is already bound to a value", item.span)
+        if len(item.shape) > 3:
+            raise CompileError(f"'{item.name}' has rank {len(item.shape)}; ranks 0 to 3 are "
+                               "supported", item.span)
+        shape = tuple(self.shape_dim(e, f"axis {i} of '{item.name}'")
+                      for i, e in enumerate(item.shape))
+        init = self.initializer(item, shape)
+        decl = ir.Decl(item.kind, item.name, shape, init, item.span)
+        self.decls[item.name] = decl
+        self.decl_order.append(item.name)
+        vid = self.emit(item.kind, (), shape, item.span, (("name", item.name),))
+        self.env[item.name] = Val(vid)
+
+    def shape_dim(self, expr, what) -> sympy.Expr:
+        v = self.eval_any(expr)
+        if not isinstance(v, Sym):
+            raise CompileError(f"{what} must be an integer expression of dims", _span(expr))
+        e = sympy.expand(v.expr)
+        if e.is_number:
+            if not (e.is_integer and e > 0):
+                raise CompileError(f"{what} is {e}; it must be a positive integer", _span(expr))
+        elif not (e.is_integer and e.is_positive):
+            self.constraints.append(ir.Constraint(e, what, _span(expr)))
+        return e
+
+    def initializer(self, item: S.DeclItem, shape) -> ir.Init:
+        e = item.init
+        if e is None:
+            return ir.Init("default" if item.kind == "param" else "zeros")
+        where = _span(e)
+        if item.kind == "input":
+            raise CompileError(f"input '{item.name}' cannot have an initial value", where)
+        if isinstance(e, S.Name) and e.id in _INITS:
+            kind = e.id
+        elif isinstance(e, S.Name) and item.kind == "state":
+            self.state_inits[item.name] = (e.id, where)
+            return ir.Init("zeros")  # replaced once the param is known
+        elif isinstance(e, S.Call) and e.func in ("uniform", "normal"):
+            if len(e.args) != 2 or e.kwargs:
+                raise CompileError(f"{e.func}() takes 2 arguments, got {len(e.args)}", where)
+            return self._random_ok(item, e.func, tuple(self.const_expr(a) for a in e.args), where)
+        elif isinstance(e, S.Name):
+            raise CompileError(f"unknown initializer '{e.id}' (expected 0, a number, zeros, "
+                               "ones, eye, uniform(a, b), normal(mean, std), xavier, orthogonal)",
+                               where)
+        else:
+            value = self.const_expr(e)
+            return ir.Init("zeros") if value == 0 else ir.Init("const", (value,))
+        if kind in ("eye", "xavier", "orthogonal") and len(shape) != 2:
+            raise CompileError(f"initializer {kind} needs a rank-2 shape, '{item.name}' is "
+                               f"{fmt_shape(shape)}", where)
+        return self._random_ok(item, kind, (), where)
+
+    def _random_ok(self, item, kind, args, where):
+        if item.kind == "state" and kind in _RANDOM_INITS | {"uniform", "normal"}:
+            raise CompileError(f"state '{item.name}' cannot start from a random initializer "
+                               f"({kind}); use a param: state {item.name}[...] = P", where)
+        return ir.Init(kind, args)
+
+    def const_expr(self, e):
+        v = self.eval_any(e)
+        if isinstance(v, Sym):
+            return v.expr
+        if isinstance(v, Val) and self.const_value(v.id) is not None:
+            return self.const_value(v.id)
+        raise CompileError("an initializer argument must be a constant expression", _span(e))
+
+    def stmt_Assign(self, st: S.Assign):
+        self._check_assignable(st.target, st.span)
+        v = self.eval_any(st.value)
+        if isinstance(v, Multi):
+            raise CompileError(f"{_call_name(st.value)} gives {len(v.ids)} values; unpack them: "
+                               f"a, b = ...", _span(st.value))
+        if isinstance(v, Val):
+            self.name_value(v.id, st.target)
+        self.env[st.target] = v
+
+    def _check_assignable(self, name, span):
+        if name in self.decls:
+            kind = self.decls[name].kind
+            hint = f"; write {name}' = ... for its next value" if kind == "state" else ""
+            raise CompileError(f"cannot assign to {kind} '{name}'{hint}", span)
+        if name in self.dims:
+            raise CompileError(f"cannot assign to dim '{name}'", span)
+        if name in BUILTINS or name in self.fns:
+            raise CompileError(f"cannot assign to '{name}': it names a function", span)
+
+    def stmt_Destructure(self, st: S.Destructure):
+        v = self.eval_any(st.value)
+        if not isinstance(v, Multi):
+            raise CompileError(f"only split(...) and chunk(...) can be unpacked into "
+                               f"{len(st.targets)} names", _span(st.value))
+        if len(v.ids) != len(st.targets):
+            raise CompileError(f"{_call_name(st.value)} gives {len(v.ids)} values but "
+                               f"{len(st.targets)} names are bound", st.span)
+        for t, vid in zip(st.targets, v.ids):
+            self._check_assignable(t.id, t.span)
+            self.name_value(vid, t.id)
+            self.env[t.id] = Val(vid)
+
+    def stmt_Update(self, st: S.Update):
+        decl = self.decls.get(st.state)
+        if decl is None or decl.kind != "state":
+            what = f"{decl.kind} '{st.state}'" if decl else f"'{st.state}'"
+            raise CompileError(f"{what} is not a state; only states can be primed", st.span)
+        if st.state in self.updated:
+            prev = self.nodes[self.updated[st.state]].span
+            raise CompileError(f"state '{st.state}' is updated twice (first at line {prev.line})",
+                               st.span)
+        vid = self.value(st.value)
+        got = self.shape(vid)
+        if not _same_shape(got, decl.shape):
+            raise CompileError(f"shape mismatch: state '{st.state}' is {fmt_shape(decl.shape)} "
+                               f"but its update is {fmt_shape(got)}", st.span)
+        self.updated[st.state] = vid
+
+    def stmt_Output(self, st: S.Output):
+        if any(name == st.name for name, _, _ in self.outputs):
+            raise CompileError(f"output '{st.name}' is declared twice", st.span)
+        if st.value is None:
+            vid = self.value(S.Primed(st.name, st.span))
+        else:
+            vid = self.value(st.value)
+        self.outputs.append((st.name, vid, st.span))
+
+    def stmt_For(self, st: S.For):
+        start, stop = self.int_value(st.start), self.int_value(st.stop)
+        if st.var in self.decls or st.var in self.dims:
+            raise CompileError(f"loop variable '{st.var}' shadows a declared name", st.span)
+        saved = self.env.get(st.var)
+        for j in range(start, stop):
+            self.env[st.var] = Sym(sympy.Integer(j))
+            self.block(st.body)
+        if saved is None:
+            self.env.pop(st.var, None)
+        else:
+            self.env[st.var] = saved
+
+    # ---- expressions ----------------------------------------------------------------------
+    def value(self, e) -> int:
+        return self.to_value(self.eval_any(e), e)
+
+    def to_value(self, v, e) -> int:
+        if isinstance(v, Val):
+            return v.id
+        if isinstance(v, Sym):
+            return self.const(v.expr, _span(e))
+        raise CompileError(f"{_call_name(e)} gives {len(v.ids)} values; unpack them first: "
+                           "a, b = ...", _span(e))
+
+    def int_value(self, e) -> int:
+        v = self.eval_any(e)
+        if not isinstance(v, Sym):
+            raise CompileError("expected an integer (a literal, a dim or a loop variable)",
+                               _span(e))
+        expr = sympy.expand(v.expr.subs({ir.dim_symbol(k): n for k, n in self.static.items()}))
+        free = {s.name for s in expr.free_symbols}
+        if free:
+            raise NeedStatic(free, _span(e))
+        return int(expr)
+
+    def eval_any(self, e):
+        method = getattr(self, "ex_" + type(e).__name__, None)
+        if method is None:
+            raise CompileError("unsupported expression", _span(e))
+        return method(e)
+
+    def ex_Num(self, e: S.Num):
+        return Sym(sympy.Integer(e.value)) if e.is_int else Val(self.const(e.value, e.span))
+
+    def ex_Name(self, e: S.Name):
+        if e.id in self.env:
+            return self.env[e.id]
+        if e.id == "None":
+            raise CompileError("None is only allowed inside an index, as a new axis", e.span)
+        if e.id in self.fns or e.id in BUILTINS:
+            raise CompileError(f"function '{e.id}' must be called", e.span)
+        raise CompileError(f"unknown name '{e.id}'", e.span)
+
+    def ex_Primed(self, e: S.Primed):
+        decl = self.decls.get(e.id)
+        if decl is None:
+            if e.id in self.env or e.id in self.dims:
+                raise CompileError(f"'{e.id}' is not a state; only states can be primed", e.span)
+            raise CompileError(f"unknown name '{e.id}'", e.span)
+        if decl.kind != "state":
+            raise CompileError(f"{decl.kind} '{e.id}' is not a state; only states can be primed",
+                               e.span)
+        if e.id not in self.updated:
+            raise CompileError(f"'{e.id}'' is used before its update", e.span)
+        return Val(self.updated[e.id])
+
+    def ex_Neg(self, e: S.Neg):
+        v = self.eval_any(e.operand)
+        if isinstance(v, Sym):
+            return Sym(-v.expr)
+        return Val(self.unary("neg", self.to_value(v, e.operand), e.span))
+
+    def ex_BinOp(self, e: S.BinOp):
+        a, b = self.eval_any(e.left), self.eval_any(e.right)
+        if isinstance(a, Sym) and isinstance(b, Sym) and e.op in ("+", "-", "*", "//"):
+            x, y = a.expr, b.expr
+            if e.op == "//":
+                if y == 0:
+                    raise CompileError("integer division by zero", e.span)
+                return Sym(sympy.floor(x / y))
+            return Sym({"+": x + y, "-": x - y, "*": x * y}[e.op])
+        if e.op == "//":
+            raise CompileError("'//' is integer division of dims and integers only; use '/' "
+                               "for values", e.span)
+        ia, ib = self.to_value(a, e.left), self.to_value(b, e.right)
+        if e.op == "@":
+            return Val(self.matmul(ia, ib, e.span))
+        if e.op in _COMPARE:
+            return Val(self.binary(_COMPARE[e.op], ia, ib, e.span))
+        return Val(self.binary(_ARITH[e.op], ia, ib, e.span))
+
+    def ex_Attribute(self, e: S.Attribute):
+        if e.attr != "T":
+            raise CompileError(f"unknown attribute '.{e.attr}' (only .T, the transpose, exists)",
+                               e.span)
+        vid = self.value(e.value)
+        shape = self.shape(vid)
+        if len(shape) < 2:
+            return Val(vid)  # NumPy: .T of a vector or scalar is itself
+        return Val(self.emit("transpose", (vid,), tuple(reversed(shape)), e.span))
+
+    def ex_Subscript(self, e: S.Subscript):
+        vid = self.value(e.value)
+        shape = list(self.shape(vid))
+        consumed = sum(1 for ix in e.indices if not _is_none(ix))
+        if consumed > len(shape):
+            raise CompileError(f"too many indices: {consumed} for a value of shape "
+                               f"{fmt_shape(shape)}", e.span)
+        spec, out, axis = [], [], 0
+        for ix in e.indices:
+            if _is_none(ix):
+                spec.append(("new",))
+                out.append(sympy.Integer(1))
+                continue
+            size = shape[axis]
+            if isinstance(ix, S.Slice):
+                lo = self._bound(ix.start, size, 0, "slice start")
+                hi = self._bound(ix.stop, size, size, "slice stop")
+                length = sympy.expand(hi - lo)
+                if length.is_number and length <= 0:
+                    raise CompileError(f"empty slice {lo}:{hi} of an axis of size {size}", ix.span)
+                if not length.is_number and not (length.is_integer and length.is_positive):
+                    self.constraints.append(ir.Constraint(length, "slice length", ix.span))
+                spec.append(("slice", lo, hi))
+                out.append(length)
+            else:
+                i = self._bound(ix, size, None, "index")
+                if (size - i).is_number and (size - i) <= 0:
+                    raise CompileError(f"index {i} is out of range for an axis of size {size}",
+                                       _span(ix))
+                spec.append(("int", i))
+            axis += 1
+        out.extend(shape[axis:])
+        if all(s[0] == "slice" and s[1] == 0 and same_dim(s[2], sz)
+               for s, sz in zip(spec, shape)) and len(spec) <= len(shape):
+            return Val(vid)  # x[:] or x[:, :]
+        return Val(self.emit("getitem", (vid,), out, e.span, (("index", tuple(spec)),)))
+
+    def _bound(self, ix, size, default, what):
+        if ix is None:
+            return default
+        v = self.eval_any(ix)
+        if not isinstance(v, Sym):
+            raise CompileError(f"{what} must be an integer (a literal, dim or loop variable); "
+                               "indexing by a run-time value is not supported", _span(ix))
+        i = sympy.expand(v.expr)
+        if i.is_number and i < 0:
+            i = sympy.expand(size + i)
+            if i.is_number and i < 0:
+                raise CompileError(f"{what} {v.expr} is out of range for an axis of size {size}",
+                                   _span(ix))
+        if (i - size).is_number and i - size > 0:
+            raise CompileError(f"{what} {i} is out of range for an axis of size {size}", _span(ix))
+        return i
+
+    def ex_Call(self, e: S.Call):
+        if e.func in self.fns:
+            return self.inline(e)
+        if e.func not in BUILTINS:
+            raise CompileError(f"unknown function '{e.func}'", e.span)
+        return getattr(self, "call_" + e.func, self.call_elementwise)(e)
+
+    def inline(self, e: S.Call):
+        fn = self.fns[e.func]
+        if any(name == e.func for name, _ in self.call_stack):
+            raise CompileError(f"fn '{e.func}' calls itself; recursion is not allowed", e.span,
+                               notes=((f"'{fn.name}' is defined here", fn.span),))
+        if e.kwargs:
+            raise CompileError(f"fn '{e.func}' takes positional arguments only", e.span)
+        if len(e.args) != len(fn.params):
+            raise CompileError(f"fn '{e.func}' takes {len(fn.params)} argument"
+                               f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}", e.span,
+                               notes=((f"'{fn.name}' is defined here", fn.span),))
+        bound = {p: self.eval_any(a) for p, a in zip(fn.params, e.args)}
+        saved = self.env
+        # an fn sees its parameters, the cell's dims and the other fns; not the caller's locals
+        self.env = {k: v for k, v in saved.items() if k in self.dims} | bound
+        self.call_stack.append((e.func, e.span))
+        try:
+            return self.eval_any(fn.body)
+        except CompileError as err:
+            if err.notes and err.notes[-1][0].startswith("in fn"):
+                raise
+            raise CompileError(f"{err.message} (in fn '{e.func}')", e.span,
+                               notes=err.notes + ((f"in fn '{fn.name}', here", err.span),)) from None
+        finally:
+            self.call_stack.pop()
+            self.env = saved
+
+    # ---- builtins -------------------------------------------------------------------------
+    def _args(self, e: S.Call, lo, hi, kw=()):
+        n = len(e.args)
+        if not lo <= n <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise CompileError(f"{e.func}() takes {want} argument{'s' if hi != 1 else ''}, "
+                               f"got {n}", e.span)
+        for k, v in e.kwargs:
+            if k not in kw:
+                raise CompileError(f"{e.func}() has no keyword argument '{k}'", _span(v))
+        return dict(e.kwargs)
+
+    def _axis(self, e: S.Call, expr, rank, default=None, extra=0):
+        if expr is None:
+            return default
+        a = self.int_value(expr)
+        n = rank + extra
+        if not -n <= a < n:
+            raise CompileError(f"axis {a} is out of range for rank {rank}", _span(expr))
+        return a % n if n else 0
+
+    def call_elementwise(self, e: S.Call):
+        self._args(e, 1, 1)
+        return Val(self.unary(e.func, self.value(e.args[0]), e.span))
+
+    def _binary_call(self, e):
+        self._args(e, 2, 2)
+        return Val(self.binary(_BINARY_FUNCS[e.func], self.value(e.args[0]),
+                               self.value(e.args[1]), e.span))
+
+    call_max = call_min = call_logaddexp = _binary_call
+
+    def call_where(self, e):
+        self._args(e, 3, 3)
+        c, a, b = (self.value(x) for x in e.args)
+        shape = broadcast([self.shape(c), self.shape(a), self.shape(b)], e.span)
+        return Val(self.emit("where", (c, a, b), shape, e.span))
+
+    def _reduce(self, e):
+        kw = self._args(e, 1, 2, ("axis",))
+        x = self.value(e.args[0])
+        rank = len(self.shape(x))
+        axis_expr = e.args[1] if len(e.args) == 2 else kw.get("axis")
+        axis = self._axis(e, axis_expr, rank)
+        return Val(self.reduce(e.func, x, axis, e.span))
+
+    call_sum = call_mean = call_amax = call_logsumexp = _reduce
+
+    def reduce(self, op, x, axis, span):
+        shape = self.shape(x)
+        if not shape:
+            return x
+        out = () if axis is None else shape[:axis] + shape[axis + 1:]
+        return self.emit(op, (x,), out, span, (("axis", axis),))
+
+    def call_softmax(self, e):
+        kw = self._args(e, 1, 1, ("axis",))
+        x = self.value(e.args[0])
+        rank = len(self.shape(x))
+        if rank == 0:
+            raise CompileError("softmax of a scalar", e.span)
+        axis = self._axis(e, kw.get("axis"), rank, default=rank - 1)
+        return Val(self.emit("softmax", (x,), self.shape(x), e.span, (("axis", axis),)))
+
+    def call_dot(self, e):
+        self._args(e, 2, 2)
+        a, b = self.value(e.args[0]), self.value(e.args[1])
+        if len(self.shape(a)) == 0 or len(self.shape(b)) == 0:
+            return Val(self.binary("mul", a, b, e.span))
+        return Val(self.matmul(a, b, e.span))
+
+    def call_outer(self, e):
+        self._args(e, 2, 2)
+        a, b = self.value(e.args[0]), self.value(e.args[1])
+        for v in (a, b):
+            if len(self.shape(v)) != 1:
+                raise CompileError(f"outer() takes vectors; got shape {fmt_shape(self.shape(v))}",
+                                   e.span)
+        return Val(self.emit("outer", (a, b), self.shape(a) + self.shape(b), e.span))
+
+    def call_l2norm(self, e):
+        self._args(e, 1, 1)
+        x = self.value(e.args[0])
+        sq = self.reduce("sum", self.binary("mul", x, x, e.span), None, e.span)
+        denom = self.unary("sqrt", self.binary("add", sq, self.const(sympy.Float(1e-6), e.span),
+                                                e.span), e.span)
+        return Val(self.binary("div", x, denom, e.span))
+
+    def call_eye(self, e):
+        self._args(e, 1, 1)
+        n = self.shape_dim(e.args[0], "eye() size")
+        return Val(self.emit("eye", (), (n, n), e.span, (("n", n),)))
+
+    def _filled(self, e):
+        self._args(e, 0, 3)
+        shape = tuple(self.shape_dim(a, f"{e.func}() size") for a in e.args)
+        return Val(self.emit(e.func, (), shape, e.span))
+
+    call_zeros = call_ones = _filled
+
+    def _join(self, e):
+        kw = self._args(e, 1, 64, ("axis",))
+        parts = [self.value(a) for a in e.args]
+        shapes = [self.shape(p) for p in parts]
+        rank = len(shapes[0])
+        stack = e.func == "stack"
+        if any(len(s) != rank for s in shapes):
+            raise CompileError(f"{e.func}() of values of different ranks: "
+                               + ", ".join(fmt_shape(s) for s in shapes), e.span)
+        if not stack and rank == 0:
+            raise CompileError("concat() of scalars; use stack()", e.span)
+        axis = self._axis(e, kw.get("axis"), rank, default=0, extra=1 if stack else 0)
+        for s in shapes[1:]:
+            for i, (x, y) in enumerate(zip(s, shapes[0])):
+                if (stack or i != axis) and not same_dim(x, y):
+                    raise CompileError(f"shape mismatch in {e.func}(): "
+                                       + " and ".join(fmt_shape(t) for t in (shapes[0], s)), e.span)
+        if stack:
+            out = shapes[0][:axis] + (sympy.Integer(len(parts)),) + shapes[0][axis:]
+        else:
+            total = sympy.expand(sum(s[axis] for s in shapes))
+            out = shapes[0][:axis] + (total,) + shapes[0][axis + 1:]
+        return Val(self.emit(e.func, parts, out, e.span, (("axis", axis),)))
+
+    call_concat = call_stack = _join
+
+    def call_split(self, e):
+        kw = self._args(e, 2, 3, ("axis",))
+        x = self.value(e.args[0])
+        n = self.int_value(e.args[1])
+        shape = self.shape(x)
+        if not shape:
+            raise CompileError(f"{e.func}() of a scalar", e.span)
+        if n <= 0:
+            raise CompileError(f"{e.func}() into {n} parts", _span(e.args[1]))
+        axis_expr = e.args[2] if len(e.args) == 3 else kw.get("axis")
+        axis = self._axis(e, axis_expr, len(shape), default=0)
+        size = shape[axis]
+        piece = sympy.expand(size / n)
+        if piece.is_number and not piece.is_integer or not piece.is_number and piece.is_integer is False:
+            raise CompileError(f"cannot {e.func} an axis of size {size} into {n} equal parts",
+                               e.span)
+        if not piece.is_number and not (piece.is_integer and piece.is_positive):
+            self.constraints.append(ir.Constraint(piece, f"{e.func}() part size", e.span))
+        ids = []
+        for k in range(n):
+            spec = tuple(("slice", sympy.Integer(0), s) if i != axis else
+                         ("slice", sympy.expand(k * piece), sympy.expand((k + 1) * piece))
+                         for i, s in enumerate(shape[:axis + 1]))
+            out = shape[:axis] + (piece,) + shape[axis + 1:]
+            ids.append(self.emit("getitem", (x,), out, e.span, (("index", spec),)))
+        return Multi(tuple(ids))
+
+    call_chunk = call_split
+
+    # ---- typed node constructors ----------------------------------------------------------
+    def unary(self, op, x, span):
+        c = self.const_value(x)
+        if c is not None and op in _FOLD:
+            return self.const(_FOLD[op](c), span)
+        return self.emit(op, (x,), self.shape(x), span)
+
+    def binary(self, op, a, b, span):
+        ca, cb = self.const_value(a), self.const_value(b)
+        if ca is not None and cb is not None and op in _FOLD:
+            if op == "div" and cb == 0:
+                raise CompileError("division by zero", span)
+            return self.const(_FOLD[op](ca, cb), span)
+        shape = broadcast([self.shape(a), self.shape(b)], span)
+        return self.emit(op, (a, b), shape, span)
+
+    def matmul(self, a, b, span):
+        shape = matmul_shape(self.shape(a), self.shape(b), span)
+        return self.emit("matmul", (a, b), shape, span)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
+
+
+def _is_none(ix) -> bool:
+    return isinstance(ix, S.Name) and ix.id == "None"
+
+
+def _span(e) -> Span:
+    return e.span
+
+
+def _call_name(e) -> str:
+    return f"{e.func}()" if isinstance(e, S.Call) else "this expression"
+
+
+def elaborate(cell: S.Cell, fns: dict, dims: Optional[dict] = None) -> ir.CellIR:
+    """Build the IR of `cell`. `dims` gives values for dims needed in integer contexts; a needed
+    dim not in `dims` takes its default, else NeedStatic is raised for the caller to decide."""
+    dims = dict(dims or {})
+    static: dict = {}
+    while True:
+        try:
+            out = Elaborator(cell, fns, static).run()
+            ir.verify(out)
+            return out
+        except NeedStatic as need:
+            missing = []
+            for name in need.names:
+                if name in static:
+                    continue
+                decl = next(d for d in cell.dims if d.name == name)
+                value = dims.get(name, decl.default)
+                if value is None:
+                    missing.append(name)
+                else:
+                    static[name] = value
+            if missing:
+                raise

@@ -1,0 +1,58 @@
+"""Source spans and CompileError, the one error type a bad cell produces.
+
+Kept free of heavy imports: generated modules raise CompileError for bad dims at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a source file: 1-based line and column of its first character."""
+
+    filename: str
+    line: int
+    col: int
+    end_line: int = 0
+    end_col: int = 0
+    source_line: str = field(default="", repr=False, compare=False)  # text of `line`, for the caret
+
+    def width(self) -> int:
+        if self.end_line == self.line and self.end_col > self.col:
+            return self.end_col - self.col
+        return 1
+
+
+class CompileError(Exception):
+    """A cell that cannot be compiled: `FILE:LINE:COL: error: MESSAGE` plus a caret excerpt."""
+
+    def __init__(self, message: str, span: Span | None = None, notes: tuple = ()):
+        self.message = message
+        self.span = span
+        self.filename = span.filename if span else "<unknown>"
+        self.line = span.line if span else 0
+        self.col = span.col if span else 0
+        # notes: (message, span) pairs shown after the main error, e.g. where an fn is defined
+        self.notes = tuple(notes)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [_format_one("error", self.message, self.span)]
+        for text, span in self.notes:
+            lines.append(_format_one("note", text, span))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _format_one(kind: str, message: str, span: Span | None) -> str:
+    if span is None:
+        return f"<unknown>:0:0: {kind}: {message}"
+    head = f"{span.filename}:{span.line}:{span.col}: {kind}: {message}"
+    if not span.source_line:
+        return head
+    text = span.source_line.rstrip("\n").expandtabs(1)
+    caret = " " * (span.col - 1) + "^" * max(1, min(span.width(), len(text) - span.col + 1))
+    return f"{head}\n    {text}\n    {caret}"

@@ -1,0 +1,110 @@
+"""Load a .rnn program: parse, follow `use` imports, collect fns and cells, pick one cell."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+from . import syntax as S
+from .elaborate import BUILTINS
+from .errors import CompileError
+from .parser import parse
+
+
+@dataclass
+class Program:
+    cells: dict  # name -> S.Cell, in definition order
+    fns: dict  # name -> S.FnDef
+    texts: dict  # filename -> source text (every file read, for the content hash)
+
+
+def read_source(source_or_path) -> tuple:
+    """(text, filename): a path (str or PathLike naming an existing file, or ending in .rnn) is
+    read; any other string is the program text itself."""
+    if isinstance(source_or_path, os.PathLike) or (
+            isinstance(source_or_path, str) and "\n" not in source_or_path
+            and (source_or_path.endswith(".rnn") or os.path.isfile(source_or_path))):
+        path = os.fspath(source_or_path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read(), path
+        except OSError as e:
+            raise CompileError(f"cannot read {path}: {e.strerror}", None) from None
+    if not isinstance(source_or_path, str):
+        raise TypeError(f"expected .rnn source text or a path, got {type(source_or_path).__name__}")
+    return source_or_path, "<string>"
+
+
+def load(text: str, filename: str) -> Program:
+    prog = Program({}, {}, {})
+    _load_into(prog, text, filename, stack=())
+    return prog
+
+
+def _stdlib_text(name: str, span) -> tuple:
+    try:
+        ref = resources.files("rcc.stdlib").joinpath(f"{name}.rnn")
+        return ref.read_text(encoding="utf-8"), f"stdlib/{name}.rnn"
+    except (FileNotFoundError, OSError):
+        raise CompileError(f"no stdlib module '{name}' (stdlib/{name}.rnn)", span) from None
+
+
+def _load_into(prog: Program, text: str, filename: str, stack: tuple):
+    if filename in prog.texts:
+        return  # already loaded through another `use`
+    prog.texts[filename] = text
+    module = parse(text, filename)
+    for item in module.items:
+        if isinstance(item, S.Use):
+            if item.is_path:
+                base = os.path.dirname(filename) if not filename.startswith("<") else os.getcwd()
+                path = os.path.normpath(os.path.join(base, item.target))
+                if path in stack or path == filename:
+                    raise CompileError(f"'use \"{item.target}\"' imports itself in a cycle",
+                                       item.span)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        sub = f.read()
+                except OSError:
+                    raise CompileError(f"cannot read '{item.target}' (looked at {path})",
+                                       item.span) from None
+                _load_into(prog, sub, path, stack + (filename,))
+            else:
+                sub, name = _stdlib_text(item.target, item.span)
+                if name in stack:
+                    raise CompileError(f"'use {item.target}' imports itself in a cycle", item.span)
+                _load_into(prog, sub, name, stack + (filename,))
+        elif isinstance(item, S.FnDef):
+            if item.name in BUILTINS:
+                raise CompileError(f"fn '{item.name}' shadows a built-in function", item.span)
+            if item.name in prog.fns:
+                raise CompileError(f"fn '{item.name}' is defined twice", item.span)
+            if len(set(item.params)) != len(item.params):
+                raise CompileError(f"fn '{item.name}' has a repeated parameter name", item.span)
+            prog.fns[item.name] = item
+        elif isinstance(item, S.Cell):
+            if item.name in prog.cells:
+                raise CompileError(f"cell '{item.name}' is defined twice", item.span)
+            prog.cells[item.name] = item
+
+
+def pick_cell(prog: Program, cell: str | None, filename: str) -> S.Cell:
+    if cell is not None:
+        if cell not in prog.cells:
+            names = ", ".join(prog.cells) or "none"
+            raise CompileError(f"no cell named '{cell}' (cells: {names})", None) if not prog.cells \
+                else CompileError(f"no cell named '{cell}' (cells: {names})",
+                                  next(iter(prog.cells.values())).span)
+        return prog.cells[cell]
+    own = [c for c in prog.cells.values() if c.span.filename == filename]
+    if len(own) == 1:
+        return own[0]
+    if not own:
+        raise CompileError("no cell defined in this file", _file_span(filename))
+    raise CompileError(f"{len(own)} cells are defined ({', '.join(c.name for c in own)}); "
+                       "choose one with cell=\"Name\" (or --cell Name)", own[1].span)
+
+
+def _file_span(filename):
+    from .errors import Span
+    return Span(filename, 1, 1, 1, 2, "")

@@ -1,0 +1,300 @@
+"""Text -> AST: the lark grammar in grammar/rnn.lark, a separator post-lexer, a transformer."""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from . import syntax as S
+from .errors import CompileError
+from .source import Source
+
+
+class SeparatorPostLexer:
+    """Normalises statement separators so the grammar can say `(stmt _SEP)*`.
+
+    Why here and not in the grammar: newlines end statements except inside brackets, and
+    blank lines / `;;` are harmless; expressing that in LALR rules causes conflicts.
+    """
+
+    always_accept = ("_SEP",)
+
+    def process(self, stream):
+        depth = 0
+        pending = None  # a _SEP waiting to see what follows it
+        last = None
+        for tok in stream:
+            if tok.type == "_SEP":
+                if depth == 0 and last is not None and last.type not in ("_SEP", "LBRACE"):
+                    pending = pending or tok
+                continue
+            if tok.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif tok.type in ("RPAR", "RSQB"):
+                depth = max(0, depth - 1)
+            if tok.type == "RBRACE" and last is not None and last.type != "LBRACE" \
+                    and (pending is not None or last.type != "_SEP"):
+                # a '}' closes the last statement, with or without a separator before it
+                yield pending or Token.new_borrow_pos("_SEP", ";", tok)
+                pending = None
+                last = None
+            elif pending is not None:
+                if tok.type != "LBRACE":
+                    yield pending
+                pending = None
+            yield tok
+            last = tok
+        if last is not None and last.type != "_SEP":
+            yield pending or Token("_SEP", "\n", line=last.end_line or last.line,
+                                   column=(last.end_column or last.column))
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = resources.files("rcc.grammar").joinpath("rnn.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True,
+                postlex=SeparatorPostLexer(), maybe_placeholders=True)
+
+
+def parse(text: str, filename: str = "<string>") -> S.Module:
+    """Parse a whole .rnn file; raise CompileError with a caret on any syntax error."""
+    source = Source(filename, text)
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, source) from None
+    except LarkError as e:  # defensive: any other lark failure is still a CompileError
+        raise CompileError(f"syntax error: {e}", source.span(1, 1)) from None
+    return _ToAst(source).transform(tree)
+
+
+_TOKEN_WORDS = {
+    "_SEP": "end of statement", "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'",
+    "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='", "NAME": "a name",
+    "NUMBER": "a number", "PRIMED": "a primed state name", "$END": "end of file",
+}
+
+
+def _syntax_error(e: UnexpectedInput, source: Source) -> CompileError:
+    line = getattr(e, "line", 1) or 1
+    col = getattr(e, "column", 1) or 1
+    if line < 1:
+        line, col = max(1, len(source.lines)), max(1, len(source.lines[-1]) + 1)
+    if isinstance(e, UnexpectedCharacters):
+        ch = source.line_text(line)[col - 1: col] or "?"
+        return CompileError(f"unexpected character {ch!r}", source.span(line, col))
+    if isinstance(e, UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            what = "end of file"
+        elif tok.type == "_SEP":
+            what = "end of line" if "\n" in str(tok) else "';'"
+        else:
+            what = repr(str(tok))
+        expected = sorted(_TOKEN_WORDS.get(t, repr(t.lower()) if t.isupper() else t)
+                          for t in (e.expected or ()) if not t.startswith("__"))
+        hint = f"; expected {', '.join(expected[:6])}" if expected else ""
+        width = len(str(tok)) if tok.type not in ("_SEP", "$END") else 1
+        return CompileError(f"unexpected {what}{hint}",
+                            source.span(line, col, line, col + width))
+    return CompileError("syntax error", source.span(line, col))
+
+
+class _ToAst(Transformer):
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def _span(self, meta_or_tok):
+        m = meta_or_tok
+        if isinstance(m, Token):
+            return self.source.span(m.line, m.column, m.end_line or m.line,
+                                    m.end_column or m.column + len(m))
+        if getattr(m, "empty", False) or not hasattr(m, "line"):
+            return self.source.span(1, 1)
+        return self.source.span(m.line, m.column, m.end_line, m.end_column)
+
+    # ---- top level
+    def start(self, items):
+        return S.Module(self.source.filename, tuple(items))
+
+    @v_args(meta=True)
+    def use(self, meta, children):
+        (tok,) = children
+        if tok.type == "STRING":
+            return S.Use(str(tok)[1:-1], True, self._span(meta))
+        return S.Use(str(tok), False, self._span(meta))
+
+    @v_args(meta=True)
+    def fndef(self, meta, children):
+        name, *params, body = children
+        params = tuple(str(p) for p in params if p is not None)
+        return S.FnDef(str(name), params, body, self._span(name))
+
+    @v_args(meta=True)
+    def cell(self, meta, children):
+        name, *dims, topo, body = children
+        dims = tuple(d for d in dims if d is not None)
+        topo_span = self._span(topo) if topo is not None else None
+        return S.Cell(str(name), dims, str(topo) if topo is not None else "seq", body,
+                      self._span(name), topo_span)
+
+    def dimdecl(self, children):
+        name, default = children
+        span = self._span(name)
+        if default is None:
+            return S.DimDecl(str(name), None, span)
+        text = str(default)
+        if not text.isdigit():
+            raise CompileError(f"default of dim '{name}' must be an integer, not {text}",
+                               self._span(default))
+        return S.DimDecl(str(name), int(text), span)
+
+    def body(self, stmts):
+        return tuple(stmts)
+
+    # ---- statements
+    @v_args(meta=True)
+    def decl(self, meta, children):
+        kind, *items = children
+        items = tuple(S.DeclItem(str(kind), it[0], it[1], it[2], it[3]) for it in items)
+        return S.Decl(str(kind), items, self._span(meta))
+
+    def declitem(self, children):
+        name, shape, init = children
+        return (str(name), tuple(shape) if shape is not None else (), init, self._span(name))
+
+    def shape(self, children):
+        return tuple(c for c in children if c is not None)
+
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        name, value = children
+        return S.Assign(str(name), value, self._span(name))
+
+    @v_args(meta=True)
+    def destructure(self, meta, children):
+        *names, value = children
+        targets = tuple(S.Name(str(n), self._span(n)) for n in names)
+        return S.Destructure(targets, value, self._span(meta))
+
+    @v_args(meta=True)
+    def update(self, meta, children):
+        primed, value = children
+        return S.Update(str(primed)[:-1], value, self._span(primed))
+
+    @v_args(meta=True)
+    def output_expr(self, meta, children):
+        name, value = children
+        return S.Output(str(name), value, self._span(name))
+
+    @v_args(meta=True)
+    def output_state(self, meta, children):
+        (primed,) = children
+        return S.Output(str(primed)[:-1], None, self._span(primed))
+
+    @v_args(meta=True)
+    def forloop(self, meta, children):
+        var, start, stop, body = children
+        return S.For(str(var), start, stop, body, self._span(var))
+
+    # ---- expressions
+    @v_args(meta=True)
+    def compare(self, meta, children):
+        left, op, right = children
+        return S.BinOp(str(op), left, right, self._span(op))
+
+    def _binop(op):
+        @v_args(meta=True)
+        def build(self, meta, children):
+            left, right = children
+            return S.BinOp(op, left, right, self._operator_span(meta, left, right, op))
+        return build
+
+    add, sub, mul, div, matmul = _binop("+"), _binop("-"), _binop("*"), _binop("/"), _binop("@")
+    floordiv = _binop("//")
+
+    def _operator_span(self, meta, left, right, op):
+        """The span of the operator token: between the end of `left` and `right`'s start."""
+        ls, rs = _expr_span(left), _expr_span(right)
+        line_text = self.source.line_text(ls.end_line)
+        if ls.end_line == rs.line:
+            seg = line_text[ls.end_col - 1: rs.col - 1]
+        else:
+            seg = line_text[ls.end_col - 1:]
+        i = seg.find(op)
+        if i < 0:
+            return self._span(meta)
+        return self.source.span(ls.end_line, ls.end_col + i, ls.end_line, ls.end_col + i + len(op))
+
+    pow = _binop("**")
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        return S.Neg(children[0], self._span(meta))
+
+    def unary(self, children):  # unary plus
+        return children[0]
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        name, *args = children
+        pos, kw = [], []
+        for a in args:
+            if a is None:
+                continue
+            if isinstance(a, tuple):
+                if pos and kw is None:
+                    pass
+                kw.append(a)
+            else:
+                if kw:
+                    raise CompileError("positional argument after a keyword argument",
+                                       _expr_span(a))
+                pos.append(a)
+        return S.Call(str(name), tuple(pos), tuple(kw), self._span(name))
+
+    def arg(self, children):
+        return children[0]
+
+    def kwarg(self, children):
+        name, value = children
+        return (str(name), value)
+
+    @v_args(meta=True)
+    def subscript(self, meta, children):
+        value, *indices = children
+        return S.Subscript(value, tuple(indices), self._span(meta))
+
+    def index(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def slice(self, meta, children):
+        start, stop = children
+        return S.Slice(start, stop, self._span(meta))
+
+    @v_args(meta=True)
+    def attribute(self, meta, children):
+        value, attr = children
+        return S.Attribute(value, str(attr), self._span(attr))
+
+    def number(self, children):
+        (tok,) = children
+        text = str(tok)
+        is_int = text.isdigit()
+        return S.Num(int(text) if is_int else float(text), is_int, self._span(tok))
+
+    def name(self, children):
+        (tok,) = children
+        return S.Name(str(tok), self._span(tok))
+
+    def primed(self, children):
+        (tok,) = children
+        return S.Primed(str(tok)[:-1], self._span(tok))
+
+
+def _expr_span(e):
+    return e[1].span if isinstance(e, tuple) else e.span

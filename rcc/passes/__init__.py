@@ -1,0 +1,14 @@
+"""IR passes, run in the order of PIPELINE; each takes and returns a verified CellIR."""
+from __future__ import annotations
+
+from .. import ir
+from .checks import check_names
+
+PIPELINE = (check_names,)
+
+
+def run_pipeline(cell: ir.CellIR) -> ir.CellIR:
+    for p in PIPELINE:
+        cell = p(cell)
+        ir.verify(cell)
+    return cell

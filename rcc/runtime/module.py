@@ -1,0 +1,222 @@
+"""CellModule: the base class of every generated cell module (dims, inputs, states, results).
+
+Generated modules import only torch and rcc.runtime; nothing here imports lark or sympy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import CompileError, Span
+
+
+def span(filename, line, col, end_col, text) -> Span:
+    return Span(filename, line, col, line, end_col, text)
+
+
+class CellModule(torch.nn.Module):
+    """Generated subclasses set the class attributes below and define `_build` and `forward`."""
+
+    CELL = ""
+    DIMS: tuple = ()  # ((name, default or None, span), ...)
+    STATIC_DIMS: dict = {}  # name -> value fixed when the module was generated
+    INPUTS: tuple = ()  # input names, in declaration order
+    STATES: tuple = ()
+    OUTPUTS: tuple = ()
+    # Set by rcc.compile: dims -> a class generated for other values of STATIC_DIMS.
+    _respecialize = None
+
+    def __new__(cls, *args, **kwargs):
+        dims = cls._bind_dims(args, kwargs)
+        fixed = {k: dims[k] for k, v in cls.STATIC_DIMS.items() if dims[k] != v}
+        if fixed:
+            if cls._respecialize is None:
+                name, value = next(iter(fixed.items()))
+                raise CompileError(
+                    f"dim '{name}' is fixed to {cls.STATIC_DIMS[name]} in this generated module "
+                    f"(it sets a loop count or a split); regenerate it with --dims {name}={value}",
+                    cls._dim_span(name))
+            return cls._respecialize(dims)(**dims)
+        return super().__new__(cls)
+
+    @classmethod
+    def _dim_span(cls, name):
+        return next(sp for n, _, sp in cls.DIMS if n == name)
+
+    @classmethod
+    def _bind_dims(cls, args, kwargs) -> dict:
+        names = [n for n, _, _ in cls.DIMS]
+        if len(args) > len(names):
+            raise TypeError(f"{cls.CELL}() takes {len(names)} dims, got {len(args)}")
+        given = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise TypeError(f"{cls.CELL}() has no dim {k!r} (dims: {', '.join(names)})")
+            if k in given:
+                raise TypeError(f"{cls.CELL}() got dim {k!r} twice")
+            given[k] = v
+        dims = {}
+        for name, default, sp in cls.DIMS:
+            value = given.get(name, default)
+            if value is None:
+                raise CompileError(f"dim '{name}' is not bound: pass {name}=... to {cls.CELL}()",
+                                   sp)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise CompileError(f"dim '{name}' must be a positive integer, got {value!r}", sp)
+            dims[name] = int(value)
+        return dims
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.dims = self._bind_dims(args, kwargs)
+        self.shapes = self._build(**self.dims)  # declares parameters, returns declared shapes
+        self.reset_parameters()
+
+    def _build(self, **dims) -> dict:
+        raise NotImplementedError
+
+    def reset_parameters(self):
+        pass
+
+    @staticmethod
+    def _check_dim(value, what, sp, exact=None) -> int:
+        if exact is not None and value * 1.0 != exact:
+            raise CompileError(f"{what} is {exact:g}, not an integer, for these dims", sp)
+        if value <= 0:
+            raise CompileError(f"{what} is {value} for these dims; it must be positive", sp)
+        return value
+
+    # ---- calling --------------------------------------------------------------------------
+    def _inputs(self, args, kwargs):
+        """Match inputs by position or name, check [B, T, *heads, *decl], flatten to [N, T, *decl].
+
+        Returns (tensors, layout) where layout = (B, heads, T)."""
+        if len(args) > len(self.INPUTS):
+            raise TypeError(f"{self.CELL} takes {len(self.INPUTS)} inputs, got {len(args)}")
+        given = dict(zip(self.INPUTS, args))
+        for k, v in kwargs.items():
+            if k not in self.INPUTS:
+                raise TypeError(f"{self.CELL} has no input {k!r} (inputs: {', '.join(self.INPUTS)})")
+            if k in given:
+                raise TypeError(f"{self.CELL} got input {k!r} twice")
+            given[k] = v
+        missing = [n for n in self.INPUTS if n not in given]
+        if missing:
+            raise TypeError(f"{self.CELL} is missing input {missing[0]!r}")
+        layout = None
+        out = []
+        for name in self.INPUTS:
+            x = given[name]
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+            decl = self.shapes[name]
+            want = "[B, T, *heads" + "".join(f", {s}" for s in decl) + "]"
+            nh = x.dim() - 2 - len(decl)
+            if nh < 0 or tuple(x.shape[x.dim() - len(decl):]) != tuple(decl):
+                raise ValueError(f"input {name!r} has shape {list(x.shape)} but {self.CELL} "
+                                 f"expects {want}")
+            this = (x.shape[0], tuple(x.shape[2:2 + nh]), x.shape[1])
+            if layout is None:
+                layout = this
+            elif this != layout:
+                raise ValueError(f"input {name!r} has shape {list(x.shape)}: batch, time and head "
+                                 f"sizes {list(this)} differ from the first input's {list(layout)}")
+            if x.shape[1] == 0:
+                raise ValueError(f"input {name!r} has an empty time axis (T=0)")
+            if not x.is_floating_point():
+                raise TypeError(f"input {name!r} must be floating point, got {x.dtype}")
+            out.append(x.movedim(1, 1 + nh).reshape(-1, x.shape[1], *decl))
+        return out, layout
+
+    def _initial_states(self, initial_state, layout, like, defaults):
+        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]) or the defaults."""
+        B, heads, _ = layout
+        N = like.shape[0]
+        given = dict(initial_state or {})
+        unknown = set(given) - set(self.STATES)
+        if unknown:
+            raise ValueError(f"initial_state has unknown state {sorted(unknown)[0]!r} "
+                             f"(states: {', '.join(self.STATES)})")
+        out = []
+        for name, default in zip(self.STATES, defaults):
+            decl = tuple(self.shapes[name])
+            if name in given:
+                s = given[name]
+                want = (B, *heads, *decl)
+                if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                    got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                    raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
+                                     f"expects {list(want)}")
+                out.append(s.to(like.dtype).reshape(N, *decl))
+            else:
+                out.append(default.to(dtype=like.dtype, device=like.device).expand(N, *decl))
+        return out
+
+    def _result(self, outputs, states, layout):
+        B, heads, T = layout
+        nh = len(heads)
+
+        def unflatten_seq(y):  # [N, T, *o] -> [B, T, *heads, *o]
+            return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1)
+
+        outs = tuple(unflatten_seq(y) for y in outputs)
+        final = {name: s.reshape(B, *heads, *s.shape[1:]) for name, s in zip(self.STATES, states)}
+        return (outs[0] if len(outs) == 1 else outs), final
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.dims.items())
+
+
+# ---- parameter initializers (LANGUAGE.md section 4) -------------------------------------------
+def init_default(p: torch.Tensor):
+    """uniform(-s, s) with s = 1/sqrt(n), n the size of the last axis (as torch.nn.Linear)."""
+    n = p.shape[-1] if p.dim() else 1
+    s = 1.0 / math.sqrt(n)
+    torch.nn.init.uniform_(p, -s, s)
+
+
+def init_const(p: torch.Tensor, value: float):
+    torch.nn.init.constant_(p, value)
+
+
+def init_eye(p: torch.Tensor):
+    torch.nn.init.eye_(p)
+
+
+def init_uniform(p, a, b):
+    torch.nn.init.uniform_(p, a, b)
+
+
+def init_normal(p, mean, std):
+    torch.nn.init.normal_(p, mean, std)
+
+
+def init_xavier(p):
+    torch.nn.init.xavier_uniform_(p)
+
+
+def init_orthogonal(p):
+    torch.nn.init.orthogonal_(p)
+
+
+def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0):
+    """Copy the weights of torch.nn.LSTM / GRU / RNN (layer `layer`, forward direction) or of
+    LSTMCell / GRUCell / RNNCell into a cell whose params use torch's names (weight_ih, weight_hh,
+    bias_ih, bias_hh), as the stdlib's LSTM, GRU and Elman cells do. Returns `cell`."""
+    src = dict(source.named_parameters())
+    suffix = f"_l{layer}"
+    copied = 0
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            key = name + suffix if name + suffix in src else name
+            if key not in src:
+                raise ValueError(f"{type(source).__name__} has no parameter {key!r} for {name!r}")
+            if tuple(src[key].shape) != tuple(p.shape):
+                raise ValueError(f"parameter {name!r}: shape {list(p.shape)} but "
+                                 f"{type(source).__name__}.{key} is {list(src[key].shape)}")
+            p.copy_(src[key])
+            copied += 1
+    if copied == 0:
+        raise ValueError(f"{type(cell).__name__} has no parameters to copy")
+    return cell
