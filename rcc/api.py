@@ -90,6 +90,18 @@ def _specialize(prog, ast, filename, backend, plan, dims):
     return cls
 
 
+def compile_ir(cell_ir, backend="auto", plan="auto", source_name=""):
+    """Compile an already-built CellIR (what @rcc.recurrence traces) to a Module class."""
+    backend, plan = _check_choice(backend, plan)
+    from rcc.backends.torch.printer import print_module
+
+    code = print_module(cell_ir, source_name or cell_ir.filename, plan)
+    key = hashlib.sha256(code.encode() + _compiler_fingerprint()).hexdigest()[:24]
+    if key not in _CLASSES:
+        _CLASSES[key] = _load_class(code, key, cell_ir.name)
+    return _CLASSES[key]
+
+
 def _deferred_class(prog, ast, filename, backend, plan):
     """A class for a cell whose code depends on a dim with no default: it generates the code
     when instantiated, once the dims are known."""
