@@ -61,8 +61,12 @@ def main(argv=None) -> int:
         print(f"rcc: error: {e}", file=sys.stderr)
         return 2
     out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".py"
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(code)
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(code)
+    except OSError as e:
+        print(f"rcc: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 
@@ -76,6 +80,9 @@ def _check(args) -> int:
     prog = frontend.load(text, filename)
     cells = [frontend.pick_cell(prog, args.cell, filename)] if args.cell else \
         [c for c in prog.cells.values() if c.span.filename == filename]
+    if not cells:
+        # a library of fns: they are checked where a cell uses them
+        print(f"{filename}: ok (no cells; {len(prog.fns)} fns)")
     for cell in cells:
         try:
             run_pipeline(elaborate(cell, prog.fns))

@@ -6,6 +6,9 @@ A dim used where an integer is required (a loop bound, a split count) must have 
 """
 from __future__ import annotations
 
+import dataclasses
+import keyword
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,8 +64,51 @@ _FOLD = {
     "relu": lambda a: sympy.Max(a, 0), "add": lambda a, b: a + b, "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
     "maximum": sympy.Max, "minimum": sympy.Min,
+    "silu": lambda a: a / (1 + sympy.exp(-a)), "gelu": lambda a: a * (1 + sympy.erf(a / sympy.sqrt(2))) / 2,
+    "softplus": lambda a: sympy.log(1 + sympy.exp(a)), "logsigmoid": lambda a: -sympy.log(1 + sympy.exp(-a)),
+    "logaddexp": lambda a, b: sympy.log(sympy.exp(a) + sympy.exp(b)),
+    **{op: (lambda rel: lambda a, b: sympy.Piecewise((1, rel(a, b)), (0, True)))(rel)
+       for op, rel in (("lt", sympy.Lt), ("le", sympy.Le), ("gt", sympy.Gt), ("ge", sympy.Ge),
+                       ("eq", sympy.Eq), ("ne", sympy.Ne))},
 }
+
+
+def _sigmoid(a):
+    return 1 / (1 + math.exp(-a)) if a >= 0 else math.exp(a) / (1 + math.exp(a))
+
+
+def _softplus(a):
+    return a if a > 20 else math.log1p(math.exp(a))  # torch's threshold, so no overflow
+
+
+# Float versions of the same, for constants that are plain numbers: evaluated as torch would in
+# float64 (sympy's exact arithmetic could take forever on 10 ** 10 ** 10). They raise
+# ValueError, OverflowError or ZeroDivisionError where the result is not a finite real number.
+_FLOAT_FOLD = {
+    "neg": lambda a: -a, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
+    "rsqrt": lambda a: 1 / math.sqrt(a), "abs": abs, "sign": lambda a: float((a > 0) - (a < 0)),
+    "sin": math.sin, "cos": math.cos, "tanh": math.tanh, "sigmoid": _sigmoid,
+    "log1p": math.log1p, "expm1": math.expm1, "relu": lambda a: max(a, 0.0),
+    "silu": lambda a: a * _sigmoid(a), "gelu": lambda a: a * (1 + math.erf(a / math.sqrt(2))) / 2,
+    "softplus": _softplus, "logsigmoid": lambda a: -_softplus(-a),
+    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "pow": math.pow, "maximum": max, "minimum": min,
+    "logaddexp": lambda a, b: max(a, b) + math.log1p(math.exp(-abs(a - b))),
+    "lt": lambda a, b: float(a < b), "le": lambda a, b: float(a <= b),
+    "gt": lambda a, b: float(a > b), "ge": lambda a, b: float(a >= b),
+    "eq": lambda a, b: float(a == b), "ne": lambda a, b: float(a != b),
+}
+_OP_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
+            "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "maximum": "max", "minimum": "min"}
 _INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
+# Names the generated module's Python signatures already use: Cell(**dims), m(*inputs, initial_state)
+_RESERVED_DIMS = {"self": "it would clash with the module's own 'self'",
+                  "cls": "it would clash with the module class's 'cls'"}
+_RESERVED_INPUTS = {"self": "m(self=x) would clash with the module's own 'self'",
+                    "initial_state": "it is the keyword for the initial states: m(x, initial_state=...)"}
+# Bounds that turn typos (`for j in 0..1000000000`, `split(x, 10**9)`) into errors, not hangs.
+MAX_UNROLL = 16384  # loop iterations unrolled in one cell, and parts of one split()
+MAX_AXIS = 2 ** 63 - 1  # a tensor axis size must fit in int64
 _RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
 
 
@@ -78,13 +124,19 @@ class Elaborator:
         self.decl_order: list = []
         self.state_inits: dict = {}  # state name -> (param name, span)
         self.updated: dict = {}  # state name -> node id
+        self.update_spans: dict = {}  # state name -> span of its `s' = ...`
         self.outputs: list = []
         self.constraints: list = []
-        self.call_stack: list = []  # (fn name, call span) while inlining
+        # (fn name, call span) while inlining; not `call_stack`, which is the stack() builtin
+        self.inline_stack: list = []
+        self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
         self.dims = {}
         for d in cell.dims:
             if d.name in self.dims:
                 raise CompileError(f"dim '{d.name}' is declared twice", d.span)
+            if d.name in _RESERVED_DIMS:
+                raise CompileError(f"a dim cannot be named '{d.name}' ({_RESERVED_DIMS[d.name]})",
+                                   d.span)
             if d.default is not None and d.default <= 0:
                 raise CompileError(f"dim '{d.name}' must be a positive integer, got {d.default}",
                                    d.span)
@@ -140,7 +192,12 @@ class Elaborator:
         return node.id
 
     def const(self, value, span) -> int:
-        return self.emit("const", (), (), span, (("value", sympy.sympify(value)),))
+        value = sympy.sympify(value)
+        if value.is_number and not _is_finite_number(value) or value.is_real is False:
+            shown = str(value) if len(str(value)) <= 24 else "a number"
+            raise CompileError(f"the constant {shown} is not a finite real number "
+                               "(in 64-bit floats)", span)
+        return self.emit("const", (), (), span, (("value", value),))
 
     def name_value(self, vid: int, name: str):
         n = self.nodes[vid]
@@ -153,6 +210,24 @@ class Elaborator:
     def const_value(self, vid):
         n = self.nodes[vid]
         return n.attr("value") if n.op == "const" else None
+
+    def materialize(self, vid, span) -> int:
+        """A const as a 0-d tensor node (zeros() + c), where a value must be a tensor (a state's
+        next value, an output, a stack() operand) and not the Python scalar a const prints as."""
+        if self.const_value(vid) is None:
+            return vid
+        zero = self.emit("zeros", (), (), span)
+        return self.emit("add", (zero, vid), (), span)
+
+    def _what(self, name) -> str:
+        """How to call a name in a message: "input 'x'", "dim 'd'", "local value 'a'"."""
+        if name in self.decls:
+            return f"{self.decls[name].kind} '{name}'"
+        if name in self.dims:
+            return f"dim '{name}'"
+        if any(name == n for n, _ in self.inline_stack) or name in self.fns:
+            return f"fn '{name}'"
+        return f"local value '{name}'" if name in self.env else f"'{name}'"
 
     # ---- statements -----------------------------------------------------------------------
     def block(self, stmts):
@@ -171,6 +246,14 @@ class Elaborator:
                                item.span)
         if item.name in self.env:
             raise CompileError(f"'{item.name}' is already bound to a value", item.span)
+        if item.name == "None":
+            raise CompileError("'None' is reserved: it is the new axis in an index", item.span)
+        if item.kind == "param" and keyword.iskeyword(item.name):
+            raise CompileError(f"a param cannot be named '{item.name}': params are attributes "
+                               f"of the module, and m.{item.name} is not valid Python", item.span)
+        if item.kind == "input" and item.name in _RESERVED_INPUTS:
+            raise CompileError(f"an input cannot be named '{item.name}' "
+                               f"({_RESERVED_INPUTS[item.name]})", item.span)
         if len(item.shape) > 3:
             raise CompileError(f"'{item.name}' has rank {len(item.shape)}; ranks 0 to 3 are "
                                "supported", item.span)
@@ -184,15 +267,23 @@ class Elaborator:
         self.env[item.name] = Val(vid)
 
     def shape_dim(self, expr, what) -> sympy.Expr:
+        where = _full_span(expr)
+        for name in _names_in(expr):
+            if name.id not in self.env and name.id != "None":
+                dims = ", ".join(self.dims) or "none"
+                raise CompileError(f"unknown dim '{name.id}' in {what} (dims of cell "
+                                   f"'{self.cell.name}': {dims})", name.span)
         v = self.eval_any(expr)
         if not isinstance(v, Sym):
-            raise CompileError(f"{what} must be an integer expression of dims", _span(expr))
+            raise CompileError(f"{what} must be an integer expression of dims", where)
         e = sympy.expand(v.expr)
         if e.is_number:
             if not (e.is_integer and e > 0):
-                raise CompileError(f"{what} is {e}; it must be a positive integer", _span(expr))
+                raise CompileError(f"{what} is {e}; it must be a positive integer", where)
+            if e > MAX_AXIS:
+                raise CompileError(f"{what} is too large for a tensor axis", where)
         elif not (e.is_integer and e.is_positive):
-            self.constraints.append(ir.Constraint(e, what, _span(expr)))
+            self.constraints.append(ir.Constraint(e, what, where))
         return e
 
     def initializer(self, item: S.DeclItem, shape) -> ir.Init:
@@ -204,19 +295,27 @@ class Elaborator:
             raise CompileError(f"input '{item.name}' cannot have an initial value", where)
         if isinstance(e, S.Name) and e.id in _INITS:
             kind = e.id
-        elif isinstance(e, S.Name) and item.kind == "state":
+        elif isinstance(e, S.Name) and item.kind == "state" and e.id not in self.dims:
             self.state_inits[item.name] = (e.id, where)
             return ir.Init("zeros")  # replaced once the param is known
         elif isinstance(e, S.Call) and e.func in ("uniform", "normal"):
             if len(e.args) != 2 or e.kwargs:
                 raise CompileError(f"{e.func}() takes 2 arguments, got {len(e.args)}", where)
-            return self._random_ok(item, e.func, tuple(self.const_expr(a) for a in e.args), where)
-        elif isinstance(e, S.Name):
+            a, b = (self.const_expr(x) for x in e.args)
+            # torch.nn.init refuses these when the module is built; say so now
+            _fits_float32(e.func, (a, b, b - a), where)
+            if e.func == "uniform" and (b - a).is_negative:
+                raise CompileError(f"uniform(a, b) needs a <= b, got uniform({a}, {b})", where)
+            if e.func == "normal" and b.is_negative:
+                raise CompileError(f"normal(mean, std) needs std >= 0, got {b}", where)
+            return self._random_ok(item, e.func, (a, b), where)
+        elif isinstance(e, S.Name) and e.id not in self.dims:  # a dim is a number
             raise CompileError(f"unknown initializer '{e.id}' (expected 0, a number, zeros, "
                                "ones, eye, uniform(a, b), normal(mean, std), xavier, orthogonal)",
                                where)
         else:
             value = self.const_expr(e)
+            _fits_float32("the initial value", (value,), where)
             return ir.Init("zeros") if value == 0 else ir.Init("const", (value,))
         if kind in ("eye", "xavier", "orthogonal") and len(shape) != 2:
             raise CompileError(f"initializer {kind} needs a rank-2 shape, '{item.name}' is "
@@ -232,7 +331,7 @@ class Elaborator:
     def const_expr(self, e):
         v = self.eval_any(e)
         if isinstance(v, Sym):
-            return v.expr
+            return self.const_value(self.const(v.expr, _span(e)))  # checks that it is finite
         if isinstance(v, Val) and self.const_value(v.id) is not None:
             return self.const_value(v.id)
         raise CompileError("an initializer argument must be a constant expression", _span(e))
@@ -248,6 +347,8 @@ class Elaborator:
         self.env[st.target] = v
 
     def _check_assignable(self, name, span):
+        if name == "None":
+            raise CompileError("cannot assign to 'None': it is the new axis in an index", span)
         if name in self.decls:
             kind = self.decls[name].kind
             hint = f"; write {name}' = ... for its next value" if kind == "state" else ""
@@ -272,19 +373,23 @@ class Elaborator:
 
     def stmt_Update(self, st: S.Update):
         decl = self.decls.get(st.state)
+        if decl is None and st.state not in self.env:
+            raise CompileError(f"unknown state '{st.state}' (declare it first: "
+                               f"state {st.state}[...])", st.span)
         if decl is None or decl.kind != "state":
-            what = f"{decl.kind} '{st.state}'" if decl else f"'{st.state}'"
+            what = f"{decl.kind} '{st.state}'" if decl else self._what(st.state)
             raise CompileError(f"{what} is not a state; only states can be primed", st.span)
         if st.state in self.updated:
-            prev = self.nodes[self.updated[st.state]].span
+            prev = self.update_spans[st.state]
             raise CompileError(f"state '{st.state}' is updated twice (first at line {prev.line})",
-                               st.span)
-        vid = self.value(st.value)
+                               st.span, notes=(("first updated here", prev),))
+        vid = self.materialize(self.value(st.value), st.span)
         got = self.shape(vid)
         if not _same_shape(got, decl.shape):
             raise CompileError(f"shape mismatch: state '{st.state}' is {fmt_shape(decl.shape)} "
                                f"but its update is {fmt_shape(got)}", st.span)
         self.updated[st.state] = vid
+        self.update_spans[st.state] = st.span
 
     def stmt_Output(self, st: S.Output):
         if any(name == st.name for name, _, _ in self.outputs):
@@ -293,12 +398,17 @@ class Elaborator:
             vid = self.value(S.Primed(st.name, st.span))
         else:
             vid = self.value(st.value)
-        self.outputs.append((st.name, vid, st.span))
+        self.outputs.append((st.name, self.materialize(vid, st.span), st.span))
 
     def stmt_For(self, st: S.For):
         start, stop = self.int_value(st.start), self.int_value(st.stop)
-        if st.var in self.decls or st.var in self.dims:
+        if st.var in self.decls or st.var in self.dims or st.var == "None":
             raise CompileError(f"loop variable '{st.var}' shadows a declared name", st.span)
+        self.unrolled += max(0, stop - start)
+        if self.unrolled > MAX_UNROLL:
+            raise CompileError(f"loops unroll to more than {MAX_UNROLL} iterations in all (this "
+                               f"one has {stop - start}); a cell this large is surely a mistake",
+                               _span(st.stop))
         saved = self.env.get(st.var)
         for j in range(start, stop):
             self.env[st.var] = Sym(sympy.Integer(j))
@@ -347,19 +457,23 @@ class Elaborator:
             raise CompileError("None is only allowed inside an index, as a new axis", e.span)
         if e.id in self.fns or e.id in BUILTINS:
             raise CompileError(f"function '{e.id}' must be called", e.span)
-        raise CompileError(f"unknown name '{e.id}'", e.span)
+        hint = " (an fn sees only its parameters and the cell's dims)" if self.inline_stack else ""
+        raise CompileError(f"unknown name '{e.id}'{hint}", e.span)
 
     def ex_Primed(self, e: S.Primed):
         decl = self.decls.get(e.id)
         if decl is None:
             if e.id in self.env or e.id in self.dims:
-                raise CompileError(f"'{e.id}' is not a state; only states can be primed", e.span)
+                raise CompileError(f"{self._what(e.id)} is not a state; only states can be "
+                                   "primed", e.span)
             raise CompileError(f"unknown name '{e.id}'", e.span)
         if decl.kind != "state":
             raise CompileError(f"{decl.kind} '{e.id}' is not a state; only states can be primed",
                                e.span)
         if e.id not in self.updated:
-            raise CompileError(f"'{e.id}'' is used before its update", e.span)
+            raise CompileError(f"{e.id}' is used before its update: the statement "
+                               f"{e.id}' = ... must come first (or use {e.id}, the state "
+                               "from the previous step)", e.span)
         return Val(self.updated[e.id])
 
     def ex_Neg(self, e: S.Neg):
@@ -398,7 +512,7 @@ class Elaborator:
         return Val(self.emit("transpose", (vid,), tuple(reversed(shape)), e.span))
 
     def ex_Subscript(self, e: S.Subscript):
-        vid = self.value(e.value)
+        vid = self.materialize(self.value(e.value), e.span)  # 2.0[None] is no Python
         shape = list(self.shape(vid))
         consumed = sum(1 for ix in e.indices if not _is_none(ix))
         if consumed > len(shape):
@@ -419,6 +533,10 @@ class Elaborator:
                     raise CompileError(f"empty slice {lo}:{hi} of an axis of size {size}", ix.span)
                 if not length.is_number and not (length.is_integer and length.is_positive):
                     self.constraints.append(ir.Constraint(length, "slice length", ix.span))
+                # torch clamps slice bounds silently; the shapes computed here would then be wrong
+                self._in_range(lo + 1, f"1 + slice start ({lo})", ix.span)
+                self._in_range(size - hi + 1, f"1 + axis size - slice stop ({size} - {hi})",
+                               ix.span)
                 spec.append(("slice", lo, hi))
                 out.append(length)
             else:
@@ -426,6 +544,8 @@ class Elaborator:
                 if (size - i).is_number and (size - i) <= 0:
                     raise CompileError(f"index {i} is out of range for an axis of size {size}",
                                        _span(ix))
+                self._in_range(size - i, f"axis size - index ({size} - {i})", _span(ix))
+                self._in_range(i + 1, f"1 + index ({i})", _span(ix))
                 spec.append(("int", i))
             axis += 1
         out.extend(shape[axis:])
@@ -433,6 +553,13 @@ class Elaborator:
                for s, sz in zip(spec, shape)) and len(spec) <= len(shape):
             return Val(vid)  # x[:] or x[:, :]
         return Val(self.emit("getitem", (vid,), out, e.span, (("index", tuple(spec)),)))
+
+    def _in_range(self, expr, what, span):
+        """A symbolic bound that must be positive once dims are bound: checked at instantiation
+        (numeric bounds were checked by _bound already)."""
+        expr = sympy.expand(expr)
+        if not expr.is_number and not (expr.is_integer and expr.is_positive):
+            self.constraints.append(ir.Constraint(expr, what, span))
 
     def _bound(self, ix, size, default, what):
         if ix is None:
@@ -460,11 +587,14 @@ class Elaborator:
 
     def inline(self, e: S.Call):
         fn = self.fns[e.func]
-        if any(name == e.func for name, _ in self.call_stack):
-            raise CompileError(f"fn '{e.func}' calls itself; recursion is not allowed", e.span,
-                               notes=((f"'{fn.name}' is defined here", fn.span),))
+        chain = [name for name, _ in self.inline_stack]
+        if e.func in chain:
+            cycle = " -> ".join(chain[chain.index(e.func):] + [e.func])
+            raise CompileError(f"fn '{e.func}' calls itself ({cycle}); recursion is not allowed",
+                               e.span, notes=((f"'{fn.name}' is defined here", fn.span),))
         if e.kwargs:
-            raise CompileError(f"fn '{e.func}' takes positional arguments only", e.span)
+            raise CompileError(f"fn '{e.func}' takes positional arguments only",
+                               _span(e.kwargs[0][1]))
         if len(e.args) != len(fn.params):
             raise CompileError(f"fn '{e.func}' takes {len(fn.params)} argument"
                                f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}", e.span,
@@ -473,16 +603,19 @@ class Elaborator:
         saved = self.env
         # an fn sees its parameters, the cell's dims and the other fns; not the caller's locals
         self.env = {k: v for k, v in saved.items() if k in self.dims} | bound
-        self.call_stack.append((e.func, e.span))
+        self.inline_stack.append((e.func, e.span))
         try:
             return self.eval_any(fn.body)
         except CompileError as err:
-            if err.notes and err.notes[-1][0].startswith("in fn"):
-                raise
-            raise CompileError(f"{err.message} (in fn '{e.func}')", e.span,
-                               notes=err.notes + ((f"in fn '{fn.name}', here", err.span),)) from None
+            # Re-raised at each level of inlining, so the error ends at the outermost use (in the
+            # cell body), with one note per fn body it passed through, outermost first.
+            inner = getattr(err, "fn_message", err.message)
+            here = ((f"in fn '{fn.name}', here", err.span),) if err.span else ()
+            wrapped = CompileError(f"{inner} (in fn '{e.func}')", e.span, notes=here + err.notes)
+            wrapped.fn_message = inner
+            raise wrapped from None
         finally:
-            self.call_stack.pop()
+            self.inline_stack.pop()
             self.env = saved
 
     # ---- builtins -------------------------------------------------------------------------
@@ -527,6 +660,7 @@ class Elaborator:
         kw = self._args(e, 1, 2, ("axis",))
         x = self.value(e.args[0])
         rank = len(self.shape(x))
+        _axis_once(e, kw, 2)
         axis_expr = e.args[1] if len(e.args) == 2 else kw.get("axis")
         axis = self._axis(e, axis_expr, rank)
         return Val(self.reduce(e.func, x, axis, e.span))
@@ -587,7 +721,7 @@ class Elaborator:
 
     def _join(self, e):
         kw = self._args(e, 1, 64, ("axis",))
-        parts = [self.value(a) for a in e.args]
+        parts = [self.materialize(self.value(a), _span(a)) for a in e.args]
         shapes = [self.shape(p) for p in parts]
         rank = len(shapes[0])
         stack = e.func == "stack"
@@ -618,8 +752,10 @@ class Elaborator:
         shape = self.shape(x)
         if not shape:
             raise CompileError(f"{e.func}() of a scalar", e.span)
-        if n <= 0:
-            raise CompileError(f"{e.func}() into {n} parts", _span(e.args[1]))
+        if n <= 0 or n > MAX_UNROLL:
+            raise CompileError(f"{e.func}() into {n} parts (1 to {MAX_UNROLL} are possible)",
+                               _span(e.args[1]))
+        _axis_once(e, kw, 3)
         axis_expr = e.args[2] if len(e.args) == 3 else kw.get("axis")
         axis = self._axis(e, axis_expr, len(shape), default=0)
         size = shape[axis]
@@ -643,22 +779,107 @@ class Elaborator:
     # ---- typed node constructors ----------------------------------------------------------
     def unary(self, op, x, span):
         c = self.const_value(x)
-        if c is not None and op in _FOLD:
-            return self.const(_FOLD[op](c), span)
+        if c is not None:
+            return self.fold(op, (c,), span)
         return self.emit(op, (x,), self.shape(x), span)
 
     def binary(self, op, a, b, span):
         ca, cb = self.const_value(a), self.const_value(b)
-        if ca is not None and cb is not None and op in _FOLD:
+        if ca is not None and cb is not None:
             if op == "div" and cb == 0:
                 raise CompileError("division by zero", span)
-            return self.const(_FOLD[op](ca, cb), span)
+            return self.fold(op, (ca, cb), span)
         shape = broadcast([self.shape(a), self.shape(b)], span)
         return self.emit(op, (a, b), shape, span)
+
+    def fold(self, op, args, span) -> int:
+        """The const node of `op` applied to constants. Every elementwise op folds: a const is a
+        Python scalar in generated code, and torch functions do not take those."""
+        if all(a.is_number for a in args):
+            try:
+                value = _FLOAT_FOLD[op](*(float(a) for a in args))
+            except (ValueError, OverflowError, ZeroDivisionError):
+                value = math.nan
+            if not math.isfinite(value):
+                shown = [_fmt_number(a) for a in args]
+                if len(args) == 2 and op not in ("maximum", "minimum", "logaddexp"):
+                    text = f" {_OP_TEXT[op]} ".join(f"({s})" if s.startswith("-") else s
+                                                    for s in shown)
+                else:
+                    text = f"{_OP_TEXT.get(op, op)}({', '.join(shown)})"
+                raise CompileError(f"the constant {text} is not a finite real number "
+                                   "(in 64-bit floats)", span)
+            return self.const(sympy.Float(value), span)
+        if op == "pow" and args[1].is_number and abs(args[1]) > 64:
+            # generated code evaluates this in Python ints once dims are bound: d ** 10 ** 9
+            # would run for minutes, and the float it ends as overflows anyway
+            raise CompileError(f"the exponent {_fmt_number(args[1])} is too large for an "
+                               "expression of dims (at most 64)", span)
+        return self.const(_FOLD[op](*args), span)
 
     def matmul(self, a, b, span):
         shape = matmul_shape(self.shape(a), self.shape(b), span)
         return self.emit("matmul", (a, b), shape, span)
+
+
+def _axis_once(e: S.Call, kw: dict, positional: int):
+    """The axis of sum(x, 0) / split(x, 2, 0) comes by position or by keyword, not both."""
+    if len(e.args) == positional and "axis" in kw:
+        raise CompileError(f"{e.func}() gets its axis twice (by position and as axis=)",
+                           _span(kw["axis"]))
+
+
+def _names_in(e):
+    """The Name nodes of an expression, left to right (for unknown-dim errors in shapes)."""
+    if isinstance(e, S.Name):
+        return [e]
+    if isinstance(e, tuple):
+        return [n for x in e for n in _names_in(x)]
+    if isinstance(e, (S.BinOp, S.Neg, S.Call, S.Subscript, S.Attribute, S.Slice)):
+        out = []
+        for f in dataclasses.fields(e):
+            if f.name != "span":
+                out += _names_in(getattr(e, f.name))
+        return out
+    return []
+
+
+def _full_span(e) -> Span:
+    """The span of a whole expression (a BinOp's own span is just its operator)."""
+    if isinstance(e, S.BinOp):
+        left, right = _full_span(e.left), _full_span(e.right)
+    elif isinstance(e, S.Neg):
+        left, right = e.span, _full_span(e.operand)
+    else:
+        return e.span
+    if left.line != right.end_line:
+        return e.span
+    return Span(left.filename, left.line, left.col, right.end_line, right.end_col, left.source_line)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fits_float32(what, values, span):
+    """Modules are built in float32 (torch's default dtype), so initial values must fit it."""
+    for v in values:
+        if v.is_number and abs(float(v)) > _FLOAT32_MAX:
+            raise CompileError(f"{what}: {_fmt_number(v)} does not fit a float32 parameter "
+                               f"(at most {_FLOAT32_MAX:.4g} in magnitude)", span)
+
+
+def _fmt_number(value) -> str:
+    if value.is_Integer:
+        text = str(value)
+        return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+    return f"{float(value):g}"
+
+
+def _is_finite_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):  # complex, zoo, nan or past float64
+        return False
 
 
 def _same_shape(a, b) -> bool:

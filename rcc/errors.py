@@ -53,6 +53,18 @@ def _format_one(kind: str, message: str, span: Span | None) -> str:
     head = f"{span.filename}:{span.line}:{span.col}: {kind}: {message}"
     if not span.source_line:
         return head
+    # tabs count as one column, as in the lexer's positions
     text = span.source_line.rstrip("\n").expandtabs(1)
-    caret = " " * (span.col - 1) + "^" * max(1, min(span.width(), len(text) - span.col + 1))
+    start = 0
+    if len(text) > _EXCERPT:  # a very long line: show a window around the column
+        start = max(0, min(span.col - 1 - _EXCERPT // 2, len(text) - _EXCERPT))
+        head_mark = "..." if start > 0 else ""
+        tail_mark = "..." if start + _EXCERPT < len(text) else ""
+        text = head_mark + text[start:start + _EXCERPT] + tail_mark
+        start -= len(head_mark)
+    col = span.col - start
+    caret = " " * (col - 1) + "^" * max(1, min(span.width(), len(text) - col + 1))
     return f"{head}\n    {text}\n    {caret}"
+
+
+_EXCERPT = 100  # longest source excerpt shown under an error

@@ -25,14 +25,21 @@ def read_source(source_or_path) -> tuple:
             isinstance(source_or_path, str) and "\n" not in source_or_path
             and (source_or_path.endswith(".rnn") or os.path.isfile(source_or_path))):
         path = os.fspath(source_or_path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read(), path
-        except OSError as e:
-            raise CompileError(f"cannot read {path}: {e.strerror}", None) from None
+        return _read_file(path, _file_span(path)), path
     if not isinstance(source_or_path, str):
         raise TypeError(f"expected .rnn source text or a path, got {type(source_or_path).__name__}")
     return source_or_path, "<string>"
+
+
+def _read_file(path, span, what=None) -> str:
+    what = what or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise CompileError(f"cannot read {what}: {e.strerror or e}", span) from None
+    except UnicodeDecodeError as e:
+        raise CompileError(f"cannot read {what}: not UTF-8 text (byte {e.start})", span) from None
 
 
 def load(text: str, filename: str) -> Program:
@@ -59,15 +66,10 @@ def _load_into(prog: Program, text: str, filename: str, stack: tuple):
             if item.is_path:
                 base = os.path.dirname(filename) if not filename.startswith("<") else os.getcwd()
                 path = os.path.normpath(os.path.join(base, item.target))
-                if path in stack or path == filename:
+                if os.path.realpath(path) in {os.path.realpath(f) for f in stack + (filename,)}:
                     raise CompileError(f"'use \"{item.target}\"' imports itself in a cycle",
                                        item.span)
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        sub = f.read()
-                except OSError:
-                    raise CompileError(f"cannot read '{item.target}' (looked at {path})",
-                                       item.span) from None
+                sub = _read_file(path, item.span, f"'{item.target}' (looked at {path})")
                 _load_into(prog, sub, path, stack + (filename,))
             else:
                 sub, name = _stdlib_text(item.target, item.span)
@@ -92,9 +94,8 @@ def pick_cell(prog: Program, cell: str | None, filename: str) -> S.Cell:
     if cell is not None:
         if cell not in prog.cells:
             names = ", ".join(prog.cells) or "none"
-            raise CompileError(f"no cell named '{cell}' (cells: {names})", None) if not prog.cells \
-                else CompileError(f"no cell named '{cell}' (cells: {names})",
-                                  next(iter(prog.cells.values())).span)
+            where = next(iter(prog.cells.values())).span if prog.cells else _file_span(filename)
+            raise CompileError(f"no cell named '{cell}' (cells: {names})", where)
         return prog.cells[cell]
     own = [c for c in prog.cells.values() if c.span.filename == filename]
     if len(own) == 1:

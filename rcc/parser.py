@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark import Lark, Token, Tree, v_args
+from lark.exceptions import (LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken,
+                             VisitError)
+from lark.visitors import Transformer_NonRecursive
 
 from . import syntax as S
 from .errors import CompileError
@@ -67,14 +70,51 @@ def parse(text: str, filename: str = "<string>") -> S.Module:
         raise _syntax_error(e, source) from None
     except LarkError as e:  # defensive: any other lark failure is still a CompileError
         raise CompileError(f"syntax error: {e}", source.span(1, 1)) from None
-    return _ToAst(source).transform(tree)
+    _check_depth(tree, source)
+    try:
+        return _ToAst(source).transform(tree)
+    except VisitError as e:  # lark wraps what the callbacks raise; ours are CompileErrors
+        if isinstance(e.orig_exc, CompileError):
+            raise e.orig_exc from None
+        raise
+
+
+# Deeper expressions than this are refused: the elaborator and the printers walk expressions
+# recursively, and no hand-written cell comes near it.
+MAX_DEPTH = 200
+
+
+_STATEMENTS = {"fndef", "decl", "assign", "destructure", "update", "output_expr", "forloop"}
+
+
+def _check_depth(tree, source: Source):
+    stack = [(tree, 1, tree)]  # (node, depth, the statement it belongs to, for the caret)
+    while stack:
+        node, depth, stmt = stack.pop()
+        if node.data in _STATEMENTS:
+            stmt = node
+        if depth > MAX_DEPTH:
+            line, col = getattr(stmt.meta, "line", 1), getattr(stmt.meta, "column", 1)
+            raise CompileError(f"expression is nested too deeply (more than {MAX_DEPTH} levels)",
+                               source.span(line, col))
+        stack.extend((c, depth + 1, stmt) for c in node.children if isinstance(c, Tree))
 
 
 _TOKEN_WORDS = {
-    "_SEP": "end of statement", "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'",
-    "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='", "NAME": "a name",
-    "NUMBER": "a number", "PRIMED": "a primed state name", "$END": "end of file",
+    "_SEP": "end of statement", "NAME": "a name", "NUMBER": "a number", "STRING": "a \"path\"",
+    "PRIMED": "a primed state name", "CMPOP": "a comparison", "$END": "end of file",
 }
+
+
+def _token_word(name: str) -> str:
+    """How an expected terminal reads in a message: its literal text, or a description."""
+    if name in _TOKEN_WORDS:
+        return _TOKEN_WORDS[name]
+    try:
+        term = _lark().get_terminal(name)
+    except KeyError:
+        return name.lower()
+    return repr(term.pattern.value) if term.pattern.type == "str" else name.lower()
 
 
 def _syntax_error(e: UnexpectedInput, source: Source) -> CompileError:
@@ -84,25 +124,50 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> CompileError:
         line, col = max(1, len(source.lines)), max(1, len(source.lines[-1]) + 1)
     if isinstance(e, UnexpectedCharacters):
         ch = source.line_text(line)[col - 1: col] or "?"
-        return CompileError(f"unexpected character {ch!r}", source.span(line, col))
+        hint = " (a prime ' follows a state name directly: h')" if ch == "'" else ""
+        return CompileError(f"unexpected character {ch!r}{hint}", source.span(line, col))
     if isinstance(e, UnexpectedToken):
         tok = e.token
         if tok.type == "$END":
+            unclosed = _unclosed_brace(source)
+            if unclosed is not None:
+                return CompileError("unexpected end of file: a '{' is never closed with '}'",
+                                    source.span(line, col),
+                                    notes=(("the '{' opened here", unclosed),))
             what = "end of file"
         elif tok.type == "_SEP":
             what = "end of line" if "\n" in str(tok) else "';'"
         else:
             what = repr(str(tok))
-        expected = sorted(_TOKEN_WORDS.get(t, repr(t.lower()) if t.isupper() else t)
-                          for t in (e.expected or ()) if not t.startswith("__"))
-        hint = f"; expected {', '.join(expected[:6])}" if expected else ""
+        expected = sorted({_token_word(t) for t in (e.expected or ())
+                           if not t.startswith("__IGNORE")})
+        hint = f"; expected {', '.join(expected[:8])}" if expected else ""
+        if len(expected) > 8:
+            hint += ", ..."
         width = len(str(tok)) if tok.type not in ("_SEP", "$END") else 1
         return CompileError(f"unexpected {what}{hint}",
                             source.span(line, col, line, col + width))
     return CompileError("syntax error", source.span(line, col))
 
 
-class _ToAst(Transformer):
+def _unclosed_brace(source: Source):
+    """The span of the innermost '{' left open at the end of the text, if any."""
+    opened = []
+    try:
+        for tok in _lark().lex(source.text, dont_ignore=False):
+            if tok.type == "LBRACE":
+                opened.append(tok)
+            elif tok.type == "RBRACE" and opened:
+                opened.pop()
+    except LarkError:
+        return None
+    if not opened:
+        return None
+    tok = opened[-1]
+    return source.span(tok.line, tok.column, tok.line, tok.column + 1)
+
+
+class _ToAst(Transformer_NonRecursive):
     def __init__(self, source: Source):
         super().__init__()
         self.source = source
@@ -150,6 +215,8 @@ class _ToAst(Transformer):
         if not text.isdigit():
             raise CompileError(f"default of dim '{name}' must be an integer, not {text}",
                                self._span(default))
+        if len(text.lstrip("0")) > 18:  # past int64, so no tensor axis can have this size
+            raise CompileError(f"default of dim '{name}' is too large", self._span(default))
         return S.DimDecl(str(name), int(text), span)
 
     def body(self, stmts):
@@ -246,8 +313,9 @@ class _ToAst(Transformer):
             if a is None:
                 continue
             if isinstance(a, tuple):
-                if pos and kw is None:
-                    pass
+                if any(k == a[0] for k, _ in kw):
+                    raise CompileError(f"keyword argument '{a[0]}' is given twice",
+                                       _expr_span(a))
                 kw.append(a)
             else:
                 if kw:
@@ -284,8 +352,16 @@ class _ToAst(Transformer):
     def number(self, children):
         (tok,) = children
         text = str(tok)
-        is_int = text.isdigit()
-        return S.Num(int(text) if is_int else float(text), is_int, self._span(tok))
+        span = self._span(tok)
+        if text.isdigit():
+            # beyond float64's range an integer can be neither a value nor a size
+            if len(text.lstrip("0")) > 308:
+                raise CompileError(f"integer literal with {len(text)} digits is too large", span)
+            return S.Num(int(text), True, span)
+        value = float(text)
+        if math.isinf(value):
+            raise CompileError(f"number {text} is too large for a 64-bit float", span)
+        return S.Num(value, False, span)
 
     def name(self, children):
         (tok,) = children

@@ -6,8 +6,9 @@ import torch
 from .. import ir
 from ..errors import CompileError
 
-_MODULE_ATTRS = set(dir(torch.nn.Module)) | {"dims", "shapes", "CELL", "DIMS", "STATIC_DIMS",
-                                              "INPUTS", "STATES", "OUTPUTS"}
+# an instance's dir, so attributes set in __init__ (`training`) count too
+_MODULE_ATTRS = set(dir(torch.nn.Module())) | {"dims", "shapes", "CELL", "DIMS", "STATIC_DIMS",
+                                                "INPUTS", "STATES", "OUTPUTS", "reset_parameters"}
 
 
 def check_names(cell: ir.CellIR) -> ir.CellIR:

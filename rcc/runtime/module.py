@@ -161,7 +161,10 @@ class CellModule(torch.nn.Module):
             return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1)
 
         outs = tuple(unflatten_seq(y) for y in outputs)
-        final = {name: s.reshape(B, *heads, *s.shape[1:]) for name, s in zip(self.STATES, states)}
+        # contiguous: a state never updated (or updated by a param expression) is still a
+        # broadcast view of one value, which the caller could not write into
+        final = {name: s.reshape(B, *heads, *s.shape[1:]).contiguous()
+                 for name, s in zip(self.STATES, states)}
         return (outs[0] if len(outs) == 1 else outs), final
 
     def extra_repr(self) -> str:
