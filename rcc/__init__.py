@@ -11,6 +11,7 @@ _LAZY = {
     "compile": ("rcc.api", "compile"),
     "compile_source": ("rcc.api", "compile_source"),
     "generate": ("rcc.api", "generate"),
+    "analyze": ("rcc.api", "analyze"),
     "recurrence": ("rcc.pyfrontend", "recurrence"),
     "Input": ("rcc.pyfrontend", "Input"),
     "Param": ("rcc.pyfrontend", "Param"),

@@ -47,6 +47,20 @@ def build_ir(source_or_path, cell=None, dims=None):
     return cell_ir, prog, ast
 
 
+def analyze(source_or_path, cell=None, dims=None):
+    """The state-transition analysis of a cell (rcc.passes.analysis.Analysis). A dim that sets a
+    loop count and has no value takes a small probe value: the structure does not depend on it."""
+    from .passes.analysis import analyze_ir
+
+    dims = dict(dims or {})
+    while True:
+        try:
+            cell_ir, _, _ = build_ir(source_or_path, cell, dims)
+            return analyze_ir(cell_ir)
+        except NeedStatic as need:
+            dims.update({name: 2 for name in need.names if name not in dims})
+
+
 def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) -> str:
     """The generated module's source text (what `rcc compile` writes)."""
     backend, plan = _check_choice(backend, plan)

@@ -33,6 +33,10 @@ def _parser():
                    choices=["auto", "sequential", "scan", "chunk", "newton"])
     c.add_argument("--dims", nargs="*", metavar="NAME=INT",
                    help="values for dims that set loop counts (others stay free)")
+    e = sub.add_parser("explain", help="print the state-transition analysis and legal plans")
+    e.add_argument("file")
+    e.add_argument("--cell")
+    e.add_argument("--dims", nargs="*", metavar="NAME=INT", help="values for dims")
     k = sub.add_parser("check", help="parse and type-check a .rnn file")
     k.add_argument("file")
     k.add_argument("--cell")
@@ -52,6 +56,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "check":
             return _check(args)
+        if args.command == "explain":
+            from .api import analyze
+            print(analyze(args.file, cell=args.cell, dims=dims))
+            return 0
         from .api import generate
         code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims)
     except CompileError as e:

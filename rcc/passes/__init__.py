@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .. import ir
 from .checks import check_names
+from .dead_code import eliminate_dead_code
 
-PIPELINE = (check_names,)
+PIPELINE = (check_names, eliminate_dead_code)
 
 
 def run_pipeline(cell: ir.CellIR) -> ir.CellIR:

@@ -1,0 +1,256 @@
+"""State-transition analysis: is the update affine in the state, and what structure has its
+transition A (affine) or its Jacobian ds'/ds (nonlinear)?
+
+Summary of the method: the cell is evaluated element by element in sympy at two small sets of
+probe dims (rcc.passes.probe). The joint Jacobian J of the updates by the previous states is then
+exact: the update is affine iff no entry of J contains a state symbol. Its sparsity pattern gives
+the structure: scalar (J = c I per state), diagonal, block-diagonal (connected components of one
+fixed size k at both probe sizes, e.g. (h, c) of a diagonal LSTM: k = 2), or dense. For a matrix
+state, the chain of state-shaped values every path from s to s' goes through (its dominators, by
+networkx) splits the step into links; a link that is the identity minus a symmetric rank-1 matrix
+acting on every column is a Householder factor (I - beta k k^T), a link that scales is a gate.
+DeltaNet is one Householder link, Gated DeltaNet a gate then one, DeltaProduct n_h of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import sympy
+
+from .. import ir
+from .probe import Probe, flat, jacobian, probe_dims
+
+STRUCTURES = ("scalar", "diagonal", "block-diagonal", "householder", "diagonal+low-rank", "dense")
+
+
+@dataclass(frozen=True)
+class StateFacts:
+    name: str
+    shape: tuple
+    reads: tuple  # the states whose previous value this state's update reads
+    updated: bool
+
+
+@dataclass(frozen=True)
+class Analysis:
+    cell: str
+    kind: str  # "affine" | "nonlinear"
+    structure: str  # one of STRUCTURES, with details, e.g. "block-diagonal(k=2)"
+    plans: tuple  # legal plans
+    states: tuple = ()
+    block: int = 1  # k for block-diagonal
+    n_householder: int = 0
+    gated: bool = False
+    notes: tuple = field(default=())
+
+    def __str__(self) -> str:
+        lines = [f"cell {self.cell}: {self.kind} in the state, transition {self.structure}"]
+        for s in self.states:
+            shape = "[" + ", ".join(str(d) for d in s.shape) + "]"
+            reads = ", ".join(s.reads) or "no state"
+            lines.append(f"  state {s.name}{shape}: "
+                         + (f"next value reads {reads}" if s.updated else "never updated (kept)"))
+        lines.extend(f"  {n}" for n in self.notes)
+        lines.append("  legal plans: " + ", ".join(self.plans))
+        return "\n".join(lines)
+
+
+def analyze_ir(cell: ir.CellIR) -> Analysis:
+    probes = [Probe(cell, probe_dims(cell, 0)), Probe(cell, probe_dims(cell, 1))]
+    small = probes[0]
+    states = [d.name for d in cell.states]
+    updates = dict(cell.updates)
+    state_syms = [s for name in states for s in flat(_state_symbols(small, name))]
+    sym_set = set(state_syms)
+    owner = {s: name for name in states for s in flat(_state_symbols(small, name))}
+
+    jac = _joint_jacobian(small, cell, states, updates)
+    affine = all(not (e.free_symbols & sym_set) for row in jac for e in row)
+    kind = "affine" if affine else "nonlinear"
+
+    facts = []
+    offset = 0
+    for name in states:
+        n = len(flat(_state_symbols(small, name)))
+        rows = jac[offset: offset + n]
+        read = {owner[state_syms[j]] for row in rows for j, e in enumerate(row) if e != 0}
+        decl = next(d for d in cell.states if d.name == name)
+        facts.append(StateFacts(name, decl.shape, tuple(s for s in states if s in read),
+                                name in updates))
+        offset += n
+
+    block = _block_size(jac)
+    block_other = _block_size(_joint_jacobian(probes[1], cell, states, updates))
+    notes = []
+    n_hh, gated = 0, False
+    if block == 1:
+        structure = "scalar" if affine and _is_scalar(jac, small, states) else "diagonal"
+    elif affine and (hh := _householder_chain(cell, small)) is not None:
+        n_hh, gated = hh
+        structure = f"householder(n_h={n_hh}{', gated' if gated else ''})"
+        notes.append(f"each step applies {n_hh} Householder factor(s) (I - beta k k^T) to the "
+                     "matrix state" + (", after a decay gate" if gated else ""))
+    elif block == block_other and block is not None:
+        structure = f"block-diagonal(k={block})"
+    elif affine and _is_diagonal_plus_low_rank(jac):
+        structure = "diagonal+low-rank"
+    else:
+        structure = "dense"
+    if structure.startswith("block-diagonal"):
+        notes.append(f"the state splits into independent blocks of {block} coupled values")
+    plans = _legal_plans(kind, structure, cell)
+    return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
+                    tuple(notes))
+
+
+def _state_symbols(probe, name):
+    return probe.state_symbols.get(name, np.empty((0,), dtype=object))
+
+
+def _joint_jacobian(probe, cell, states, updates):
+    """Rows: every element of every next state; columns: every element of every state."""
+    cols = [s for name in states for s in flat(_state_symbols(probe, name))]
+    outs = []
+    for name in states:
+        if name in updates:
+            outs.extend(flat(probe.values[updates[name]]))
+        else:
+            outs.extend(flat(_state_symbols(probe, name)))  # a state with no update keeps its value
+    return jacobian([sympy.sympify(o) for o in outs], cols)
+
+
+def _block_size(jac):
+    """Size of the connected components of the coupling graph, if they all have one size."""
+    n = len(jac)
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    for i, row in enumerate(jac):
+        for j, e in enumerate(row):
+            if e != 0 and i != j:
+                g.add_edge(i, j)
+    sizes = {len(c) for c in nx.connected_components(g)}
+    if len(sizes) == 1:
+        k = sizes.pop()
+        return k if k < n or n == 1 else (1 if n == 1 else None)
+    return None
+
+
+def _is_scalar(jac, probe, states) -> bool:
+    """Each state's diagonal coefficients are one value (RetNet's gamma, not GLA's diag)."""
+    offset = 0
+    for name in states:
+        n = len(flat(_state_symbols(probe, name)))
+        diag = _numeric([[jac[offset + i][offset + i] for i in range(n)]])[0]
+        if not np.allclose(diag, diag[0], rtol=1e-12, atol=1e-12):
+            return False
+        offset += n
+    return True
+
+
+def _is_diagonal_plus_low_rank(jac) -> bool:
+    a = _numeric(jac)
+    off = a - np.diag(np.diag(a))
+    rank = np.linalg.matrix_rank(off, tol=1e-8 * max(1.0, np.abs(a).max()))
+    return 0 < rank <= max(1, len(a) // 3)
+
+
+def _numeric(rows, seed=0):
+    """Evaluate a matrix of sympy expressions at random values of its symbols."""
+    rng = np.random.default_rng(seed)
+    syms = sorted({s for row in rows for e in row for s in sympy.sympify(e).free_symbols},
+                  key=str)
+    values = {s: float(rng.uniform(0.2, 0.9)) for s in syms}
+    return np.array([[float(sympy.sympify(e).xreplace(values).evalf()) for e in row]
+                     for row in rows])
+
+
+def _householder_chain(cell, probe):
+    """For a single updated matrix state: (number of Householder links, gated?) when every link
+    of its dominator chain is a Householder factor or a scalar/diagonal gate; else None."""
+    matrix_states = [d for d in cell.states if d.name in dict(cell.updates) and len(d.shape) == 2]
+    if len(matrix_states) != 1 or len(cell.updates) != 1:
+        return None
+    decl = matrix_states[0]
+    src = next(n.id for n in cell.nodes if n.op == "state" and n.attr("name") == decl.name)
+    dst = dict(cell.updates)[decl.name]
+    chain = _dominator_chain(cell, src, dst, decl.shape)
+    if chain is None:
+        return None
+    n_hh, gated = 0, False
+    for a, b in zip(chain, chain[1:]):
+        link = _classify_link(cell, probe, a, b)
+        if link == "householder":
+            n_hh += 1
+        elif link == "gate":
+            gated = True
+        else:
+            return None
+    return (n_hh, gated) if n_hh else None
+
+
+def _dominator_chain(cell, src, dst, shape):
+    g = nx.DiGraph()
+    for n in cell.nodes:
+        for a in n.args:
+            g.add_edge(a, n.id)
+    if src not in g or dst not in g or not nx.has_path(g, src, dst):
+        return None
+    reach = nx.descendants(g, src) | {src}
+    sub = g.subgraph(v for v in reach if v == dst or nx.has_path(g, v, dst))
+    idom = nx.immediate_dominators(sub, src)
+    chain = [dst]
+    while chain[-1] != src:
+        chain.append(idom[chain[-1]])
+    chain.reverse()
+    same = [v for v in chain if _same_shape(cell.node(v).type.shape, shape)]
+    return same if same[0] == src and same[-1] == dst else None
+
+
+def _same_shape(a, b):
+    return len(a) == len(b) and all(sympy.expand(x - y) == 0 for x, y in zip(a, b))
+
+
+def _classify_link(cell, probe, a, b):
+    """'gate' (b = c * a elementwise, plus a state-free term), 'householder' (b = (I - u u^T) a
+    column by column, u u^T symmetric rank one, plus a state-free term) or 'other'."""
+    linked = Probe(cell, probe.dims, overrides={a: "link"})
+    src = flat(linked.override_symbols[a])
+    out = [sympy.sympify(e) for e in flat(linked.values[b])]
+    jac = jacobian(out, src)
+    if any(e.free_symbols & set(src) for row in jac for e in row):
+        return "other"
+    k, v = linked.shape(cell.node(a))
+    n = k * v
+    if all(jac[i][j] == 0 for i in range(n) for j in range(n) if i != j):
+        return "gate"
+    # every column of the matrix state must be mapped by the same K x K matrix, alone
+    blocks = []
+    for col in range(v):
+        idx = [i * v + col for i in range(k)]
+        for i in range(n):
+            for j in idx:
+                if i not in idx and jac[i][j] != 0:
+                    return "other"
+        blocks.append([[jac[r][c] for c in idx] for r in idx])
+    numeric = [_numeric(blk) for blk in blocks]  # the same random point for every block
+    if any(not np.allclose(b, numeric[0], rtol=1e-12, atol=1e-12) for b in numeric[1:]):
+        return "other"
+    m = numeric[0] - np.eye(k)
+    sym = np.allclose(m, m.T, atol=1e-10)
+    rank = np.linalg.matrix_rank(m, tol=1e-9)
+    return "householder" if sym and rank == 1 else "other"
+
+
+def _legal_plans(kind, structure, cell):
+    plans = ["sequential"]
+    if kind == "affine":
+        if structure in ("scalar", "diagonal") or structure.startswith("block-diagonal"):
+            plans.append("scan")
+        matrix = any(len(d.shape) == 2 for d in cell.states)
+        if matrix and (structure in ("scalar", "diagonal") or structure.startswith("householder")):
+            plans.append("chunk")
+    elif structure in ("scalar", "diagonal") or structure.startswith("block-diagonal"):
+        plans.append("newton")
+    return tuple(plans)
