@@ -534,9 +534,9 @@ class Elaborator:
                 if not length.is_number and not (length.is_integer and length.is_positive):
                     self.constraints.append(ir.Constraint(length, "slice length", ix.span))
                 # torch clamps slice bounds silently; the shapes computed here would then be wrong
-                self._in_range(lo + 1, f"1 + slice start ({lo})", ix.span)
-                self._in_range(size - hi + 1, f"1 + axis size - slice stop ({size} - {hi})",
-                               ix.span)
+                bad = f"slice {lo}:{hi} is out of range for an axis of size {size}"
+                self._in_range(lo + 1, bad, ix.span)
+                self._in_range(size - hi + 1, bad, ix.span)
                 spec.append(("slice", lo, hi))
                 out.append(length)
             else:
@@ -544,8 +544,9 @@ class Elaborator:
                 if (size - i).is_number and (size - i) <= 0:
                     raise CompileError(f"index {i} is out of range for an axis of size {size}",
                                        _span(ix))
-                self._in_range(size - i, f"axis size - index ({size} - {i})", _span(ix))
-                self._in_range(i + 1, f"1 + index ({i})", _span(ix))
+                bad = f"index {i} is out of range for an axis of size {size}"
+                self._in_range(size - i, bad, _span(ix))
+                self._in_range(i + 1, bad, _span(ix))
                 spec.append(("int", i))
             axis += 1
         out.extend(shape[axis:])
@@ -554,12 +555,12 @@ class Elaborator:
             return Val(vid)  # x[:] or x[:, :]
         return Val(self.emit("getitem", (vid,), out, e.span, (("index", tuple(spec)),)))
 
-    def _in_range(self, expr, what, span):
+    def _in_range(self, expr, failure, span):
         """A symbolic bound that must be positive once dims are bound: checked at instantiation
         (numeric bounds were checked by _bound already)."""
         expr = sympy.expand(expr)
         if not expr.is_number and not (expr.is_integer and expr.is_positive):
-            self.constraints.append(ir.Constraint(expr, what, span))
+            self.constraints.append(ir.Constraint(expr, "index bound", span, failure))
 
     def _bound(self, ix, size, default, what):
         if ix is None:

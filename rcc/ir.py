@@ -2,10 +2,12 @@
 
 A `CellIR` is one step of a recurrence after elaboration: fns inlined, loops unrolled, names
 resolved. Its `nodes` are in topological order; each has an `op` from `OPS`, argument node ids,
-static attributes and a `Type`. Shapes are tuples of sympy integer expressions in the cell's dims
-(so one IR serves every dim value); `batched` says whether the value varies per sequence element
-(it depends on an input or a state) and so carries a leading batch axis at run time.
-See docs/ir.md for the op table.
+static attributes and a `Type`. Shapes are tuples of sympy expressions in the cell's dims, so one IR
+serves every value of the free dims; a dim that sets a loop count or a split is fixed
+(`Dim.static`), and an entry that is not an integer for every dim (`d/2` from split) is backed by a
+`Constraint` checked when the dims are bound. `batched` says whether a value depends on an input
+or a state: such a value differs per batch row, head and step, and carries a leading batch axis at
+run time; the others depend on params and constants only. See docs/ir.md for the op table.
 """
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ class Constraint:
     expr: Any
     what: str
     span: Span
+    failure: str = ""  # the message when it fails, if "WHAT is VALUE; must be positive" reads badly
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ def dim_symbol(name: str) -> sympy.Symbol:
 
 
 def verify(cell: CellIR) -> None:
-    """Check IR invariants (for tests and between passes): SSA order, arity, batched flags."""
+    """Check IR invariants (run between passes): SSA order, arity, attribute names, batched flags,
+    and that updates and outputs name existing states and nodes."""
     for i, n in enumerate(cell.nodes):
         assert n.id == i, f"node {i} has id {n.id}"
         arity, attr_names = OPS[n.op]

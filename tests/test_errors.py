@@ -219,7 +219,7 @@ def test_index_out_of_range_once_dims_are_bound():
     assert y.tolist() == [[3.0, 7.0]]
     with pytest.raises(rcc.CompileError) as info:
         Cell(d=3)
-    check_error(info.value, src, 3, 18, "index", "d - 3", "is 0 for these dims")
+    check_error(info.value, src, 3, 18, "index 3 is out of range for an axis of size d", "when d=3")
 
 
 def test_slice_past_the_end_once_dims_are_bound():
@@ -230,7 +230,8 @@ def test_slice_past_the_end_once_dims_are_bound():
     Cell = rcc.compile(src)
     with pytest.raises(rcc.CompileError) as info:
         Cell(d=3)
-    check_error(info.value, src, 3, 22, "slice stop", "for these dims")
+    check_error(info.value, src, 3, 22, "slice 1:5 is out of range for an axis of size d",
+                "when d=3")
 
 
 # ---- arity -----------------------------------------------------------------------------------

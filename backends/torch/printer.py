@@ -115,12 +115,10 @@ class TorchPrinter:
         lines = []
         for con in c.constraints:
             e = sympy.sympify(con.expr)
-            if e.is_integer:
-                lines.append(f"        self._check_dim({self._dim(e)}, {con.what!r}, {_span(con.span)})")
-            else:
-                exact = dim_expr(e, self.dim_names)
-                lines.append(f"        self._check_dim({self._dim(e)}, {con.what!r}, {_span(con.span)}, "
-                             f"exact={exact})")
+            extra = "" if e.is_integer else f", exact={dim_expr(e, self.dim_names)}"
+            if con.failure:
+                extra += f", failure={con.failure!r}"
+            lines.append(f"        self._check_dim({self._dim(e)}, {con.what!r}, {_span(con.span)}{extra})")
         for p in c.params:
             lines.append(f"        self.register_parameter({p.name!r}, "
                          f"torch.nn.Parameter(torch.empty({self._shape(p.shape)})))")

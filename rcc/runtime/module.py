@@ -79,12 +79,14 @@ class CellModule(torch.nn.Module):
     def reset_parameters(self):
         pass
 
-    @staticmethod
-    def _check_dim(value, what, sp, exact=None) -> int:
+    def _check_dim(self, value, what, sp, exact=None, failure="") -> int:
+        """A shape entry or index bound that depends on dims, checked once they are bound."""
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
         if exact is not None and value * 1.0 != exact:
-            raise CompileError(f"{what} is {exact:g}, not an integer, for these dims", sp)
+            raise CompileError(f"{what} is {exact:g}, not an integer, for {dims}", sp)
         if value <= 0:
-            raise CompileError(f"{what} is {value} for these dims; it must be positive", sp)
+            raise CompileError(f"{failure} when {dims}" if failure else
+                               f"{what} is {value} for {dims}; it must be positive", sp)
         return value
 
     # ---- calling --------------------------------------------------------------------------
