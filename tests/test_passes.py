@@ -32,3 +32,14 @@ def test_dead_code_keeps_checks_of_removed_values():
     import pytest
     with pytest.raises(rcc.CompileError):
         rcc.compile(DEAD)(d=2)
+
+
+def test_input_projections_are_hoisted_out_of_the_time_loop():
+    import inspect
+
+    from conftest import stdlib
+
+    src = inspect.getsource(rcc.compile(stdlib("lstm.rnn")))
+    before, loop = src.split("for _t in range(_T):")
+    assert "F.linear(x, weight_ih)" in before  # one GEMM over all steps
+    assert "weight_ih" not in loop and "F.linear(h, weight_hh)" in loop

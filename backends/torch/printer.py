@@ -50,6 +50,14 @@ class TorchPrinter:
             self.uses[v] += 1
         for _, v, _ in cell.outputs:
             self.uses[v] += 1
+        # const: params and constants only; seq: inputs but no state; step: reads a state
+        self.region = {}
+        for n in cell.nodes:
+            if n.op == "state" or any(self.region[a] == "step" for a in n.args):
+                self.region[n.id] = "step"
+            else:
+                self.region[n.id] = "seq" if n.type.batched else "const"
+        self.batch = "_N"  # the batch size of the region being printed
         self.var = {}  # node id -> local name, for nodes printed as statements
         self.inline = {}  # node id -> expression text, for nodes folded into their user
         self.used_dims = set()
@@ -60,8 +68,7 @@ class TorchPrinter:
     # ---- whole module ---------------------------------------------------------------------
     def module(self) -> str:
         c = self.cell
-        body_hoisted, body_step = self._body()
-        forward = self._forward(body_hoisted, body_step)
+        forward = self._forward(self._body())
         self.used_dims = set()
         build = self._build()
         self.used_dims = set()
@@ -155,7 +162,7 @@ class TorchPrinter:
         return "float(" + dim_expr(value, self.dim_names) + ")"
 
     # ---- forward --------------------------------------------------------------------------
-    def _forward(self, hoisted, step):
+    def _forward(self, body):
         c = self.cell
         seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
         out_steps = {name: self.ns.new(name + "_steps") for name, _, _ in c.outputs}
@@ -179,15 +186,24 @@ class TorchPrinter:
                          f"self._initial_states(initial_state, _layout, {first}, (")
             lines += [f"            {d},  # {s.name}" for d, s in zip(defaults, c.states)]
             lines.append("        ))")
-        if hoisted:
+        if body["const"]:
             lines.append("        # depends on params and constants only: computed once")
-            lines += ["        " + s for s in hoisted]
+            lines += ["        " + s for s in body["const"]]
+        per_step = self._seq_region(body["seq"], seq, lines)
+        # split the sequences once: the backward of x_seq[:, _t] at every step would cost O(T^2)
+        in_steps = {}
+        for d in c.inputs:
+            if self._needed_in_loop(self._leaf_id("input", d.name)):
+                in_steps[d.name] = self.ns.new(d.name + "_steps")
+                lines.append(f"        {in_steps[d.name]} = {seq[d.name]}.unbind(1)")
         for name, _, _ in c.outputs:
             lines.append(f"        {out_steps[name]} = []")
         lines.append("        for _t in range(_T):")
         for d in c.inputs:
-            lines.append(f"            {self.decl_names[d.name]} = {seq[d.name]}[:, _t]")
-        lines += ["            " + s for s in step]
+            if self._needed_in_loop(self._leaf_id("input", d.name)):
+                lines.append(f"            {self.decl_names[d.name]} = {in_steps[d.name]}[_t]")
+        lines += [f"            {name} = {name_seq}[_t]" for name, name_seq in per_step]
+        lines += ["            " + s for s in body["step"]]
         # outputs first: they may read a state's value from before this step's update
         for name, v, _ in c.outputs:
             lines.append(f"            {out_steps[name]}.append({self._batched_ref(v)})")
@@ -212,6 +228,38 @@ class TorchPrinter:
                       f"        ), {_tuple(states)}, _layout)"]
         return lines
 
+    def _seq_region(self, statements, seq, lines):
+        """Print the values that read inputs but no state once for all steps, with the steps
+        folded into the batch axis (one GEMM for W @ x over the sequence, not T small ones).
+        Returns (name, name_seq) of those the loop reads, sliced per step there."""
+        if not statements:
+            return []
+        c = self.cell
+        lines.append("        # depends on the inputs but not on the state: computed for all steps at once")
+        lines.append("        _NT = _N * _T")
+        for d in c.inputs:
+            i = self._leaf_id("input", d.name)
+            if any(self.region[u] == "seq" for u in self.users.get(i, ())):
+                name = self.decl_names[d.name]
+                # time-major, so that each step's slice of a result is contiguous
+                lines.append(f"        {name} = {seq[d.name]}.transpose(0, 1).reshape(_NT, "
+                             f"*{seq[d.name]}.shape[2:])")
+        lines += ["        " + s for s in statements]
+        per_step = []
+        for n in c.nodes:
+            if self.region[n.id] == "seq" and n.op != "input" and n.id in self.var \
+                    and self._needed_in_loop(n.id):
+                name = self.var[n.id]
+                name_seq = self.ns.new(name + "_steps")
+                lines.append(f"        {name_seq} = {name}.reshape(_T, _N, *{name}.shape[1:]).unbind(0)")
+                per_step.append((name, name_seq))
+        return per_step
+
+    def _needed_in_loop(self, i) -> bool:
+        """Whether the loop reads value `i`: a step node, an output or a state update uses it."""
+        direct = self.uses[i] != len(self.users[i])  # an output or an update
+        return direct or any(self.region[u] == "step" for u in self.users[i])
+
     def _leaf_id(self, op, name):
         for n in self.cell.nodes:
             if n.op == op and n.attr("name") == name:
@@ -233,14 +281,16 @@ class TorchPrinter:
         """A value with its batch axis, expanding it when it does not vary along the batch."""
         text = self._ref(v)
         if self._is_const(v):
-            return f"torch.full((_N,), {text}, dtype=_dtype, device=_device)"
+            return f"torch.full(({self.batch},), {text}, dtype=_dtype, device=_device)"
         if not self.cell.node(v).type.batched:
-            return f"{_atom(text)}.expand(_N, *{_atom(text)}.shape)"
+            return f"{_atom(text)}.expand({self.batch}, *{_atom(text)}.shape)"
         return text
 
     # ---- node bodies ----------------------------------------------------------------------
     def _body(self):
-        hoisted, step = [], []
+        """Statements of the three regions: "const" (params and constants: once), "seq" (inputs
+        but no state: once for all steps, over a batch axis of N * T) and "step" (the loop)."""
+        lines = {"const": [], "seq": [], "step": []}
         for n in self.cell.nodes:
             if n.op in ("input", "param", "state"):
                 self.var[n.id] = self.decl_names[n.attr("name")]
@@ -248,6 +298,8 @@ class TorchPrinter:
             if n.op == "const":
                 self.inline[n.id] = self._scalar(n.attr("value"))
                 continue
+            region = self.region[n.id]
+            self.batch = "_NT" if region == "seq" else "_N"
             text = self._expr(n)
             while len(text) > _LONG_LINE:  # give the longest folded-in argument its own line
                 folded = [i for i in set(n.args) if i in self.inline and not self._is_const(i)]
@@ -255,23 +307,24 @@ class TorchPrinter:
                     break
                 arg = max(folded, key=lambda i: len(self.inline[i]))
                 self.var[arg] = self.ns.new("v")
-                lines = step if self.cell.node(arg).type.batched else hoisted
-                lines.append(f"{self.var[arg]} = {self.inline.pop(arg)}")
+                lines[self.region[arg]].append(f"{self.var[arg]} = {self.inline.pop(arg)}")
                 text = self._expr(n)
-            if not n.name and self.uses[n.id] == 1 and len(text) < 72 and (
-                    n.type.batched or self._only_user_is_hoisted(n.id)):
+            if not n.name and len(text) < 72 and self._only_user_in(n.id, region):
                 self.inline[n.id] = text  # folded into its one user
                 continue
             name = self.ns.new(n.name or self.hints.get(n.id, "v"))
             self.var[n.id] = name
-            (step if n.type.batched else hoisted).append(f"{name} = {text}")
-        return hoisted, step
+            lines[region].append(f"{name} = {text}")
+        self.batch = "_N"
+        return lines
 
-    def _only_user_is_hoisted(self, i) -> bool:
-        """Whether the one use of unbatched value `i` is another unbatched value (so folding it
-        in keeps it out of the time loop); an output or a state update is used in the loop."""
+    def _only_user_in(self, i, region) -> bool:
+        """Whether value `i` has one use, by a node of `region` (so folding it in keeps it in its
+        region); outputs and state updates are used in the loop."""
         users = self.users[i]
-        return self.uses[i] == len(users) == 1 and not self.cell.node(users[0]).type.batched
+        if self.uses[i] != len(users) or len(users) != 1:
+            return region == "step" and self.uses[i] == 1
+        return self.region[users[0]] == region or region == "step"
 
     def _ref(self, i) -> str:
         return self.var[i] if i in self.var else self.inline[i]
