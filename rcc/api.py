@@ -146,12 +146,13 @@ def _compiler_fingerprint() -> bytes:
     """A hash of the compiler's own sources, so a changed printer never reuses stale modules."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
-        h = hashlib.sha256()
-        roots = [os.path.dirname(__file__), os.path.dirname(sys.modules["rcc.backends"].__file__)
-                 if "rcc.backends" in sys.modules else None]
         import rcc.backends
-        roots[1] = os.path.dirname(rcc.backends.__file__)
-        for root in roots:
+        import rcc.grammar
+
+        h = hashlib.sha256()
+        # the compiler proper, its backends and its grammar (the last two live outside rcc/)
+        for root in (os.path.dirname(__file__), os.path.dirname(rcc.backends.__file__),
+                     os.path.dirname(rcc.grammar.__file__)):
             for dirpath, _, files in sorted(os.walk(root)):
                 for f in sorted(files):
                     if f.endswith((".py", ".lark")):
