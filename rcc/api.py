@@ -1,9 +1,9 @@
 """rcc.compile: source -> IR -> generated module -> a torch.nn.Module class (cached by content)."""
 from __future__ import annotations
 
+import builtins
 import hashlib
 import importlib.util
-import json
 import linecache
 import os
 import sys
@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from . import __version__, frontend
+from . import frontend
 from .elaborate import NeedStatic, elaborate
 from .errors import CompileError
 from .passes import run_pipeline
@@ -37,14 +37,18 @@ def _check_choice(backend, plan):
     return "torch", "sequential"
 
 
+def _load(source_or_path, cell):
+    """Read, parse and follow `use` imports; pick the cell. Returns (program, syntax cell)."""
+    text, filename = frontend.read_source(source_or_path)
+    prog = frontend.load(text, filename)
+    return prog, frontend.pick_cell(prog, cell, filename)
+
+
 def build_ir(source_or_path, cell=None, dims=None):
     """Parse and elaborate one cell. Returns (CellIR, program, syntax cell), or raises NeedStatic
     when a dim with no default sets a loop count and `dims` does not give it."""
-    text, filename = frontend.read_source(source_or_path)
-    prog = frontend.load(text, filename)
-    ast = frontend.pick_cell(prog, cell, filename)
-    cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
-    return cell_ir, prog, ast
+    prog, ast = _load(source_or_path, cell)
+    return run_pipeline(elaborate(ast, prog.fns, dims)), prog, ast
 
 
 def analyze(source_or_path, cell=None, dims=None):
@@ -64,7 +68,6 @@ def analyze(source_or_path, cell=None, dims=None):
 def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) -> str:
     """The generated module's source text (what `rcc compile` writes)."""
     backend, plan = _check_choice(backend, plan)
-    text, filename = frontend.read_source(source_or_path)
     try:
         cell_ir, _, _ = build_ir(source_or_path, cell, dims)
     except NeedStatic as need:
@@ -72,51 +75,47 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) 
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
     from rcc.backends.torch.printer import print_module
-    return print_module(cell_ir, filename if filename != "<string>" else "<string>", plan)
+    return print_module(cell_ir, plan=plan)
 
 
 def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
     """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims."""
     backend, plan = _check_choice(backend, plan)
-    text, filename = frontend.read_source(source_or_path)
-    prog = frontend.load(text, filename)
-    ast = frontend.pick_cell(prog, cell, filename)
-    return _specialize(prog, ast, filename, backend, plan, dict(dims or {}))
+    prog, ast = _load(source_or_path, cell)
+    return _specialize(prog, ast, plan, dict(dims or {}))
 
 
-def _specialize(prog, ast, filename, backend, plan, dims):
+def _specialize(prog, ast, plan, dims):
+    """The class for `dims`' values of the static dims; it re-specializes itself for others."""
     try:
         cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
     except NeedStatic:
-        return _deferred_class(prog, ast, filename, backend, plan)
-    static = {d.name: d.static for d in cell_ir.dims if d.static is not None}
-    key = _content_key(prog, ast.name, backend, plan, static)
-    if key in _CLASSES:
-        cls = _CLASSES[key]
-    else:
-        from rcc.backends.torch.printer import print_module
-        code = print_module(cell_ir, filename, plan)
-        cls = _load_class(code, key, cell_ir.name)
-        _CLASSES[key] = cls
+        return _deferred_class(prog, ast, plan)
+    cls = _class_for(cell_ir, plan)
     cls._respecialize = staticmethod(
-        lambda all_dims: _specialize(prog, ast, filename, backend, plan,
-                                     {**dims, **{k: all_dims[k] for k in all_dims}}))
+        lambda all_dims: _specialize(prog, ast, plan, {**dims, **all_dims}))
     return cls
 
 
 def compile_ir(cell_ir, backend="auto", plan="auto", source_name=""):
     """Compile an already-built CellIR (what @rcc.recurrence traces) to a Module class."""
     backend, plan = _check_choice(backend, plan)
+    return _class_for(cell_ir, plan, source_name)
+
+
+def _class_for(cell_ir, plan, source_name=""):
+    """Print the module and load its class, cached by the hash of the generated code: the
+    code is what the cache holds, so equal code may be shared whatever produced it."""
     from rcc.backends.torch.printer import print_module
 
     code = print_module(cell_ir, source_name or cell_ir.filename, plan)
-    key = hashlib.sha256(code.encode() + _compiler_fingerprint()).hexdigest()[:24]
+    key = hashlib.sha256(code.encode()).hexdigest()[:24]
     if key not in _CLASSES:
-        _CLASSES[key] = _load_class(code, key, cell_ir.name)
+        _CLASSES[key] = _load_class(code, key)
     return _CLASSES[key]
 
 
-def _deferred_class(prog, ast, filename, backend, plan):
+def _deferred_class(prog, ast, plan):
     """A class for a cell whose code depends on a dim with no default: it generates the code
     when instantiated, once the dims are known."""
     from .runtime.module import CellModule, span
@@ -126,43 +125,11 @@ def _deferred_class(prog, ast, filename, backend, plan):
     static = {d.name: None for d in ast.dims if d.default is None}
     cls = type(ast.name, (CellModule,), {"CELL": ast.name, "DIMS": dims, "STATIC_DIMS": static})
     cls._respecialize = staticmethod(
-        lambda all_dims: _specialize(prog, ast, filename, backend, plan, dict(all_dims)))
+        lambda all_dims: _specialize(prog, ast, plan, dict(all_dims)))
     return cls
 
 
-def _content_key(prog, cell_name, backend, plan, static) -> str:
-    h = hashlib.sha256()
-    payload = {"rcc": __version__, "cell": cell_name, "backend": backend, "plan": plan,
-               "static": static, "files": sorted(prog.texts.items())}
-    h.update(json.dumps(payload, sort_keys=True).encode())
-    h.update(_compiler_fingerprint())
-    return h.hexdigest()[:24]
-
-
-_FINGERPRINT = None
-
-
-def _compiler_fingerprint() -> bytes:
-    """A hash of the compiler's own sources, so a changed printer never reuses stale modules."""
-    global _FINGERPRINT
-    if _FINGERPRINT is None:
-        import rcc.backends
-        import rcc.grammar
-
-        h = hashlib.sha256()
-        # the compiler proper, its backends and its grammar (the last two live outside rcc/)
-        for root in (os.path.dirname(__file__), os.path.dirname(rcc.backends.__file__),
-                     os.path.dirname(rcc.grammar.__file__)):
-            for dirpath, _, files in sorted(os.walk(root)):
-                for f in sorted(files):
-                    if f.endswith((".py", ".lark")):
-                        with open(os.path.join(dirpath, f), "rb") as fh:
-                            h.update(f.encode() + fh.read())
-        _FINGERPRINT = h.digest()
-    return _FINGERPRINT
-
-
-def _load_class(code: str, key: str, cell_name: str):
+def _load_class(code: str, key: str):
     """Write the module to the cache (atomically) and import it from there, so tracebacks and
     inspect show the generated lines."""
     directory = cache_dir()
@@ -185,13 +152,9 @@ def _load_class(code: str, key: str, cell_name: str):
         filename = f"<rcc {key}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         module = type(sys)(name)
-        exec(builtins_compile(code, filename), module.__dict__)
+        exec(builtins.compile(code, filename, "exec"), module.__dict__)
     sys.modules[name] = module
     classes = [v for v in module.__dict__.values()
                if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == name]
     return classes[0]
 
-
-def builtins_compile(code, filename):
-    import builtins
-    return builtins.compile(code, filename, "exec")
