@@ -88,24 +88,6 @@ class Traced:
             a, b = b, a
         return t.eval(S.BinOp(op, a, b, _user_span()))
 
-    __add__ = lambda s, o: s._binop("+", o)  # noqa: E731
-    __radd__ = lambda s, o: s._binop("+", o, True)  # noqa: E731
-    __sub__ = lambda s, o: s._binop("-", o)  # noqa: E731
-    __rsub__ = lambda s, o: s._binop("-", o, True)  # noqa: E731
-    __mul__ = lambda s, o: s._binop("*", o)  # noqa: E731
-    __rmul__ = lambda s, o: s._binop("*", o, True)  # noqa: E731
-    __truediv__ = lambda s, o: s._binop("/", o)  # noqa: E731
-    __rtruediv__ = lambda s, o: s._binop("/", o, True)  # noqa: E731
-    __matmul__ = lambda s, o: s._binop("@", o)  # noqa: E731
-    __rmatmul__ = lambda s, o: s._binop("@", o, True)  # noqa: E731
-    __pow__ = lambda s, o: s._binop("**", o)  # noqa: E731
-    __rpow__ = lambda s, o: s._binop("**", o, True)  # noqa: E731
-    __lt__ = lambda s, o: s._binop("<", o)  # noqa: E731
-    __le__ = lambda s, o: s._binop("<=", o)  # noqa: E731
-    __gt__ = lambda s, o: s._binop(">", o)  # noqa: E731
-    __ge__ = lambda s, o: s._binop(">=", o)  # noqa: E731
-    __eq__ = lambda s, o: s._binop("==", o)  # noqa: E731
-    __ne__ = lambda s, o: s._binop("!=", o)  # noqa: E731
     __hash__ = None
 
     def __neg__(self):
@@ -145,6 +127,15 @@ class Traced:
     def __repr__(self):
         n = self._tracer.elab.nodes[self._tracer.elab.env[self._name].id]
         return f"<traced {n.type}>"
+
+
+# Python operator methods -> the .rnn operator they build; arithmetic ones also come reflected
+_ARITHMETIC = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "matmul": "@", "pow": "**"}
+_COMPARISONS = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+for _method, _op in (_ARITHMETIC | _COMPARISONS).items():
+    setattr(Traced, f"__{_method}__", lambda s, o, op=_op: s._binop(op, o))
+for _method, _op in _ARITHMETIC.items():
+    setattr(Traced, f"__r{_method}__", lambda s, o, op=_op: s._binop(op, o, True))
 
 
 class _Tracer:
