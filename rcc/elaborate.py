@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,8 +15,9 @@ import sympy
 
 from . import ir
 from . import syntax as S
+from .builder import GraphBuilder, fmt_number
 from .errors import CompileError, Span
-from .shapes import broadcast, fmt_shape, matmul_shape, same_dim
+from .shapes import broadcast, fmt_shape, same_dim
 
 
 class NeedStatic(Exception):
@@ -55,51 +55,6 @@ _SHAPE_FUNCS = {"softmax", "dot", "outer", "l2norm", "eye", "zeros", "ones", "co
 BUILTINS = _UNARY_FUNCS | set(_BINARY_FUNCS) | _REDUCE_FUNCS | _SHAPE_FUNCS
 _COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
-# sympy versions of elementwise functions, for folding constant sub-expressions
-_FOLD = {
-    "neg": lambda a: -a, "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt,
-    "rsqrt": lambda a: 1 / sympy.sqrt(a), "abs": sympy.Abs, "sign": sympy.sign, "sin": sympy.sin,
-    "cos": sympy.cos, "tanh": sympy.tanh, "sigmoid": lambda a: 1 / (1 + sympy.exp(-a)),
-    "log1p": lambda a: sympy.log(1 + a), "expm1": lambda a: sympy.exp(a) - 1,
-    "relu": lambda a: sympy.Max(a, 0), "add": lambda a, b: a + b, "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
-    "maximum": sympy.Max, "minimum": sympy.Min,
-    "silu": lambda a: a / (1 + sympy.exp(-a)), "gelu": lambda a: a * (1 + sympy.erf(a / sympy.sqrt(2))) / 2,
-    "softplus": lambda a: sympy.log(1 + sympy.exp(a)), "logsigmoid": lambda a: -sympy.log(1 + sympy.exp(-a)),
-    "logaddexp": lambda a, b: sympy.log(sympy.exp(a) + sympy.exp(b)),
-    **{op: (lambda rel: lambda a, b: sympy.Piecewise((1, rel(a, b)), (0, True)))(rel)
-       for op, rel in (("lt", sympy.Lt), ("le", sympy.Le), ("gt", sympy.Gt), ("ge", sympy.Ge),
-                       ("eq", sympy.Eq), ("ne", sympy.Ne))},
-}
-
-
-def _sigmoid(a):
-    return 1 / (1 + math.exp(-a)) if a >= 0 else math.exp(a) / (1 + math.exp(a))
-
-
-def _softplus(a):
-    return a if a > 20 else math.log1p(math.exp(a))  # torch's threshold, so no overflow
-
-
-# Float versions of the same, for constants that are plain numbers: evaluated as torch would in
-# float64 (sympy's exact arithmetic could take forever on 10 ** 10 ** 10). They raise
-# ValueError, OverflowError or ZeroDivisionError where the result is not a finite real number.
-_FLOAT_FOLD = {
-    "neg": lambda a: -a, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
-    "rsqrt": lambda a: 1 / math.sqrt(a), "abs": abs, "sign": lambda a: float((a > 0) - (a < 0)),
-    "sin": math.sin, "cos": math.cos, "tanh": math.tanh, "sigmoid": _sigmoid,
-    "log1p": math.log1p, "expm1": math.expm1, "relu": lambda a: max(a, 0.0),
-    "silu": lambda a: a * _sigmoid(a), "gelu": lambda a: a * (1 + math.erf(a / math.sqrt(2))) / 2,
-    "softplus": _softplus, "logsigmoid": lambda a: -_softplus(-a),
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b, "pow": math.pow, "maximum": max, "minimum": min,
-    "logaddexp": lambda a, b: max(a, b) + math.log1p(math.exp(-abs(a - b))),
-    "lt": lambda a, b: float(a < b), "le": lambda a, b: float(a <= b),
-    "gt": lambda a, b: float(a > b), "ge": lambda a, b: float(a >= b),
-    "eq": lambda a, b: float(a == b), "ne": lambda a, b: float(a != b),
-}
-_OP_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
-            "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "maximum": "max", "minimum": "min"}
 _INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
 # Names the generated module's Python signatures already use: Cell(**dims), m(*inputs, initial_state)
 _RESERVED_DIMS = {"self": "it would clash with the module's own 'self'",
@@ -112,13 +67,12 @@ MAX_AXIS = 2 ** 63 - 1  # a tensor axis size must fit in int64
 _RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
 
 
-class Elaborator:
+class Elaborator(GraphBuilder):
     def __init__(self, cell: S.Cell, fns: dict, static: dict):
         self.cell = cell
         self.fns = fns  # name -> S.FnDef
         self.static = dict(static)  # dim name -> int, for integer contexts
-        self.nodes: list = []
-        self.memo: dict = {}  # (op, args, attrs) -> id, for leaves and pure repeats
+        super().__init__()
         self.env: dict = {}  # name -> Sym | Val
         self.decls: dict = {}  # name -> ir.Decl
         self.decl_order: list = []
@@ -178,46 +132,10 @@ class Elaborator:
         return ir.Decl(decl.kind, decl.name, decl.shape, ir.Init("param", param=pname), decl.span)
 
     # ---- building nodes -------------------------------------------------------------------
-    def emit(self, op, args, shape, span, attrs=(), batched=None) -> int:
-        args = tuple(args)
-        attrs = tuple(sorted(attrs))
-        if batched is None:
-            batched = op in ("input", "state") or any(self.nodes[a].type.batched for a in args)
-        key = (op, args, attrs)
-        if key in self.memo:
-            return self.memo[key]
-        node = ir.Node(len(self.nodes), op, args, attrs, ir.Type(tuple(shape), batched), span)
-        self.nodes.append(node)
-        self.memo[key] = node.id
-        return node.id
-
-    def const(self, value, span) -> int:
-        value = sympy.sympify(value)
-        if value.is_number and not _is_finite_number(value) or value.is_real is False:
-            shown = str(value) if len(str(value)) <= 24 else "a number"
-            raise CompileError(f"the constant {shown} is not a finite real number "
-                               "(in 64-bit floats)", span)
-        return self.emit("const", (), (), span, (("value", value),))
-
     def name_value(self, vid: int, name: str):
         n = self.nodes[vid]
         if not n.name and n.op not in ("input", "param", "state", "const"):
             self.nodes[vid] = ir.Node(n.id, n.op, n.args, n.attrs, n.type, n.span, name)
-
-    def shape(self, vid):
-        return self.nodes[vid].type.shape
-
-    def const_value(self, vid):
-        n = self.nodes[vid]
-        return n.attr("value") if n.op == "const" else None
-
-    def materialize(self, vid, span) -> int:
-        """A const as a 0-d tensor node (zeros() + c), where a value must be a tensor (a state's
-        next value, an output, a stack() operand) and not the Python scalar a const prints as."""
-        if self.const_value(vid) is None:
-            return vid
-        zero = self.emit("zeros", (), (), span)
-        return self.emit("add", (zero, vid), (), span)
 
     def _what(self, name) -> str:
         """How to call a name in a message: "input 'x'", "dim 'd'", "local value 'a'"."""
@@ -668,13 +586,6 @@ class Elaborator:
 
     call_sum = call_mean = call_amax = call_logsumexp = _reduce
 
-    def reduce(self, op, x, axis, span):
-        shape = self.shape(x)
-        if not shape:
-            return x
-        out = () if axis is None else shape[:axis] + shape[axis + 1:]
-        return self.emit(op, (x,), out, span, (("axis", axis),))
-
     def call_softmax(self, e):
         kw = self._args(e, 1, 1, ("axis",))
         x = self.value(e.args[0])
@@ -777,52 +688,6 @@ class Elaborator:
 
     call_chunk = call_split
 
-    # ---- typed node constructors ----------------------------------------------------------
-    def unary(self, op, x, span):
-        c = self.const_value(x)
-        if c is not None:
-            return self.fold(op, (c,), span)
-        return self.emit(op, (x,), self.shape(x), span)
-
-    def binary(self, op, a, b, span):
-        ca, cb = self.const_value(a), self.const_value(b)
-        if ca is not None and cb is not None:
-            if op == "div" and cb == 0:
-                raise CompileError("division by zero", span)
-            return self.fold(op, (ca, cb), span)
-        shape = broadcast([self.shape(a), self.shape(b)], span)
-        return self.emit(op, (a, b), shape, span)
-
-    def fold(self, op, args, span) -> int:
-        """The const node of `op` applied to constants. Every elementwise op folds: a const is a
-        Python scalar in generated code, and torch functions do not take those."""
-        if all(a.is_number for a in args):
-            try:
-                value = _FLOAT_FOLD[op](*(float(a) for a in args))
-            except (ValueError, OverflowError, ZeroDivisionError):
-                value = math.nan
-            if not math.isfinite(value):
-                shown = [_fmt_number(a) for a in args]
-                if len(args) == 2 and op not in ("maximum", "minimum", "logaddexp"):
-                    text = f" {_OP_TEXT[op]} ".join(f"({s})" if s.startswith("-") else s
-                                                    for s in shown)
-                else:
-                    text = f"{_OP_TEXT.get(op, op)}({', '.join(shown)})"
-                raise CompileError(f"the constant {text} is not a finite real number "
-                                   "(in 64-bit floats)", span)
-            return self.const(sympy.Float(value), span)
-        if op == "pow" and args[1].is_number and abs(args[1]) > 64:
-            # generated code evaluates this in Python ints once dims are bound: d ** 10 ** 9
-            # would run for minutes, and the float it ends as overflows anyway
-            raise CompileError(f"the exponent {_fmt_number(args[1])} is too large for an "
-                               "expression of dims (at most 64)", span)
-        return self.const(_FOLD[op](*args), span)
-
-    def matmul(self, a, b, span):
-        shape = matmul_shape(self.shape(a), self.shape(b), span)
-        return self.emit("matmul", (a, b), shape, span)
-
-
 def _axis_once(e: S.Call, kw: dict, positional: int):
     """The axis of sum(x, 0) / split(x, 2, 0) comes by position or by keyword, not both."""
     if len(e.args) == positional and "axis" in kw:
@@ -865,22 +730,8 @@ def _fits_float32(what, values, span):
     """Modules are built in float32 (torch's default dtype), so initial values must fit it."""
     for v in values:
         if v.is_number and abs(float(v)) > _FLOAT32_MAX:
-            raise CompileError(f"{what}: {_fmt_number(v)} does not fit a float32 parameter "
+            raise CompileError(f"{what}: {fmt_number(v)} does not fit a float32 parameter "
                                f"(at most {_FLOAT32_MAX:.4g} in magnitude)", span)
-
-
-def _fmt_number(value) -> str:
-    if value.is_Integer:
-        text = str(value)
-        return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
-    return f"{float(value):g}"
-
-
-def _is_finite_number(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError, OverflowError):  # complex, zoo, nan or past float64
-        return False
 
 
 def _same_shape(a, b) -> bool:
