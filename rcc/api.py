@@ -32,9 +32,7 @@ def _check_choice(backend, plan):
         raise ValueError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
     if backend in ("cpp", "triton"):
         raise NotImplementedError(f"backend {backend!r} is not implemented yet; use backend='torch'")
-    if plan in ("scan", "chunk", "newton"):
-        raise NotImplementedError(f"plan {plan!r} is not implemented yet; use plan='sequential'")
-    return "torch", "sequential"
+    return "torch", ("sequential" if plan == "auto" else plan)
 
 
 def _load(source_or_path, cell):

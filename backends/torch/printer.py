@@ -50,13 +50,8 @@ class TorchPrinter:
             self.uses[v] += 1
         for _, v, _ in cell.outputs:
             self.uses[v] += 1
-        # const: params and constants only; seq: inputs but no state; step: reads a state
-        self.region = {}
-        for n in cell.nodes:
-            if n.op == "state" or any(self.region[a] == "step" for a in n.args):
-                self.region[n.id] = "step"
-            else:
-                self.region[n.id] = "seq" if n.type.batched else "const"
+        self.region = self._regions()
+        self.live = None  # the nodes to print (None: all); a plan prints fewer
         self.batch = "_N"  # the batch size of the region being printed
         self.var = {}  # node id -> local name, for nodes printed as statements
         self.inline = {}  # node id -> expression text, for nodes folded into their user
@@ -64,6 +59,16 @@ class TorchPrinter:
         # names for values that the user did not name: a state's next value, an output
         self.hints = {v: f"{s}_next" for s, v in cell.updates}
         self.hints.update({v: name for name, v, _ in cell.outputs})
+
+    def _regions(self) -> dict:
+        """const: params and constants only; seq: inputs but no state; step: reads a state."""
+        region = {}
+        for n in self.cell.nodes:
+            if n.op == "state" or any(region[a] == "step" for a in n.args):
+                region[n.id] = "step"
+            else:
+                region[n.id] = "seq" if n.type.batched else "const"
+        return region
 
     # ---- whole module ---------------------------------------------------------------------
     def module(self) -> str:
@@ -162,13 +167,12 @@ class TorchPrinter:
         return "float(" + dim_expr(value, self.dim_names) + ")"
 
     # ---- forward --------------------------------------------------------------------------
-    def _forward(self, body):
+    def _forward_head(self, body, seq):
+        """forward() up to the values computed once: inputs, dims, params, initial states."""
         c = self.cell
-        seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
-        out_steps = {name: self.ns.new(name + "_steps") for name, _, _ in c.outputs}
         first = seq[c.inputs[0].name]
         states = [self.decl_names[s.name] for s in c.states]
-        params = [p for p in c.params if self.uses.get(self._leaf_id("param", p.name), 0)
+        params = [p for p in c.params if self._is_live(self._leaf_id("param", p.name))
                   or any(s.init.param == p.name for s in c.states)]
         lines = [
             "    def forward(self, *args, initial_state=None, **kwargs):",
@@ -189,6 +193,21 @@ class TorchPrinter:
         if body["const"]:
             lines.append("        # depends on params and constants only: computed once")
             lines += ["        " + s for s in body["const"]]
+        return lines
+
+    def _is_live(self, i) -> bool:
+        return i >= 0 and self.uses.get(i, 0) > 0 and (self.live is None or any(
+            u in self.live for u in self.users[i]) or i in self._roots())
+
+    def _roots(self):
+        return {v for _, v in self.cell.updates} | {v for _, v, _ in self.cell.outputs}
+
+    def _forward(self, body):
+        c = self.cell
+        seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
+        out_steps = {name: self.ns.new(name + "_steps") for name, _, _ in c.outputs}
+        states = [self.decl_names[s.name] for s in c.states]
+        lines = self._forward_head(body, seq)
         per_step = self._seq_region(body["seq"], seq, lines)
         # split the sequences once: the backward of x_seq[:, _t] at every step would cost O(T^2)
         in_steps = {}
@@ -290,16 +309,18 @@ class TorchPrinter:
     def _body(self):
         """Statements of the three regions: "const" (params and constants: once), "seq" (inputs
         but no state: once for all steps, over a batch axis of N * T) and "step" (the loop)."""
-        lines = {"const": [], "seq": [], "step": []}
+        lines = {r: [] for r in set(self.region.values()) | {"const", "seq", "step"}}
         for n in self.cell.nodes:
             if n.op in ("input", "param", "state"):
-                self.var[n.id] = self.decl_names[n.attr("name")]
+                self.var.setdefault(n.id, self.decl_names[n.attr("name")])
                 continue
             if n.op == "const":
                 self.inline[n.id] = self._scalar(n.attr("value"))
                 continue
+            if n.id in self.var or (self.live is not None and n.id not in self.live):
+                continue  # bound by the plan, or not needed by it
             region = self.region[n.id]
-            self.batch = "_NT" if region == "seq" else "_N"
+            self.batch = "_N" if region in ("step", "const") else "_NT"
             text = self._expr(n)
             while len(text) > _LONG_LINE:  # give the longest folded-in argument its own line
                 folded = [i for i in set(n.args) if i in self.inline and not self._is_const(i)]
@@ -527,4 +548,9 @@ def _span(sp) -> str:
 
 
 def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential") -> str:
+    if plan != "sequential":
+        from rcc.passes.analysis import analyze_ir
+
+        from .plans import print_plan
+        return print_plan(cell, plan, analyze_ir(cell), source_name)
     return TorchPrinter(cell, source_name, plan).module()

@@ -44,6 +44,9 @@ class Analysis:
     n_householder: int = 0
     gated: bool = False
     notes: tuple = field(default=())
+    # every state's next value reads the other states (and itself) element by element only:
+    # the Jacobian is k x k blocks pairing equal elements (what the scan and Newton plans need)
+    elementwise: bool = False
 
     def __str__(self) -> str:
         lines = [f"cell {self.cell}: {self.kind} in the state, transition {self.structure}"]
@@ -100,9 +103,10 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
         structure = "dense"
     if structure.startswith("block-diagonal"):
         notes.append(f"the state splits into independent blocks of {block} coupled values")
-    plans = _legal_plans(kind, structure, cell)
+    elementwise = _is_elementwise(jac, small, states)
+    plans = _legal_plans(kind, structure, cell, elementwise)
     return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
-                    tuple(notes))
+                    tuple(notes), elementwise)
 
 
 def _state_symbols(probe, name):
@@ -135,6 +139,20 @@ def _block_size(jac):
         k = sizes.pop()
         return k if k < n or n == 1 else (1 if n == 1 else None)
     return None
+
+
+def _is_elementwise(jac, probe, states) -> bool:
+    """Whether every block d s_i' / d s_j of the joint Jacobian is zero or diagonal, between
+    states of one shape."""
+    sizes = [len(flat(_state_symbols(probe, name))) for name in states]
+    starts = np.cumsum([0] + sizes)
+    for i, si in enumerate(states):
+        for j, sj in enumerate(states):
+            block = [row[starts[j]:starts[j + 1]] for row in jac[starts[i]:starts[i + 1]]]
+            nonzero = [(r, c) for r, row in enumerate(block) for c, e in enumerate(row) if e != 0]
+            if nonzero and (sizes[i] != sizes[j] or any(r != c for r, c in nonzero)):
+                return False
+    return True
 
 
 def _is_scalar(jac, probe, states) -> bool:
@@ -243,14 +261,14 @@ def _classify_link(cell, probe, a, b):
     return "householder" if sym and rank == 1 else "other"
 
 
-def _legal_plans(kind, structure, cell):
+def _legal_plans(kind, structure, cell, elementwise):
     plans = ["sequential"]
     if kind == "affine":
-        if structure in ("scalar", "diagonal") or structure.startswith("block-diagonal"):
+        if elementwise:
             plans.append("scan")
         matrix = any(len(d.shape) == 2 for d in cell.states)
         if matrix and (structure in ("scalar", "diagonal") or structure.startswith("householder")):
             plans.append("chunk")
-    elif structure in ("scalar", "diagonal") or structure.startswith("block-diagonal"):
+    elif elementwise:
         plans.append("newton")
     return tuple(plans)

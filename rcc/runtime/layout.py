@@ -1,0 +1,29 @@
+"""Moving per-step values between the layouts of the parallel plans: time-major rows
+[T * N, ...] (all steps folded into the batch axis), [T, N, ...] stacks, and [N, T, ...] results."""
+from __future__ import annotations
+
+import torch
+
+
+def time_major(v: torch.Tensor, T: int, rank: int) -> torch.Tensor:
+    """Rows [T * N, *s] as [T, N, 1, ..., *s] with `rank` declared axes, so a value of lower rank
+    broadcasts against a state's declared axes the way the cell wrote it."""
+    steps = v.reshape(T, v.shape[0] // T, *v.shape[1:])
+    missing = rank - (v.dim() - 1)
+    return steps.reshape(T, steps.shape[1], *([1] * missing), *v.shape[1:]) if missing > 0 else steps
+
+
+def previous_steps(states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """The state each step starts from, as rows [T * N, ...]: the initial one, then each step's
+    result but the last."""
+    return torch.cat([initial[None], states[:-1]]).flatten(0, 1)
+
+
+def every_step(value: torch.Tensor, T: int) -> torch.Tensor:
+    """A per-sequence value [N, ...] repeated for every step, as rows [T * N, ...]."""
+    return value.expand(T, *value.shape).flatten(0, 1)
+
+
+def batch_major(rows: torch.Tensor, T: int) -> torch.Tensor:
+    """Rows [T * N, ...] as a result sequence [N, T, ...]."""
+    return rows.reshape(T, rows.shape[0] // T, *rows.shape[1:]).transpose(0, 1)
