@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from .errors import CompileError
 from .passes.linearize import ZERO, Linearizer
 
@@ -38,11 +40,13 @@ class NewtonForm:
     jacobian: tuple  # jacobian[i][j]: node id of d s_i' / d s_j (elementwise), or None
 
 
-def illegal(plan, analysis, cell) -> CompileError:
+def illegal(plan, analysis, cell, reason="") -> CompileError:
     """The error for a plan the analysis did not find legal, naming a state and the reason."""
     first = next((s for s in analysis.states if s.updated), None)
     name = f"state '{first.name}'" if first else "this cell"
-    if plan == "scan":
+    if reason:
+        why = reason if "state '" in reason else f"{name}: {reason}"
+    elif plan == "scan":
         why = (f"{name}: its next value is not affine in the states (the step's Jacobian "
                f"depends on them), so there is no s' = A(x) s + b(x) to scan"
                if analysis.kind == "nonlinear" else
@@ -108,3 +112,192 @@ def newton_form(cell, analysis) -> NewtonForm:
     columns = [lin.tangent({leaf[j]: lin.one}, [nxt[i] for i in names]) for j in names]
     jac = tuple(tuple(columns[j][nxt[i]] for j in range(len(names))) for i in names)
     return NewtonForm(cell.with_nodes(lin.nodes), tuple(names), jac)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """An output's read of the matrix state: o = q @ S' (per head): node `node` is that value."""
+    node: int
+    q: int  # node id, shape [*heads, K]
+
+
+@dataclass(frozen=True)
+class ChunkForm:
+    """S' = decay * S + k v^T (kind "linear": GLA, RetNet) or S' = Householder products
+    (kind "delta": M = gate * S; M = (I - beta_j k_j k_j^T) M + k_j u_j^T for each j)."""
+    cell: object
+    state: str
+    kind: str
+    heads: tuple  # leading axes of the state before [K, V]
+    log_decay: object  # node id of shape [*heads, K] or [*heads, 1] (linear), [] (delta); or None
+    keys: tuple  # node ids [*heads, K], one per rank-1 term / Householder factor
+    values: tuple  # node ids [*heads, V] (linear: v; delta: u = beta * v)
+    betas: tuple  # delta: node ids of shape []
+    readouts: tuple  # of Readout
+
+
+class NotChunkable(Exception):
+    """Why the chunkwise form does not apply (the analysis reports it; plan='chunk' raises it)."""
+
+
+def chunk_form(cell) -> ChunkForm:
+    """The pieces of the chunkwise form, or NotChunkable saying why."""
+    if len(cell.states) != 1 or len(cell.updates) != 1:
+        raise NotChunkable("the chunkwise form needs exactly one state, a matrix")
+    decl = cell.states[0]
+    if len(decl.shape) < 2:
+        raise NotChunkable(f"state '{decl.name}' is not a matrix")
+    lin = Linearizer(cell)
+    leaf, nxt = _updates(cell)
+    s, s_next = leaf[decl.name], nxt[decl.name]
+    heads = tuple(decl.shape[:-2])
+    chain = _chain(cell, s, s_next, decl.shape)
+    links = [_link(cell, lin, a, b) for a, b in zip(chain, chain[1:])]
+    gates = [ln for ln in links if ln[0] == "gate"]
+    factors = [ln for ln in links if ln[0] == "householder"]
+    if factors:
+        if len(gates) + len(factors) != len(links):
+            raise NotChunkable("a step of the update is neither a decay gate nor a Householder "
+                               "factor (I - beta k k^T) S + k u^T")
+        if heads:
+            raise NotChunkable("the delta-rule chunk form takes a [K, V] state (heads as layout)")
+        if gates and (links[0][0] != "gate" or len(gates) > 1):
+            raise NotChunkable("the decay gate must come once, before the Householder factors")
+        log_decay = None
+        if gates:
+            log_decay = _log_of(lin, gates[0][1])
+            if lin.node(log_decay).type.rank != 0:
+                raise NotChunkable("the delta-rule chunk form needs a scalar decay gate")
+        readouts = _readouts(cell, lin, s, s_next, decl)
+        return ChunkForm(cell.with_nodes(lin.nodes), decl.name, "delta", heads, log_decay,
+                         tuple(f[1] for f in factors), tuple(f[2] for f in factors),
+                         tuple(f[3] for f in factors), readouts)
+    # one affine link: S' = a * S + b with b a rank-1 product
+    a = lin.tangent({s: lin.one}, [s_next])[s_next]
+    b = lin.substitute({s: ZERO}, [s_next])[s_next]
+    if a is None or b in (None, ZERO) or lin.depends_on(a, [s]) or lin.depends_on(b, [s]):
+        raise NotChunkable("the update is not S' = decay * S + k v^T")
+    a_shape = tuple(lin.node(a).type.shape)
+    if len(a_shape) >= 1 and a_shape[-1] != 1:
+        raise NotChunkable(f"the decay varies along the last axis of state '{decl.name}' "
+                           "(it must scale whole rows: decay[..., :, None] or a scalar)")
+    log_decay = _log_of(lin, a)
+    if len(a_shape) >= 1:
+        log_decay = _drop_axis(lin, log_decay, len(a_shape) - 1)  # [..., K, 1] -> [..., K]
+    k, v = _rank_one(cell, lin, b, decl)
+    readouts = _readouts(cell, lin, s, s_next, decl)
+    return ChunkForm(cell.with_nodes(lin.nodes), decl.name, "linear", heads, log_decay, (k,),
+                     (v,), (), readouts)
+
+
+def _readouts(cell, lin, s, s_next, decl):
+    """Where the outputs read the state: each must be q @ S' (or its per-head form
+    sum(S' * q[..., :, None], axis=-2)) with q free of the state."""
+    outputs = lin.cone([v for _, v, _ in cell.outputs])
+    found = []
+    for n in cell.nodes:
+        if s_next not in n.args or n.id not in outputs:
+            continue
+        if n.op == "matmul" and n.args == (n.args[0], s_next) and len(decl.shape) == 2:
+            q, node = n.args[0], n.id
+        elif n.op == "sum" and n.attr("axis") == len(decl.shape) - 2:  # ones @ S'
+            q = lin.b.emit("ones", (), decl.shape[:-1], n.span)
+            node = n.id
+        else:
+            q, node = _sum_readout(cell, lin, n, s_next, len(decl.shape)), None
+            node = cell.users()[n.id][0] if q is not None else None
+        if q is None or lin.depends_on(q, [s, s_next]):
+            break
+        found.append(Readout(node, q))
+    reads = lin.cone([v for _, v, _ in cell.outputs], stop={r.node for r in found})
+    if len(found) != 1 and not (s in reads or s_next in reads):
+        raise NotChunkable(f"the outputs must read state '{decl.name}' once, as q @ "
+                           f"{decl.name}'")
+    if s in reads or s_next in reads:
+        raise NotChunkable(f"an output reads state '{decl.name}' other than as q @ "
+                           f"{decl.name}' (the chunkwise form computes only that)")
+    return tuple(found)
+
+
+def _sum_readout(cell, lin, n, s_next, rank):
+    """q for sum(S' * q[..., :, None], axis=rank-2), else None."""
+    if n.op != "mul":
+        return None
+    users = cell.users()[n.id]
+    other = n.args[1] if n.args[0] == s_next else n.args[0]
+    shape = lin.node(other).type.shape
+    if len(users) != 1 or cell.node(users[0]).op != "sum" or \
+            cell.node(users[0]).attr("axis") != rank - 2 or len(shape) != rank or shape[-1] != 1:
+        return None
+    return _drop_axis(lin, other, rank - 1)
+
+
+def _drop_axis(lin, v, axis):
+    """v[..., 0, ...] on `axis` (a size-1 axis)."""
+    node = lin.node(v)
+    shape = node.type.shape
+    target = tuple(shape[:axis]) + tuple(shape[axis + 1:])
+    if node.op == "getitem" and node.attr("index")[axis:] == (("new",),) and \
+            tuple(lin.node(node.args[0]).type.shape) == target:
+        return node.args[0]  # x[..., None][..., 0] is x
+    index = tuple(("slice", sympy.Integer(0), d) for d in shape[:axis]) + (("int", sympy.Integer(0)),)
+    return lin.b.emit("getitem", (v,), shape[:axis] + shape[axis + 1:], node.span,
+                      (("index", index),))
+
+
+def _log_of(lin, a):
+    """log(a) without computing exp then log where a is exp(z) (a decay near 0 stays finite)."""
+    n = lin.node(a)
+    if n.op == "exp":
+        return n.args[0]
+    if n.op == "getitem":
+        return lin.b.emit("getitem", (_log_of(lin, n.args[0]),), n.type.shape, n.span, n.attrs)
+    if n.op == "mul":
+        return lin._bin("add", _log_of(lin, n.args[0]), _log_of(lin, n.args[1]))
+    return lin._un("log", a)
+
+
+def _rank_one(cell, lin, b, decl):
+    n = lin.node(b)
+    if n.op == "outer":
+        return n.args
+    if n.op == "mul":
+        x, y = (lin.node(i) for i in n.args)
+        if x.type.rank == y.type.rank == len(decl.shape) and x.type.shape[-1] == 1 \
+                and y.type.shape[-2] == 1:
+            return (_drop_axis(lin, x.id, x.type.rank - 1), _drop_axis(lin, y.id, y.type.rank - 2))
+    raise NotChunkable(f"the input term of state '{decl.name}' is not one outer product k v^T")
+
+
+def _chain(cell, s, s_next, shape):
+    from .passes.analysis import _dominator_chain
+
+    chain = _dominator_chain(cell, s, s_next, shape)
+    if chain is None:
+        raise NotChunkable("the update does not pass through a chain of state-shaped values")
+    return chain
+
+
+def _link(cell, lin, a, b):
+    """("gate", coefficient) for b = c * a; ("householder", k, u, beta) for
+    b = a + outer(k, u - beta * (k @ a)); else ("other",)."""
+    coefficient = lin.tangent({a: lin.one}, [b])[b]
+    offset = lin.substitute({a: ZERO}, [b])[b]
+    n = cell.node(b)
+    if offset == ZERO and coefficient is not None and not lin.depends_on(coefficient, [a]):
+        return ("gate", coefficient)
+    if n.op == "add" and a in n.args:
+        term = cell.node(n.args[1] if n.args[0] == a else n.args[0])
+        if term.op == "outer":
+            k, w = term.args
+            reads = [m for m in lin.cone([w]) if cell.node(m).op == "matmul"
+                     and cell.node(m).args[1] == a]
+            if len(reads) == 1 and cell.node(reads[0]).args[0] == k and \
+                    a not in lin.cone([w], stop=set(reads)) - set(reads):
+                z = reads[0]
+                c = lin.tangent({z: lin.one}, [w])[w]
+                u = lin.substitute({z: ZERO}, [w])[w]
+                if c is not None and lin.node(c).type.rank == 0 and u != ZERO \
+                        and not lin.depends_on(c, [a, z]):
+                    return ("householder", k, u, lin._un("neg", c))
+    return ("other",)

@@ -24,18 +24,19 @@ class PlanPrinter(TorchPrinter):
     """Shared by the plans: the outputs are computed after the states of every step are known,
     from each step's previous state (the state leaf) and next state (the update, bound)."""
 
-    def __init__(self, cell, source_name, plan, roots):
+    def __init__(self, c, source_name, plan, roots, bound=None):
         self.plan_roots = list(roots)  # what the plan's algorithm reads, before the outputs
-        c = cell
         self.leaf = {n.attr("name"): n.id for n in c.nodes if n.op == "state"}
         updates = dict(c.updates)
         outputs = [v for _, v, _ in c.outputs]
-        # an update the outputs read comes from the plan's result, not recomputed
-        self.bound_next = {v: s for s, v in updates.items()
-                           if v in _cone(c, outputs, set(updates.values()))
-                           and _cone(c, [v]) & set(self.leaf.values())}
-        self.out_cone = _cone(c, outputs, set(self.bound_next))
-        super().__init__(cell, source_name, plan)
+        # values the plan's algorithm gives (node -> name): by default the next states the
+        # outputs read, which are not computed again
+        self.bound = bound if bound is not None else {
+            v: s + "_next" for s, v in updates.items()
+            if v in _cone(c, outputs, set(updates.values()))
+            and _cone(c, [v]) & set(self.leaf.values())}
+        self.out_cone = _cone(c, outputs, set(self.bound))
+        super().__init__(c, source_name, plan)
         self.live = _cone(c, self.plan_roots) | self.out_cone
         self.reads_prev = [s for s, i in self.leaf.items() if i in self.out_cone]
 
@@ -43,7 +44,7 @@ class PlanPrinter(TorchPrinter):
         """const: params and constants; seq: inputs but no state, before the plan's algorithm;
         out: reads a state, computed after it for the outputs."""
         region = {}
-        stateful = set(self.leaf.values()) | set(self.bound_next)
+        stateful = set(self.leaf.values()) | set(self.bound)
         for n in self.cell.nodes:
             if n.id in stateful or any(region[a] == "out" for a in n.args):
                 region[n.id] = "out"
@@ -52,12 +53,11 @@ class PlanPrinter(TorchPrinter):
         return region
 
     def module(self) -> str:
-        c = self.cell
         # the state leaves stand for each step's previous state in the out region
         self.prev = {s: self.ns.new(s + "_prev") for s in self.reads_prev}
         for s, name in self.prev.items():
             self.var[self.leaf[s]] = name
-        self.next = {v: self.ns.new(s + "_next") for v, s in self.bound_next.items()}
+        self.next = {v: self.ns.new(name) for v, name in self.bound.items()}
         self.var.update(self.next)
         return super().module()
 
@@ -67,35 +67,43 @@ class PlanPrinter(TorchPrinter):
         lines = self._forward_head(body, seq)
         lines.append("        # every step at once: rows [T * N, ...], time-major")
         lines.append("        _NT = _N * _T")
-        outputs = {v for _, v, _ in c.outputs}
         for d in c.inputs:
-            i = self._leaf_id("input", d.name)
-            if any(u in self.live for u in self.users[i]) or i in outputs:
+            if self._leaf_id("input", d.name) in self.live:
                 lines.append(f"        {self.decl_names[d.name]} = {seq[d.name]}.transpose(0, 1)"
                              f".reshape(_NT, *{seq[d.name]}.shape[2:])")
         lines += ["        " + s for s in body["seq"]]
-        finals = self._solve(lines)  # state name -> [T, N, ...] of every step's result
-        for s, name in self.prev.items():
-            init = self.decl_names[s]
-            if s in finals:
-                lines.append(f"        {name} = _rt.previous_steps({finals[s]}, {init})")
-            else:
-                lines.append(f"        {name} = _rt.every_step({init}, _T)")
-        for v, name in self.next.items():
-            lines.append(f"        {name} = {finals[self.bound_next[v]]}.flatten(0, 1)")
-        if body["out"]:
+        finals = self._solve(lines)  # state name -> its final value [N, ...]
+        out = body["out"] + self._out_block()
+        if out:
             lines.append("        # the outputs, from each step's previous and next states")
-            lines += ["        " + s for s in body["out"]]
+            lines += ["        " + s for s in out]
         self.batch = "_NT"
         outs = [f"_rt.batch_major({self._batched_ref(v)}, _T)" for _, v, _ in c.outputs]
         self.batch = "_N"
-        states = [f"{finals[s.name]}[-1]" if s.name in finals else self.decl_names[s.name]
-                  for s in c.states]
+        states = [finals.get(s.name, self.decl_names[s.name]) for s in c.states]
         lines.append(f"        return self._result({_tuple(outs)}, {_tuple(states)}, _layout)")
         return lines
 
     def _solve(self, lines) -> dict:
         raise NotImplementedError
+
+    def _bind_steps(self, lines, steps) -> dict:
+        """Bind the outputs' previous and next states from every step's result ([T, N, ...]
+        per state); returns the final states."""
+        updated = dict(self.cell.updates)
+        for s, name in self.prev.items():
+            init = self.decl_names[s]
+            if s in steps:
+                lines.append(f"        {name} = _rt.previous_steps({steps[s]}, {init})")
+            else:
+                lines.append(f"        {name} = _rt.every_step({init}, _T)")
+        for v, name in self.next.items():
+            state = next(s for s, u in updated.items() if u == v)
+            lines.append(f"        {name} = {steps[state]}.flatten(0, 1)")
+        return {s: f"{v}[-1]" for s, v in steps.items()}
+
+    def _out_block(self):
+        return []
 
 
 class ScanPrinter(PlanPrinter):
@@ -123,7 +131,7 @@ class ScanPrinter(PlanPrinter):
             lines += [call] if len(call) <= 110 else [
                 f"        {steps} = _rt.linear_scan(", f"            {a},",
                 f"            {b},", f"            {init},", "        )"]
-        return finals
+        return self._bind_steps(lines, finals)
 
     def _time_major(self, v, rank, init, expand):
         """A coefficient (expand=False: it broadcasts) or offset (expand: [T, N, *state])."""
@@ -137,7 +145,190 @@ class ScanPrinter(PlanPrinter):
         return f"{self._ref(v)}{full}"
 
 
+class NewtonPrinter(PlanPrinter):
+    """plan newton: s' = f(s, x) for all steps at once by parallel Newton iterations; the step
+    and its Jacobian (derived on the IR) are printed as local functions of the states."""
+
+    def __init__(self, form: plans.NewtonForm, source_name=""):
+        self.form = form
+        cell = form.cell
+        nxt = dict(cell.updates)
+        self.next_of = {s: nxt.get(s, next(n.id for n in cell.nodes if n.op == "state"
+                                             and n.attr("name") == s)) for s in form.states}
+        self.jac_ids = [v for row in form.jacobian for v in row if v is not None]
+        roots = list(self.next_of.values()) + self.jac_ids
+        super().__init__(cell, source_name, "newton", roots)
+        self.class_attrs = [
+            "    # Newton: at most max_iter iterations (None: the solver's default), stopping once the",
+            "    # residual is below tol (None: a tolerance from the dtype); stats of the last call",
+            "    max_iter = None", "    tol = None", "    last_stats = None"]
+        stateful = {i for i, r in self.region.items() if r == "out"}
+        self.live = {i for i in self.live if i not in stateful}  # the step is printed per scope
+        self.stateful = stateful
+        for i, row in zip(form.states, form.jacobian):
+            for j, v in zip(form.states, row):
+                self.hints.setdefault(v, f"d{i}_d{j}")
+        self.rank = len(next(d for d in cell.states if d.name == form.states[0]).shape)
+
+    def _scope(self, roots, batch, state_names, render=lambda: None):
+        """Statements computing `roots`' stateful cone in a scope of its own (a local function or
+        the outputs' block), the state leaves named `state_names`. Returns (lines, what `render`
+        returns when called inside the scope, ids of the outside values the scope reads)."""
+        ids = _cone(self.cell, roots, set(self.bound) if batch == "_NT" else ())
+        ids = (ids & self.stateful) - set(self.leaf.values())
+        saved = self.var, self.inline, self.live, self.region
+        self.var, self.inline = dict(self.var), dict(self.inline)
+        for s, name in state_names.items():
+            self.var[self.leaf[s]] = name
+        if batch != "_NT":  # a step computes its next states; the outputs read them bound
+            for v in self.bound:
+                self.var.pop(v, None)
+        self.live = ids
+        self.region = {**self.region, **{i: "scope" for i in ids}}
+        self.region_batch["scope"] = batch
+        body = self._body()["scope"]
+        self.batch = batch
+        rendered = render()
+        self.batch = "_N"
+        outside = sorted({a for i in ids for a in self.cell.node(i).args
+                          if a not in ids and not self._is_const(a)
+                          and a not in self.leaf.values() and a not in self.bound})
+        self.var, self.inline, self.live, self.region = saved
+        return body, rendered, outside
+
+    def _next_states(self):
+        state_vars = {s: self.decl_names[s] for s in self.form.states}
+        return _tuple(self._batched_ref(self.next_of[s]) if self.next_of[s] != self.leaf[s]
+                      else state_vars[s] for s in self.form.states)
+
+    def _jacobian_rows(self):
+        rows = [_tuple("None" if v is None else self._jac_entry(v) for v in row)
+                for row in self.form.jacobian]
+        return _tuple(rows)
+
+    def _forward(self, body):
+        names = self.form.states
+        state_vars = {s: self.decl_names[s] for s in names}
+        nexts = list(self.next_of.values())
+        step, step_ret, step_reads = self._scope(nexts, "_rows", state_vars, self._next_states)
+        jac, jac_ret, jac_reads = self._scope(
+            nexts + self.jac_ids, "_rows", state_vars,
+            lambda: f"{self._next_states()}, {self._jacobian_rows()}")
+        reads = sorted(set(step_reads) | set(jac_reads))
+        self.out_lines = []
+        outs = [v for _, v, _ in self.cell.outputs]
+        if self.stateful & _cone(self.cell, outs, set(self.bound)) - set(self.leaf.values()):
+            self.out_lines, _, _ = self._scope(outs, "_NT", self.prev_names())
+        args = [self.var[a] for a in reads]
+        self.fn_args_tuple = _tuple(args)
+        self.fn_mask = _tuple("True" if self.cell.node(a).type.batched else "False" for a in reads)
+        signature = "(_prev" + "".join(", " + a for a in args) + "):"
+        head = [f"        {_tuple(state_vars.values())} = _prev",
+                "        _rows = _prev[0].shape[0]  # T * N, or N for one step"]
+        self.step_fn = ["    def _step" + signature, *head, *["        " + ln for ln in step],
+                        f"        return {step_ret}"]
+        self.jac_fn = ["    def _jacobian" + signature, *head, *["        " + ln for ln in jac],
+                       "        # the next states, and d next_i / d prev_j elementwise",
+                       f"        return {jac_ret}"]
+        return super()._forward(body)
+
+    def prev_names(self):
+        return {s: self.var[self.leaf[s]] for s in self.reads_prev}
+
+    def _jac_entry(self, v):
+        if self._is_const(v):
+            return f"_prev[0].new_tensor({self._ref(v)})"
+        return self._operand(v, self.rank, least=0)
+
+    def _solve(self, lines):
+        names = self.form.states
+        finals = {s: self.ns.new(s + "_steps") for s in names}
+        init = _tuple(self.decl_names[s] for s in names)
+        lines.append("        # s' = f(s, x) for every step at once: parallel Newton iterations, "
+                     "each a linear scan")
+        lines += ["    " + ln if ln else "" for ln in self.step_fn + [""] + self.jac_fn + [""]]
+        lines.append(f"        {_tuple(finals.values())}, self.last_stats = _rt.newton_solve(")
+        lines.append(f"            _step, _jacobian, {init}, {self.fn_args_tuple},")
+        lines.append(f"            block={len(names)}, max_iter=self.max_iter, tol=self.tol,")
+        lines.append(f"            seq_mask={self.fn_mask},  # which arguments are per-step rows")
+        lines.append("        )")
+        return self._bind_steps(lines, finals)
+
+    def _out_block(self):
+        return self.out_lines
+
+
+class ChunkPrinter(PlanPrinter):
+    """plan chunk: the matrix state in chunks of `chunk_size` steps (intra-chunk matmuls,
+    inter-chunk state passing; Householder products through the UT transform)."""
+
+    def __init__(self, form: plans.ChunkForm, source_name=""):
+        self.form = form
+        self.readout = form.readouts[0]
+        roots = [v for v in (form.log_decay, *form.keys, *form.values, *form.betas,
+                             self.readout.q) if v is not None]
+        super().__init__(form.cell, source_name, "chunk", roots,
+                         bound={self.readout.node: "readout"})
+        self.class_attrs = ["    chunk_size = 64  # steps per chunk (set it on the module)"]
+        self.decl = next(d for d in form.cell.states if d.name == form.state)
+
+    def _chunks(self, v, shape, heads):
+        """Node `v` (or a list of nodes, stacked on a new axis 1) as [N * H, T, ...]."""
+        self.batch = "_NT"
+        if isinstance(v, list):
+            text = f"torch.stack([{', '.join(self._batched_ref(i) for i in v)}], 1)"
+            batched = True
+        elif self._is_const(v):
+            text, batched = f"{self.decl_names[self.form.state]}.new_tensor({self._ref(v)})", False
+        else:
+            text, batched = self._ref(v), self.cell.node(v).type.batched
+        self.batch = "_N"
+        if batched:
+            text = f"_rt.time_major({text}, _T, {len(shape)})"
+        return f"_rt.to_chunks({text}, _T, _N, {self._shape(shape)}, {heads})"
+
+    def _solve(self, lines):
+        f, d = self.form, self.decl
+        init = self.decl_names[f.state]
+        K, V = d.shape[-2], d.shape[-1]
+        heads = len(f.heads)
+        q = self._chunks(self.readout.q, (*f.heads, K), heads)
+        out, final = self.ns.new("readout"), self.ns.new(f.state + "_last")
+        s0 = f"{init}.reshape(-1, *{init}.shape[-2:])"
+        if f.kind == "linear":
+            width = d.shape[-2] if self.cell.node(f.log_decay).type.shape[-1:] == (K,) else 1
+            decay = self._chunks(f.log_decay, (*f.heads, width), heads)
+            args = [q, self._chunks(f.keys[0], (*f.heads, K), heads),
+                    self._chunks(f.values[0], (*f.heads, V), heads), decay, s0]
+            lines.append("        # S' = decay * S + k v^T, o = q @ S': chunkwise parallel")
+            call = "_rt.chunk_linear_attention"
+        else:
+            n_h = len(f.keys)
+            decay = "None" if f.log_decay is None else self._chunks(f.log_decay, (), 0)
+            args = [q, self._chunks(list(f.keys), (n_h, K), 0),
+                    self._chunks(list(f.values), (n_h, V), 0),
+                    self._chunks(list(f.betas), (n_h,), 0), decay, s0]
+            lines.append(f"        # S' = (gate) then {n_h} Householder factor(s) (I - beta k k^T) S"
+                         " + k u^T, o = q @ S': chunkwise (UT transform)")
+            call = "_rt.chunk_delta_rule"
+        lines.append(f"        {out}, {final} = {call}(")
+        lines += [f"            {a}," for a in args]
+        lines.append("            chunk_size=self.chunk_size,")
+        lines.append("        )")
+        lines.append(f"        {self.next[self.readout.node]} = _rt.from_chunks({out}, _T, _N, "
+                     f"{self._shape(f.heads)})")
+        return {f.state: f"{final}.reshape({init}.shape)"}
+
+
 def print_plan(cell, plan, analysis, source_name="") -> str:
     if plan == "scan":
         return ScanPrinter(plans.scan_form(cell, analysis), source_name).module()
+    if plan == "newton":
+        return NewtonPrinter(plans.newton_form(cell, analysis), source_name).module()
+    if plan == "chunk":
+        try:
+            form = plans.chunk_form(cell)
+        except plans.NotChunkable as e:
+            raise plans.illegal("chunk", analysis, cell, str(e)) from None
+        return ChunkPrinter(form, source_name).module()
     raise NotImplementedError(f"plan {plan!r}")

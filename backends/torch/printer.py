@@ -52,6 +52,8 @@ class TorchPrinter:
             self.uses[v] += 1
         self.region = self._regions()
         self.live = None  # the nodes to print (None: all); a plan prints fewer
+        self.class_attrs = []  # a plan's settings, as lines of the class body
+        self.region_batch = {"const": "_N", "step": "_N"}  # batch size of each region's values
         self.batch = "_N"  # the batch size of the region being printed
         self.var = {}  # node id -> local name, for nodes printed as statements
         self.inline = {}  # node id -> expression text, for nodes folded into their user
@@ -102,6 +104,7 @@ class TorchPrinter:
             f"    INPUTS = {tuple(d.name for d in c.inputs)!r}",
             f"    STATES = {tuple(d.name for d in c.states)!r}",
             f"    OUTPUTS = {tuple(n for n, _, _ in c.outputs)!r}",
+            *self.class_attrs,
             "",
         ]
         return "\n".join(head + build + [""] + reset + [""] + forward) + "\n"
@@ -320,7 +323,7 @@ class TorchPrinter:
             if n.id in self.var or (self.live is not None and n.id not in self.live):
                 continue  # bound by the plan, or not needed by it
             region = self.region[n.id]
-            self.batch = "_N" if region in ("step", "const") else "_NT"
+            self.batch = self.region_batch.get(region, "_NT")
             text = self._expr(n)
             while len(text) > _LONG_LINE:  # give the longest folded-in argument its own line
                 folded = [i for i in set(n.args) if i in self.inline and not self._is_const(i)]
@@ -345,7 +348,7 @@ class TorchPrinter:
         users = self.users[i]
         if self.uses[i] != len(users) or len(users) != 1:
             return region == "step" and self.uses[i] == 1
-        return self.region[users[0]] == region or region == "step"
+        return self.region.get(users[0]) == region or region == "step"
 
     def _ref(self, i) -> str:
         return self.var[i] if i in self.var else self.inline[i]

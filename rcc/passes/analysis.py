@@ -266,9 +266,18 @@ def _legal_plans(kind, structure, cell, elementwise):
     if kind == "affine":
         if elementwise:
             plans.append("scan")
-        matrix = any(len(d.shape) == 2 for d in cell.states)
-        if matrix and (structure in ("scalar", "diagonal") or structure.startswith("householder")):
+        if _chunkable(cell):
             plans.append("chunk")
     elif elementwise:
         plans.append("newton")
     return tuple(plans)
+
+
+def _chunkable(cell) -> bool:
+    from ..plans import NotChunkable, chunk_form
+
+    try:
+        chunk_form(cell)
+        return True
+    except NotChunkable:
+        return False

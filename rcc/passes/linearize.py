@@ -35,7 +35,7 @@ class Linearizer:
     def tangent(self, seeds: dict, roots) -> dict:
         """The directional derivative of each root when each node in `seeds` moves by its seed
         (a node id; `self.one` for all-ones). Returns root -> node id, or None where it is zero."""
-        need = self._cone(roots)
+        need = self.cone(roots)
         t = dict(seeds)
         for n in self.cell.nodes:
             if n.id in t or n.id not in need or n.op in ("input", "param", "state", "const"):
@@ -45,13 +45,15 @@ class Linearizer:
                 t[n.id] = self._rule(n, ts)
         return {r: t.get(r) for r in roots}
 
-    def _cone(self, roots):
+    def cone(self, roots, stop=()):
+        """The values `roots` are computed from (themselves included), not looking past `stop`."""
         seen, work = set(), list(roots)
         while work:
             i = work.pop()
             if i not in seen:
                 seen.add(i)
-                work.extend(self.node(i).args)
+                if i not in stop:
+                    work.extend(self.node(i).args)
         return seen
 
     def _c(self, value):
@@ -80,7 +82,16 @@ class Linearizer:
         return self.b.binary(op, x, y, self.cell.span)
 
     def _un(self, op, x):
+        n = self.node(x)
+        if op == "neg" and n.op == "neg":
+            return n.args[0]  # -(-x)
+        if op == "neg" and n.op == "mul" and self._is_minus_one(n.args[1]):
+            return n.args[0]  # -(x * -1), what d(v - k @ S) / d(k @ S) times beta gives
         return self.b.unary(op, x, self.cell.span)
+
+    def _is_minus_one(self, i):
+        n = self.node(i)
+        return n.op == "const" and float(n.attr("value")) == -1.0
 
     def _full(self, t, i):
         """Tangent `t` at the full shape of value `i` (an op like sum or @ needs every axis)."""
@@ -171,7 +182,7 @@ class Linearizer:
     # ---- substitution ------------------------------------------------------------------------
     def substitute(self, mapping: dict, roots) -> dict:
         """Copies of `roots` with the nodes in `mapping` replaced (by a node id or ZERO)."""
-        need = self._cone(roots)
+        need = self.cone(roots)
         new = dict(mapping)
         for n in self.cell.nodes:
             if n.id in new or n.id not in need or not any(a in new for a in n.args):
@@ -205,7 +216,7 @@ class Linearizer:
         return self.b.emit("zeros", (), self.node(i).type.shape, self.cell.span)
 
     def depends_on(self, v, leaves) -> bool:
-        return v not in (None, ZERO) and bool(self._cone([v]) & set(leaves))
+        return v not in (None, ZERO) and bool(self.cone([v]) & set(leaves))
 
 
 # d op(a) / da in terms of the argument a and the result x: reusing x keeps the derivative cheap

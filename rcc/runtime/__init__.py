@@ -1,9 +1,11 @@
 """What generated modules may import: the CellModule base class and initializers (torch only)."""
 from .module import (CellModule, from_torch, init_const, init_default, init_eye, init_normal,
                      init_orthogonal, init_uniform, init_xavier, span)
-from .layout import batch_major, every_step, previous_steps, time_major
+from .chunk import chunk_delta_rule, chunk_linear_attention
+from .layout import batch_major, every_step, from_chunks, previous_steps, time_major, to_chunks
 from .scan import block_scan, linear_scan
 
 __all__ = ["CellModule", "from_torch", "init_const", "init_default", "init_eye", "init_normal",
            "init_orthogonal", "init_uniform", "init_xavier", "span", "batch_major",
-           "every_step", "previous_steps", "time_major", "block_scan", "linear_scan"]
+           "every_step", "previous_steps", "time_major", "block_scan", "linear_scan",
+           "chunk_delta_rule", "chunk_linear_attention", "from_chunks", "to_chunks"]

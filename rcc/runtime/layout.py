@@ -27,3 +27,16 @@ def every_step(value: torch.Tensor, T: int) -> torch.Tensor:
 def batch_major(rows: torch.Tensor, T: int) -> torch.Tensor:
     """Rows [T * N, ...] as a result sequence [N, T, ...]."""
     return rows.reshape(T, rows.shape[0] // T, *rows.shape[1:]).transpose(0, 1)
+
+
+def to_chunks(x: torch.Tensor, T: int, N: int, shape: tuple, heads: int) -> torch.Tensor:
+    """A value broadcastable to [T, N, *shape] as the chunkwise kernels' [N * H, T, *rest], the
+    first `heads` axes of `shape` (a state's leading axes) folded into the batch."""
+    x = x.expand(T, N, *shape).movedim(0, 1 + heads)
+    return x.reshape(-1, T, *shape[heads:])
+
+
+def from_chunks(o: torch.Tensor, T: int, N: int, heads: tuple) -> torch.Tensor:
+    """The kernels' [N * H, T, ...] back as rows [T * N, *heads, ...]."""
+    o = o.reshape(N, *heads, T, *o.shape[2:]).movedim(1 + len(heads), 0)
+    return o.flatten(0, 1)
