@@ -32,7 +32,7 @@ def _check_choice(backend, plan):
         raise ValueError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
     if backend in ("cpp", "triton"):
         raise NotImplementedError(f"backend {backend!r} is not implemented yet; use backend='torch'")
-    return "torch", ("sequential" if plan == "auto" else plan)
+    return "torch", plan
 
 
 def _load(source_or_path, cell):
@@ -63,8 +63,10 @@ def analyze(source_or_path, cell=None, dims=None):
             dims.update({name: 2 for name in need.names if name not in dims})
 
 
-def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) -> str:
-    """The generated module's source text (what `rcc compile` writes)."""
+def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
+             device="cpu") -> str:
+    """The generated module's source text (what `rcc compile` writes). A file holds one plan:
+    'auto' picks it by the cost model for `device` and T = AUTO_T."""
     backend, plan = _check_choice(backend, plan)
     try:
         cell_ir, _, _ = build_ir(source_or_path, cell, dims)
@@ -73,7 +75,39 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None) 
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
     from rcc.backends.torch.printer import print_module
+    if plan == "auto":
+        plan = choose_plan(cell_ir, device, T=AUTO_T, N=AUTO_N, dims=dims)[0]
     return print_module(cell_ir, plan=plan)
+
+
+AUTO_T, AUTO_N = 4096, 8  # the sizes `generate(plan="auto")` chooses for (no call to see yet)
+
+
+def choose_plan(cell_ir, device="cpu", T=AUTO_T, N=AUTO_N, dims=None):
+    """(plan, {plan: estimated seconds}) by the cost model, for states sized by `dims` (dims
+    with no value count 64)."""
+    import sympy
+
+    from rcc.backends.torch.plans import plan_facts
+
+    from .ir import dim_symbol
+    from .passes.analysis import analyze_ir
+    from .runtime.cost import choose
+
+    values = {dim_symbol(d.name): (dims or {}).get(d.name, d.static or d.default or 64)
+              for d in cell_ir.dims}
+
+    def numel(shape):
+        return int(sympy.prod([sympy.sympify(x).subs(values) for x in shape]))
+
+    facts = plan_facts(cell_ir, analyze_ir(cell_ir))
+    state = sum(numel(d.shape) for d in cell_ir.states) or 1
+    for f in facts.values():
+        f["state"] = state
+        if "matrix_state" in f:
+            decl = next(d for d in cell_ir.states if d.name == f["matrix_state"])
+            f["key"], f["value"] = numel(decl.shape[-2:-1]), numel(decl.shape[-1:])
+    return choose(facts, facts, device, T, N)
 
 
 def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
@@ -106,10 +140,30 @@ def _class_for(cell_ir, plan, source_name=""):
     code is what the cache holds, so equal code may be shared whatever produced it."""
     from rcc.backends.torch.printer import print_module
 
+    if plan == "auto":
+        return _auto_class(cell_ir, source_name)
     code = print_module(cell_ir, source_name or cell_ir.filename, plan)
     key = hashlib.sha256(code.encode()).hexdigest()[:24]
     if key not in _CLASSES:
         _CLASSES[key] = _load_class(code, key)
+    return _CLASSES[key]
+
+
+def _auto_class(cell_ir, source_name=""):
+    """A class running, per call, the plan the cost model picks (rcc.runtime.AutoPlan)."""
+    from rcc.backends.torch.plans import plan_facts
+
+    from .passes.analysis import analyze_ir
+    from .runtime.module import AutoPlan
+
+    analysis = analyze_ir(cell_ir)
+    classes = {p: _class_for(cell_ir, p, source_name) for p in analysis.plans}
+    key = "auto:" + "|".join(c.__module__ for c in classes.values())  # the plans' code hashes
+    if key not in _CLASSES:
+        base = classes["sequential"]
+        _CLASSES[key] = type(base.__name__, (AutoPlan, base), {
+            "__module__": base.__module__, "PLAN_CLASSES": classes,
+            "PLAN_FACTS": plan_facts(cell_ir, analysis), "forward": AutoPlan.forward})
     return _CLASSES[key]
 
 

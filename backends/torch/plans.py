@@ -77,9 +77,7 @@ class PlanPrinter(TorchPrinter):
         if out:
             lines.append("        # the outputs, from each step's previous and next states")
             lines += ["        " + s for s in out]
-        self.batch = "_NT"
-        outs = [f"_rt.batch_major({self._batched_ref(v)}, _T)" for _, v, _ in c.outputs]
-        self.batch = "_N"
+        outs = [f"_rt.batch_major({text}, _T)" for text in self._output_refs()]
         states = [finals.get(s.name, self.decl_names[s.name]) for s in c.states]
         lines.append(f"        return self._result({_tuple(outs)}, {_tuple(states)}, _layout)")
         return lines
@@ -104,6 +102,12 @@ class PlanPrinter(TorchPrinter):
 
     def _out_block(self):
         return []
+
+    def _output_refs(self):
+        self.batch = "_NT"
+        refs = [self._batched_ref(v) for _, v, _ in self.cell.outputs]
+        self.batch = "_N"
+        return refs
 
 
 class ScanPrinter(PlanPrinter):
@@ -163,7 +167,8 @@ class NewtonPrinter(PlanPrinter):
             "    # residual is below tol (None: a tolerance from the dtype); stats of the last call",
             "    max_iter = None", "    tol = None", "    last_stats = None"]
         stateful = {i for i, r in self.region.items() if r == "out"}
-        self.live = {i for i in self.live if i not in stateful}  # the step is printed per scope
+        # the step is printed in scopes of its own; the leaves it reads are bound before them
+        self.live = {i for i in self.live if i not in stateful or cell.node(i).op == "state"}
         self.stateful = stateful
         for i, row in zip(form.states, form.jacobian):
             for j, v in zip(form.states, row):
@@ -215,10 +220,11 @@ class NewtonPrinter(PlanPrinter):
             nexts + self.jac_ids, "_rows", state_vars,
             lambda: f"{self._next_states()}, {self._jacobian_rows()}")
         reads = sorted(set(step_reads) | set(jac_reads))
-        self.out_lines = []
+        self.out_lines, self.out_refs = [], None
         outs = [v for _, v, _ in self.cell.outputs]
         if self.stateful & _cone(self.cell, outs, set(self.bound)) - set(self.leaf.values()):
-            self.out_lines, _, _ = self._scope(outs, "_NT", self.prev_names())
+            self.out_lines, self.out_refs, _ = self._scope(outs, "_NT", self.prev_names(),
+                                                           super()._output_refs)
         args = [self.var[a] for a in reads]
         self.fn_args_tuple = _tuple(args)
         self.fn_mask = _tuple("True" if self.cell.node(a).type.batched else "False" for a in reads)
@@ -256,6 +262,9 @@ class NewtonPrinter(PlanPrinter):
 
     def _out_block(self):
         return self.out_lines
+
+    def _output_refs(self):
+        return self.out_refs or super()._output_refs()
 
 
 class ChunkPrinter(PlanPrinter):
@@ -332,3 +341,31 @@ def print_plan(cell, plan, analysis, source_name="") -> str:
             raise plans.illegal("chunk", analysis, cell, str(e)) from None
         return ChunkPrinter(form, source_name).module()
     raise NotImplementedError(f"plan {plan!r}")
+
+
+def plan_facts(cell, analysis) -> dict:
+    """What the cost model (rcc.runtime.cost) counts for each legal plan: the operations one
+    step runs and the operations each plan issues per call."""
+    step_ops = max(1, _count_ops(cell, (i for i, r in TorchPrinter(cell).region.items()
+                                        if r == "step")))
+    facts = {"sequential": {"step_ops": step_ops}}
+    for plan in analysis.plans:
+        if plan == "scan":
+            printer = ScanPrinter(plans.scan_form(cell, analysis))
+        elif plan == "newton":
+            printer = NewtonPrinter(plans.newton_form(cell, analysis))
+        elif plan == "chunk":
+            printer = ChunkPrinter(plans.chunk_form(cell))
+        else:
+            continue
+        # Newton's step and Jacobian run every iteration; the other plans' statements once
+        issued = _cone(printer.cell, printer.plan_roots) if plan == "newton" else printer.live
+        facts[plan] = {"step_ops": step_ops, "plan_ops": max(1, _count_ops(printer.cell, issued)),
+                       "block": len(cell.states)}
+        if plan == "chunk":
+            facts[plan]["matrix_state"] = printer.form.state
+    return facts
+
+
+def _count_ops(cell, ids):
+    return sum(1 for i in ids if cell.node(i).op not in ("input", "param", "state", "const"))

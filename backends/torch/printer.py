@@ -199,11 +199,9 @@ class TorchPrinter:
         return lines
 
     def _is_live(self, i) -> bool:
-        return i >= 0 and self.uses.get(i, 0) > 0 and (self.live is None or any(
-            u in self.live for u in self.users[i]) or i in self._roots())
-
-    def _roots(self):
-        return {v for _, v in self.cell.updates} | {v for _, v, _ in self.cell.outputs}
+        if self.live is not None:
+            return i in self.live
+        return i >= 0 and self.uses.get(i, 0) > 0
 
     def _forward(self, body):
         c = self.cell
@@ -312,7 +310,7 @@ class TorchPrinter:
     def _body(self):
         """Statements of the three regions: "const" (params and constants: once), "seq" (inputs
         but no state: once for all steps, over a batch axis of N * T) and "step" (the loop)."""
-        lines = {r: [] for r in set(self.region.values()) | {"const", "seq", "step"}}
+        lines = {r: [] for r in set(self.region.values()) | {"const", "seq", "step", "out"}}
         for n in self.cell.nodes:
             if n.op in ("input", "param", "state"):
                 self.var.setdefault(n.id, self.decl_names[n.attr("name")])

@@ -104,7 +104,13 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     if structure.startswith("block-diagonal"):
         notes.append(f"the state splits into independent blocks of {block} coupled values")
     elementwise = _is_elementwise(jac, small, states)
-    plans = _legal_plans(kind, structure, cell, elementwise)
+    independent = all(set(f.reads) <= {f.name} for f in facts)
+    if elementwise and not independent:
+        notes.append("the states read each other element by element: "
+                     + ("the scan handles states that each read only themselves" if affine else
+                        "parallel Newton needs the coupled states to share one shape"))
+    plans = _legal_plans(kind, structure, cell, elementwise and (
+        independent if affine else len({tuple(d.shape) for d in cell.states}) == 1))
     return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
                     tuple(notes), elementwise)
 
@@ -169,6 +175,8 @@ def _is_scalar(jac, probe, states) -> bool:
 
 def _is_diagonal_plus_low_rank(jac) -> bool:
     a = _numeric(jac)
+    if a.size == 0:
+        return False
     off = a - np.diag(np.diag(a))
     rank = np.linalg.matrix_rank(off, tol=1e-8 * max(1.0, np.abs(a).max()))
     return 0 < rank <= max(1, len(a) // 3)
@@ -180,7 +188,7 @@ def _numeric(rows, seed=0):
     syms = sorted({s for row in rows for e in row for s in sympy.sympify(e).free_symbols},
                   key=str)
     values = {s: float(rng.uniform(0.2, 0.9)) for s in syms}
-    return np.array([[float(sympy.sympify(e).xreplace(values).evalf()) for e in row]
+    return np.array([[float(sympy.N(sympy.sympify(e).xreplace(values))) for e in row]
                      for row in rows])
 
 

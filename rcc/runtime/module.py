@@ -225,3 +225,34 @@ def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0):
     if copied == 0:
         raise ValueError(f"{type(cell).__name__} has no parameters to copy")
     return cell
+
+
+class AutoPlan:
+    """Mixed into the class rcc.compile(plan='auto') returns: each call runs the plan the cost
+    model (rcc.runtime.cost) estimates fastest for its device, length and state size."""
+
+    PLAN_CLASSES: dict = {}  # plan -> generated class (all share _build and parameters)
+    PLAN_FACTS: dict = {}  # plan -> operation counts (backends.torch.plans.plan_facts)
+    max_iter = None  # Newton's settings, as on a plan='newton' module
+    tol = None
+    last_stats = None
+    chunk_size = 64
+    last_plan = None  # the plan the last call ran, and the estimates it chose from
+    last_estimates = None
+
+    def forward(self, *args, **kwargs):
+        from .cost import choose
+
+        x = args[0] if args else kwargs[self.INPUTS[0]]
+        decl = self.shapes[self.INPUTS[0]]
+        T = x.shape[1]
+        N = max(1, x.numel() // max(1, T * math.prod(decl)))
+        facts = {}
+        for plan, f in self.PLAN_FACTS.items():
+            f = dict(f, state=sum(math.prod(self.shapes[s]) for s in self.STATES) or 1,
+                     chunk_size=self.chunk_size)
+            if "matrix_state" in f:
+                f["key"], f["value"] = self.shapes[f["matrix_state"]][-2:]
+            facts[plan] = f
+        self.last_plan, self.last_estimates = choose(self.PLAN_FACTS, facts, x.device.type, T, N)
+        return self.PLAN_CLASSES[self.last_plan].forward(self, *args, **kwargs)

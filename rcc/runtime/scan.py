@@ -109,9 +109,22 @@ def _lin_b(a_later, b_earlier, b_later):
     return torch.addcmul(b_later, a_later, b_earlier)
 
 
+def _broadcast_shape(*shapes):
+    """NumPy broadcasting of shapes (torch.broadcast_shapes imports sympy, which generated
+    modules must not load)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        sizes = {s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast together")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def _linear_forward(a, b, s0):
     """States of s_t = a_t*s_{t-1} + b_t; a has b's ndim (time extent T or 1), s0 broadcasts to b[0]."""
-    shape = torch.broadcast_shapes(a.shape, b.shape, (1,) + tuple(s0.shape))
+    shape = _broadcast_shape(a.shape, b.shape, (1,) + tuple(s0.shape))
     B = torch.empty(shape, dtype=_promoted_dtype(a, b, s0), device=b.device)
     B[1:] = b[1:]
     B[0] = torch.addcmul(b[0], a[0], s0)
@@ -170,8 +183,9 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Ten
     """
     if b.dim() == 0:
         raise ValueError("linear_scan: b must have a leading time dimension")
-    if a.dim() > b.dim() and a.shape[0] != b.shape[0]:
-        raise ValueError(f"linear_scan: a {tuple(a.shape)} does not broadcast to b {tuple(b.shape)}")
+    if a.dim() > b.dim() or s0.dim() >= b.dim():
+        raise ValueError(f"linear_scan: a {tuple(a.shape)} and s0 {tuple(s0.shape)} must broadcast to b "
+                         f"{tuple(b.shape)} and b[0]")
     return _LinearScan.apply(a, b, s0)
 
 
@@ -199,7 +213,7 @@ def _blk_b(a_later, b_earlier, b_later):
 
 
 def _block_forward(A, b, s0):
-    shape = torch.broadcast_shapes(A.shape[:-1], b.shape, (1,) + tuple(s0.shape))
+    shape = _broadcast_shape(A.shape[:-1], b.shape, (1,) + tuple(s0.shape))
     B = torch.empty(shape, dtype=_promoted_dtype(A, b, s0), device=b.device)
     B[1:] = b[1:]
     B[0] = _matvec(A[0], s0.expand(shape[1:])) + b[0]
@@ -247,7 +261,8 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
     b: [T, N, *E, k], s0: [N, *E, k]. Returns [T, N, *E, k]. Log depth, O(T) work, k small (1-4);
     differentiable with a backward that is one reversed block scan with transposed blocks.
     """
-    if b.dim() == 0 or A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] != b.shape[-1]:
+    if (b.dim() == 0 or A.dim() < 2 or A.dim() > b.dim() + 1 or s0.dim() >= b.dim()
+            or A.shape[-1] != A.shape[-2] or A.shape[-1] != b.shape[-1]):
         raise ValueError(f"block_scan: A {tuple(A.shape)} must be [..., k, k] and b {tuple(b.shape)} "
                          f"[T, ..., k]")
     return _BlockScan.apply(A, b, s0)
