@@ -17,6 +17,7 @@ from .errors import CompileError
 from .passes import run_pipeline
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
+AUTO_T, AUTO_N = 4096, 8  # the sizes `generate(plan="auto")` chooses for (no call to see yet)
 PLANS = ("auto", "sequential", "scan", "chunk", "newton")
 _CLASSES: dict = {}  # content key -> class, for this process
 
@@ -63,6 +64,28 @@ def analyze(source_or_path, cell=None, dims=None):
             dims.update({name: 2 for name in need.names if name not in dims})
 
 
+def explain(source_or_path, cell=None, dims=None, device="cpu", lengths=(256, 4096, 65536),
+            batch=AUTO_N) -> str:
+    """The analysis, then the cost model's estimate of each legal plan and the plan 'auto'
+    picks, per sequence length (what `rcc explain` prints)."""
+    dims = dict(dims or {})
+    while True:
+        try:
+            cell_ir, _, _ = build_ir(source_or_path, cell, dims)
+            break
+        except NeedStatic as need:
+            dims.update({name: 2 for name in need.names if name not in dims})
+    from .passes.analysis import analyze_ir
+
+    lines = [str(analyze_ir(cell_ir)), f"plan 'auto' on {device}, {batch} sequences per call "
+             "(estimated ms by rcc.runtime.cost; dims without a value count 64):"]
+    for T in lengths:
+        plan, table = choose_plan(cell_ir, device, T, batch, dims)
+        cells = ", ".join(f"{p} {1e3 * t:.3g}" for p, t in table.items())
+        lines.append(f"  T={T}: {plan}  ({cells})")
+    return "\n".join(lines)
+
+
 def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
              device="cpu") -> str:
     """The generated module's source text (what `rcc compile` writes). A file holds one plan:
@@ -80,7 +103,6 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
     return print_module(cell_ir, plan=plan)
 
 
-AUTO_T, AUTO_N = 4096, 8  # the sizes `generate(plan="auto")` chooses for (no call to see yet)
 
 
 def choose_plan(cell_ir, device="cpu", T=AUTO_T, N=AUTO_N, dims=None):

@@ -1,4 +1,5 @@
-"""The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`.
+"""The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`,
+`rcc explain FILE.rnn [--device cpu|cuda]`.
 
 Exit status: 0 ok, 1 compile error (printed as FILE:LINE:COL: error: ...), 2 usage.
 """
@@ -33,10 +34,17 @@ def _parser():
                    choices=["auto", "sequential", "scan", "chunk", "newton"])
     c.add_argument("--dims", nargs="*", metavar="NAME=INT",
                    help="values for dims that set loop counts (others stay free)")
-    e = sub.add_parser("explain", help="print the state-transition analysis and legal plans")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="the device plan 'auto' chooses for (a file holds one plan)")
+    e = sub.add_parser("explain", help="print the state-transition analysis, the legal plans "
+                                        "and the plan 'auto' would choose")
     e.add_argument("file")
     e.add_argument("--cell")
     e.add_argument("--dims", nargs="*", metavar="NAME=INT", help="values for dims")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--T", type=int, nargs="*", metavar="T", dest="lengths",
+                   help="sequence lengths to estimate (default 256 4096 65536)")
+    e.add_argument("--batch", type=int, default=8, help="sequences per call, B x heads")
     k = sub.add_parser("check", help="parse and type-check a .rnn file")
     k.add_argument("file")
     k.add_argument("--cell")
@@ -57,11 +65,13 @@ def main(argv=None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "explain":
-            from .api import analyze
-            print(analyze(args.file, cell=args.cell, dims=dims))
+            from .api import explain
+            print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
+                          lengths=args.lengths or (256, 4096, 65536), batch=args.batch))
             return 0
         from .api import generate
-        code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims)
+        code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims,
+                        device=args.device)
     except CompileError as e:
         print(e.render(), file=sys.stderr)
         return 1

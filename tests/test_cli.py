@@ -148,3 +148,11 @@ def test_rcc_console_script_matches_python_m(tmp_path):
     path.write_text(BAD)
     r = subprocess.run([exe, "check", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"{path}:3:20: error: unknown name 'z'" in r.stderr
+
+
+def test_explain_shows_the_plan_auto_chooses_per_length_and_device():
+    r = rcc_cli("explain", stdlib("gla.rnn"), "--device", "cuda", "--T", "64", "65536")
+    assert r.returncode == 0, r.stderr
+    assert "legal plans: sequential, scan, chunk" in r.stdout
+    assert "plan 'auto' on cuda" in r.stdout
+    assert "T=64:" in r.stdout and "T=65536:" in r.stdout and "chunk" in r.stdout

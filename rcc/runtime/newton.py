@@ -234,8 +234,11 @@ class _NewtonSolve(torch.autograd.Function):
             call_args = tuple(next(leaf_iter) if need else a for a, need in zip(p.args, arg_needs))
             out = tuple(p.step(prev_leaf, *call_args))
             wrt = (list(prev_leaf) if any(s0_needs) else []) + arg_leaf
-            got = torch.autograd.grad(out, wrt, tuple(p.flat(x) for x in lam), allow_unused=True) \
-                if wrt else ()
+            # one VJP as the gradient of <out, lam>: torch.autograd.grad with grad_outputs
+            # imports sympy (torch's symbolic shapes), which generated modules must not load
+            inner = sum((o * p.flat(x).to(o.dtype)).sum() for o, x in zip(out, lam))
+            got = torch.autograd.grad(inner, wrt, allow_unused=True) \
+                if wrt and inner.requires_grad else [None] * len(wrt)
         got = list(got)
         grads_s0 = [None] * n_s0
         if any(s0_needs):
