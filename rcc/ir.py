@@ -141,6 +141,19 @@ class CellIR:
                        tuple(updates), outputs=self.outputs if outputs is None else tuple(outputs))
 
 
+def cone(nodes, roots, stop=()) -> set:
+    """The ids of the values `roots` are computed from (themselves included), not looking past
+    the ids in `stop`."""
+    seen, work = set(), list(roots)
+    while work:
+        i = work.pop()
+        if i not in seen:
+            seen.add(i)
+            if i not in stop:
+                work.extend(nodes[i].args)
+    return seen
+
+
 def dim_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 

@@ -15,7 +15,7 @@ EXPECTED = {  # file: (kind, structure, legal plans)
     # scalar decay has one)
     "mamba.rnn": ("affine", "diagonal", ("sequential", "scan")),
     "gla.rnn": ("affine", "diagonal", ("sequential", "scan", "chunk")),
-    "retnet.rnn": ("affine", "diagonal", ("sequential", "scan", "chunk")),
+    "retnet.rnn": ("affine", "scalar", ("sequential", "scan", "chunk")),  # one gamma per head
     "deltanet.rnn": ("affine", "householder(n_h=1)", ("sequential", "chunk")),
     "gated_deltanet.rnn": ("affine", "householder(n_h=1, gated)", ("sequential", "chunk")),
     "deltaproduct.rnn": ("affine", "householder(n_h=2, gated)", ("sequential", "chunk")),

@@ -3,21 +3,14 @@ scan, Newton iterations or the chunkwise form in place of the loop over time (rc
 """
 from __future__ import annotations
 
-from rcc import plans
+from rcc import ir, plans
 from rcc.passes.linearize import ZERO
 
 from .printer import TorchPrinter, _tuple
 
 
 def _cone(cell, roots, stop=()):
-    seen, work = set(), list(roots)
-    while work:
-        i = work.pop()
-        if i not in seen:
-            seen.add(i)
-            if i not in stop:
-                work.extend(cell.node(i).args)
-    return seen
+    return ir.cone(cell.nodes, roots, stop)
 
 
 class PlanPrinter(TorchPrinter):

@@ -162,12 +162,16 @@ def _is_elementwise(jac, probe, states) -> bool:
 
 
 def _is_scalar(jac, probe, states) -> bool:
-    """Each state's diagonal coefficients are one value (RetNet's gamma, not GLA's diag)."""
+    """Each state's diagonal coefficients are one value per head: constant over a vector state,
+    and over the last two axes (the matrix) of a matrix state with leading head axes (RetNet's
+    per-head gamma is scalar; GLA's per-key decay is not)."""
     offset = 0
     for name in states:
-        n = len(flat(_state_symbols(probe, name)))
+        shape = _state_symbols(probe, name).shape
+        n = int(np.prod(shape))
         diag = _numeric([[jac[offset + i][offset + i] for i in range(n)]])[0]
-        if not np.allclose(diag, diag[0], rtol=1e-12, atol=1e-12):
+        per_head = diag.reshape(int(np.prod(shape[:-2])) if len(shape) > 2 else 1, -1)
+        if not np.allclose(per_head, per_head[:, :1], rtol=1e-12, atol=1e-12):
             return False
         offset += n
     return True

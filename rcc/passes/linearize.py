@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sympy
 
+from .. import ir
 from ..builder import GraphBuilder
 from ..errors import CompileError
 
@@ -46,15 +47,7 @@ class Linearizer:
         return {r: t.get(r) for r in roots}
 
     def cone(self, roots, stop=()):
-        """The values `roots` are computed from (themselves included), not looking past `stop`."""
-        seen, work = set(), list(roots)
-        while work:
-            i = work.pop()
-            if i not in seen:
-                seen.add(i)
-                if i not in stop:
-                    work.extend(self.node(i).args)
-        return seen
+        return ir.cone(self.b.nodes, roots, stop)
 
     def _c(self, value):
         return self.b.const(value, self.cell.span)
