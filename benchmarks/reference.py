@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -26,17 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing rcc
 
 import rcc  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from common import cpu_model, median_ms  # noqa: E402
 
 
 class LSTMCellLoop(torch.nn.Module):
@@ -102,23 +90,6 @@ def check_agreement(runners, x, tolerance) -> float:
         raise SystemExit(f"reference.py: error: the implementations disagree (max |diff| {worst:.2e} "
                          f"> {tolerance:.0e}); not timing them")
     return worst
-
-
-def median_ms(fn, device, warmup, repeats) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench_device(device, args):
