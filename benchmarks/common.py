@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the machine's description and a timer."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -34,3 +35,13 @@ def median_ms(fn, device, warmup, repeats) -> float:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def print_machine(gpu=None):
+    """The line each table is recorded with: CPU, threads, torch, rcc, Python (and `gpu`'s name)."""
+    import rcc
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; rcc {rcc.__version__}; Python {platform.python_version()}")
+    if gpu is not None:
+        print(f"GPU: {torch.cuda.get_device_name(gpu)}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import warnings
 
@@ -29,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing rcc
 
 import rcc  # noqa: E402
-from common import cpu_model  # noqa: E402
+from common import print_machine  # noqa: E402
 
 CELLS = ("pararnn_gru", "pararnn_lstm")
 COLUMNS = (  # title, width, left-aligned
@@ -118,10 +117,7 @@ def main(argv=None) -> int:
         raise SystemExit("newton_iterations.py: error: --device cuda but torch sees no CUDA device")
     device = torch.device(args.device)
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; rcc {rcc.__version__}; Python {platform.python_version()}")
-    if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print_machine(device if device.type == "cuda" else None)
     print(f"device {device.type}, B={args.B}, d_in=d={args.d}; reference: plan sequential in float64; "
           "errors are max |difference| to it\n", flush=True)
     rows = []

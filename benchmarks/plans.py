@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -36,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing rcc
 
 import rcc  # noqa: E402
-from common import cpu_model, median_ms  # noqa: E402
+from common import median_ms, print_machine  # noqa: E402
 
 CELLS = ("mingru", "gla", "retnet", "deltanet", "gated_deltanet", "deltaproduct",
          "pararnn_gru", "pararnn_lstm")
@@ -419,10 +418,7 @@ def main(argv=None) -> int:
         raise SystemExit("plans.py: error: --device cuda but torch sees no CUDA device")
     device = torch.device(args.device)
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; rcc {rcc.__version__}; Python {platform.python_version()}")
-    if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print_machine(device if device.type == "cuda" else None)
     print(f"device {device.type}, float32, B={args.B}, heads={args.heads}, K=V={args.kv}, d=d_in={args.d},"
           f" chunk_size={args.chunk_size}, DeltaProduct n_h={N_HOUSEHOLDER}; median of {args.repeats} "
           f"runs after {args.warmup} warm-up(s)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import torch
@@ -24,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing rcc
 
 import rcc  # noqa: E402
-from common import cpu_model, median_ms  # noqa: E402
+from common import median_ms, print_machine  # noqa: E402
 
 
 class LSTMCellLoop(torch.nn.Module):
@@ -148,10 +147,7 @@ def main(argv=None) -> int:
             raise SystemExit("reference.py: error: --device cuda but torch sees no CUDA device")
         devices.append(torch.device("cuda"))
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; rcc {rcc.__version__}; Python {platform.python_version()}")
-    if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    print_machine(0 if torch.cuda.is_available() else None)
     print(f"median of {args.repeats} runs after {args.warmup} warmup runs; forward under no_grad, "
           "fwd+bwd = forward with autograd + grad of sum(y) wrt x and params")
     for device in devices:
