@@ -76,11 +76,14 @@ def explain(source_or_path, cell=None, dims=None, device="cpu", lengths=(256, 40
         except NeedStatic as need:
             dims.update({name: 2 for name in need.names if name not in dims})
     from .passes.analysis import analyze_ir
+    from .runtime.cost import choose
 
-    lines = [str(analyze_ir(cell_ir)), f"plan 'auto' on {device}, {batch} sequences per call "
+    analysis = analyze_ir(cell_ir)
+    facts = _auto_facts(cell_ir, analysis, dims)
+    lines = [str(analysis), f"plan 'auto' on {device}, {batch} sequences per call "
              "(estimated ms by rcc.runtime.cost; dims without a value count 64):"]
     for T in lengths:
-        plan, table = choose_plan(cell_ir, device, T, batch, dims)
+        plan, table = choose(facts, facts, device, T, batch)
         cells = ", ".join(f"{p} {1e3 * t:.3g}" for p, t in table.items())
         lines.append(f"  T={T}: {plan}  ({cells})")
     return "\n".join(lines)
@@ -98,23 +101,25 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
     from rcc.backends.torch.printer import print_module
+
+    from .passes.analysis import analyze_ir
+    from .runtime.cost import choose
+
+    analysis = analyze_ir(cell_ir) if plan != "sequential" else None
     if plan == "auto":
-        plan = choose_plan(cell_ir, device, T=AUTO_T, N=AUTO_N, dims=dims)[0]
-    return print_module(cell_ir, plan=plan)
+        facts = _auto_facts(cell_ir, analysis, dims)
+        plan = choose(facts, facts, device, AUTO_T, AUTO_N)[0]
+    return print_module(cell_ir, plan=plan, analysis=analysis)
 
 
-
-
-def choose_plan(cell_ir, device="cpu", T=AUTO_T, N=AUTO_N, dims=None):
-    """(plan, {plan: estimated seconds}) by the cost model, for states sized by `dims` (dims
-    with no value count 64)."""
+def _auto_facts(cell_ir, analysis, dims=None):
+    """The cost model's facts for each legal plan, the states sized by `dims` (dims with no
+    value count 64)."""
     import sympy
 
     from rcc.backends.torch.plans import plan_facts
 
     from .ir import dim_symbol
-    from .passes.analysis import analyze_ir
-    from .runtime.cost import choose
 
     values = {dim_symbol(d.name): (dims or {}).get(d.name, d.static or d.default or 64)
               for d in cell_ir.dims}
@@ -122,14 +127,14 @@ def choose_plan(cell_ir, device="cpu", T=AUTO_T, N=AUTO_N, dims=None):
     def numel(shape):
         return int(sympy.prod([sympy.sympify(x).subs(values) for x in shape]))
 
-    facts = plan_facts(cell_ir, analyze_ir(cell_ir))
+    facts = plan_facts(cell_ir, analysis)
     state = sum(numel(d.shape) for d in cell_ir.states) or 1
     for f in facts.values():
         f["state"] = state
         if "matrix_state" in f:
             decl = next(d for d in cell_ir.states if d.name == f["matrix_state"])
             f["key"], f["value"] = numel(decl.shape[-2:-1]), numel(decl.shape[-1:])
-    return choose(facts, facts, device, T, N)
+    return facts
 
 
 def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
@@ -157,14 +162,15 @@ def compile_ir(cell_ir, backend="auto", plan="auto", source_name=""):
     return _class_for(cell_ir, plan, source_name)
 
 
-def _class_for(cell_ir, plan, source_name=""):
+def _class_for(cell_ir, plan, source_name="", analysis=None):
     """Print the module and load its class, cached by the hash of the generated code: the
-    code is what the cache holds, so equal code may be shared whatever produced it."""
+    code is what the cache holds, so equal code may be shared whatever produced it.
+    `analysis`: the cell's, when the caller has it (the parallel plans need it)."""
     from rcc.backends.torch.printer import print_module
 
     if plan == "auto":
         return _auto_class(cell_ir, source_name)
-    code = print_module(cell_ir, source_name or cell_ir.filename, plan)
+    code = print_module(cell_ir, source_name or cell_ir.filename, plan, analysis)
     key = hashlib.sha256(code.encode()).hexdigest()[:24]
     if key not in _CLASSES:
         _CLASSES[key] = _load_class(code, key)
@@ -179,7 +185,7 @@ def _auto_class(cell_ir, source_name=""):
     from .runtime.module import AutoPlan
 
     analysis = analyze_ir(cell_ir)
-    classes = {p: _class_for(cell_ir, p, source_name) for p in analysis.plans}
+    classes = {p: _class_for(cell_ir, p, source_name, analysis) for p in analysis.plans}
     key = "auto:" + "|".join(c.__module__ for c in classes.values())  # the plans' code hashes
     if key not in _CLASSES:
         base = classes["sequential"]

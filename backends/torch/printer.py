@@ -359,10 +359,13 @@ def _span(sp) -> str:
     return f"_rt.span({sp.filename!r}, {sp.line}, {sp.col}, {sp.end_col}, {sp.source_line!r})"
 
 
-def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential") -> str:
+def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential",
+                 analysis=None) -> str:
+    """The module's source for `plan`; a parallel plan needs the cell's analysis (computed
+    here when the caller does not pass it)."""
     if plan != "sequential":
         from rcc.passes.analysis import analyze_ir
 
         from .plans import print_plan
-        return print_plan(cell, plan, analyze_ir(cell), source_name)
+        return print_plan(cell, plan, analysis or analyze_ir(cell), source_name)
     return TorchPrinter(cell, source_name, plan).module()

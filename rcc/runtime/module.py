@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..errors import CompileError, Span
+from .cost import choose
 
 
 def span(filename, line, col, end_col, text) -> Span:
@@ -241,8 +242,6 @@ class AutoPlan:
     last_estimates = None
 
     def forward(self, *args, **kwargs):
-        from .cost import choose
-
         x = args[0] if args else kwargs[self.INPUTS[0]]
         decl = self.shapes[self.INPUTS[0]]
         T = x.shape[1]
