@@ -194,6 +194,7 @@ def _readouts(cell, lin, s, s_next, decl):
     """Where the outputs read the state: each must be q @ S' (or its per-head form
     sum(S' * q[..., :, None], axis=-2)) with q free of the state."""
     outputs = lin.cone([v for _, v, _ in cell.outputs])
+    users = cell.users()
     found = []
     for n in cell.nodes:
         if s_next not in n.args or n.id not in outputs:
@@ -204,8 +205,7 @@ def _readouts(cell, lin, s, s_next, decl):
             q = lin.b.emit("ones", (), decl.shape[:-1], n.span)
             node = n.id
         else:
-            q, node = _sum_readout(cell, lin, n, s_next, len(decl.shape)), None
-            node = cell.users()[n.id][0] if q is not None else None
+            q, node = _sum_readout(cell, lin, users, n, s_next, len(decl.shape))
         if q is None or lin.depends_on(q, [s, s_next]):
             break
         found.append(Readout(node, q))
@@ -219,17 +219,17 @@ def _readouts(cell, lin, s, s_next, decl):
     return tuple(found)
 
 
-def _sum_readout(cell, lin, n, s_next, rank):
-    """q for sum(S' * q[..., :, None], axis=rank-2), else None."""
+def _sum_readout(cell, lin, users, n, s_next, rank):
+    """(q, the sum node) for sum(S' * q[..., :, None], axis=rank-2) at `n`, else (None, None)."""
     if n.op != "mul":
-        return None
-    users = cell.users()[n.id]
+        return None, None
     other = n.args[1] if n.args[0] == s_next else n.args[0]
     shape = lin.node(other).type.shape
-    if len(users) != 1 or cell.node(users[0]).op != "sum" or \
-            cell.node(users[0]).attr("axis") != rank - 2 or len(shape) != rank or shape[-1] != 1:
-        return None
-    return _drop_axis(lin, other, rank - 1)
+    used_by = users[n.id]
+    if len(used_by) != 1 or cell.node(used_by[0]).op != "sum" or \
+            cell.node(used_by[0]).attr("axis") != rank - 2 or len(shape) != rank or shape[-1] != 1:
+        return None, None
+    return _drop_axis(lin, other, rank - 1), used_by[0]
 
 
 def _drop_axis(lin, v, axis):
