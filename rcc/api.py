@@ -15,6 +15,7 @@ from . import frontend
 from .elaborate import NeedStatic, elaborate
 from .errors import CompileError
 from .passes import run_pipeline
+from .runtime.cpp import cache_dir
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 AUTO_T, AUTO_N = 4096, 8  # the sizes `generate(plan="auto")` chooses for (no call to see yet)
@@ -22,17 +23,21 @@ PLANS = ("auto", "sequential", "scan", "chunk", "newton")
 _CLASSES: dict = {}  # content key -> class, for this process
 
 
-def cache_dir() -> str:
-    return os.environ.get("RCC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rcc")
-
-
 def _check_choice(backend, plan):
+    """The backend and plan to print: 'auto' backend is torch; backend 'cpp' runs the fused
+    sequential loop, which is what plan 'auto' means there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
-    if backend in ("cpp", "triton"):
+    if backend == "triton":
         raise NotImplementedError(f"backend {backend!r} is not implemented yet; use backend='torch'")
+    if backend == "cpp":
+        if plan not in ("auto", "sequential"):
+            raise NotImplementedError(
+                f"backend 'cpp' runs plan 'sequential' (the fused loop over time) only; plan "
+                f"{plan!r} runs on backend='torch'")
+        return "cpp", "sequential"
     return "torch", plan
 
 
@@ -100,6 +105,9 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
         raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
+    if backend == "cpp":
+        from rcc.backends.cpp.printer import print_module as print_cpp
+        return print_cpp(cell_ir)
     from rcc.backends.torch.printer import print_module
 
     from .passes.analysis import analyze_ir
@@ -141,36 +149,40 @@ def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None): 
     """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims."""
     backend, plan = _check_choice(backend, plan)
     prog, ast = _load(source_or_path, cell)
-    return _specialize(prog, ast, plan, dict(dims or {}))
+    return _specialize(prog, ast, plan, dict(dims or {}), backend)
 
 
-def _specialize(prog, ast, plan, dims):
+def _specialize(prog, ast, plan, dims, backend="torch"):
     """The class for `dims`' values of the static dims; it re-specializes itself for others."""
     try:
         cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
     except NeedStatic:
-        return _deferred_class(prog, ast, plan)
-    cls = _class_for(cell_ir, plan)
+        return _deferred_class(prog, ast, plan, backend)
+    cls = _class_for(cell_ir, plan, backend=backend)
     cls._respecialize = staticmethod(
-        lambda all_dims: _specialize(prog, ast, plan, {**dims, **all_dims}))
+        lambda all_dims: _specialize(prog, ast, plan, {**dims, **all_dims}, backend))
     return cls
 
 
 def compile_ir(cell_ir, backend="auto", plan="auto", source_name=""):
     """Compile an already-built CellIR (what @rcc.recurrence traces) to a Module class."""
     backend, plan = _check_choice(backend, plan)
-    return _class_for(cell_ir, plan, source_name)
+    return _class_for(cell_ir, plan, source_name, backend=backend)
 
 
-def _class_for(cell_ir, plan, source_name="", analysis=None):
+def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     """Print the module and load its class, cached by the hash of the generated code: the
     code is what the cache holds, so equal code may be shared whatever produced it.
     `analysis`: the cell's, when the caller has it (the parallel plans need it)."""
     from rcc.backends.torch.printer import print_module
 
-    if plan == "auto":
+    if backend == "cpp":
+        from rcc.backends.cpp.printer import print_module as print_cpp
+        code = print_cpp(cell_ir, source_name or cell_ir.filename)
+    elif plan == "auto":
         return _auto_class(cell_ir, source_name)
-    code = print_module(cell_ir, source_name or cell_ir.filename, plan, analysis)
+    else:
+        code = print_module(cell_ir, source_name or cell_ir.filename, plan, analysis)
     key = hashlib.sha256(code.encode()).hexdigest()[:24]
     if key not in _CLASSES:
         _CLASSES[key] = _load_class(code, key)
@@ -195,7 +207,7 @@ def _auto_class(cell_ir, source_name=""):
     return _CLASSES[key]
 
 
-def _deferred_class(prog, ast, plan):
+def _deferred_class(prog, ast, plan, backend="torch"):
     """A class for a cell whose code depends on a dim with no default: it generates the code
     when instantiated, once the dims are known."""
     from .runtime.module import CellModule, span
@@ -205,7 +217,7 @@ def _deferred_class(prog, ast, plan):
     static = {d.name: None for d in ast.dims if d.default is None}
     cls = type(ast.name, (CellModule,), {"CELL": ast.name, "DIMS": dims, "STATIC_DIMS": static})
     cls._respecialize = staticmethod(
-        lambda all_dims: _specialize(prog, ast, plan, dict(all_dims)))
+        lambda all_dims: _specialize(prog, ast, plan, dict(all_dims), backend))
     return cls
 
 

@@ -61,3 +61,15 @@ def dim_expr(expr, names: dict) -> str:
     if expr.is_number:
         return repr(int(expr)) if expr.is_integer else repr(float(expr))
     return DimPrinter(names).doprint(expr)
+
+
+def regions(cell) -> dict:
+    """Node id -> where a backend computes it: "const" (params and constants only: once),
+    "seq" (inputs but no state: once for all steps) or "step" (reads a state: in the loop)."""
+    region = {}
+    for n in cell.nodes:
+        if n.op == "state" or any(region[a] == "step" for a in n.args):
+            region[n.id] = "step"
+        else:
+            region[n.id] = "seq" if n.type.batched else "const"
+    return region

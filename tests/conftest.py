@@ -18,3 +18,48 @@ def stdlib(name: str) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+STDLIB_DIMS = {  # small odd sizes; d=1 somewhere
+    "mingru.rnn": {"d_in": 3, "d": 5}, "minlstm.rnn": {"d_in": 2, "d": 1},
+    "hgrn.rnn": {"d": 3}, "rglru.rnn": {"d": 4}, "mamba.rnn": {"d": 3, "R": 2, "N": 5},
+    "gla.rnn": {"K": 3, "V": 2}, "retnet.rnn": {"H": 2, "K": 3, "V": 2},
+    "deltanet.rnn": {"K": 3, "V": 2}, "gated_deltanet.rnn": {"K": 4, "V": 3},
+    "deltaproduct.rnn": {"K": 3, "V": 2, "n_h": 2},
+    "pararnn_gru.rnn": {"d_in": 3, "d": 5}, "pararnn_lstm.rnn": {"d_in": 2, "d": 3},
+    "elman.rnn": {"d_in": 2, "d": 3}, "lstm.rnn": {"d_in": 2, "d": 3}, "gru.rnn": {"d_in": 2, "d": 3},
+    "mlstm.rnn": {"K": 2, "V": 3}, "slstm.rnn": {"d_in": 2, "d": 3},
+}
+
+
+def cell_inputs(m, B, T, heads, dtype=torch.float64):
+    """Inputs [B, T, *heads, ...] in each stdlib input's natural range, and initial states, all
+    requiring grad."""
+    gen = torch.Generator().manual_seed(1)
+    xs = []
+    for n in m.INPUTS:
+        x = torch.randn(B, T, *heads, *m.shapes[n], generator=gen, dtype=torch.float64) * 0.5
+        if n in ("k",):  # the delta rule's keys are unit vectors
+            x = x / x.norm(dim=-1, keepdim=True)
+        if n in ("beta",):
+            x = torch.sigmoid(x)
+        if n in ("gk", "g"):  # log-space decays
+            x = -torch.nn.functional.softplus(x)
+        xs.append(x.to(dtype).requires_grad_())
+    init = {s: (torch.randn(B, *heads, *m.shapes[s], generator=gen, dtype=torch.float64) * 0.5)
+            .to(dtype).requires_grad_() for s in m.STATES}
+    return xs, init
+
+
+def run_with_grads(m, xs, init):
+    """Outputs and final states, and the gradients of a random projection of them with respect
+    to inputs, initial states and params."""
+    out, final = m(*xs, initial_state=init)
+    out = out if isinstance(out, tuple) else (out,)
+    tensors = list(out) + [final[s] for s in m.STATES]
+    gen = torch.Generator().manual_seed(2)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+               for t in tensors)
+    wrt = xs + list(init.values()) + [p for p in m.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return tensors, grads

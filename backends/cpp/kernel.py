@@ -1,0 +1,731 @@
+"""The C++ kernel of a cell: the loop over time, fused, for the values that read a state.
+
+What reads no state (the input projections, the params' expressions) is computed by torch before
+the kernel, once for the whole sequence; the kernel receives those values per step ("seq"
+arguments, [T, N, ...] with any strides) and the unbatched ones once ("const" arguments). One
+OpenMP task runs a block of rows (batch x heads) through all T steps with its state in a small
+workspace, so the state stays in cache. Every array is row-major with the block's rows outermost.
+
+Values are printed as *accesses*: the C++ expression of a node's element at an index. A value
+used once, by a pointwise op of its shape, is folded into its user's expression; getitem and
+transpose are index maps onto their argument; the rest (matmuls, reductions, softmax, concat,
+stack, values used twice) are computed into an array. The backward kernel runs the steps in
+reverse, recomputes each step from the state saved before it, and adds each node's adjoint into
+its arguments' adjoints with the partial derivatives sympy gives (scalar.py).
+"""
+from __future__ import annotations
+
+import re
+
+import sympy
+from sympy.printing.cxx import CXX17CodePrinter
+
+from rcc import ir
+from rcc.codegen import regions
+
+from .scalar import POINTWISE, cxx, derivatives, pointwise
+
+VIEWS = ("getitem", "transpose")
+REDUCING = ("matmul", "sum", "mean", "amax", "logsumexp", "softmax", "concat", "stack")
+ROWS_PER_BLOCK = 16  # the most rows one task runs together (its workspace holds this many)
+
+
+def c_name(hint: str) -> str:
+    """A user's name reduced to C identifier characters (it only decorates generated names)."""
+    return re.sub(r"[^A-Za-z0-9_]", "", hint or "")[:24]
+
+
+class _IntPrinter(CXX17CodePrinter):
+    """Dim expressions as C++ integer expressions over the dim constants."""
+
+    def __init__(self, names):
+        super().__init__({"strict": False})
+        self.names = names
+
+    def _print_Symbol(self, s):
+        return self.names[s.name]
+
+    def _print_Pow(self, e):
+        base, exp = e.args
+        if exp.is_Integer and exp > 0:
+            return "(" + "*".join([self.parenthesize(base, 60)] * int(exp)) + ")"
+        return super()._print_Pow(e)
+
+
+class KernelPrinter:
+    def __init__(self, cell: ir.CellIR):
+        self.cell = cell
+        self.region = regions(cell)
+        self.dims = {d.name: f"D_{c_name(d.name)}" if c_name(d.name) == d.name else f"D{k}"
+                     for k, d in enumerate(cell.dims)}
+        self.users = cell.users()
+        roots = [v for _, v in cell.updates] + [v for _, v, _ in cell.outputs]
+        uses = {i: len(u) for i, u in self.users.items()}
+        for v in roots:
+            uses[v] += 1
+        self.step = [n.id for n in cell.nodes if self.region[n.id] == "step" and n.op != "state"]
+        # the kernel's arguments: values computed by torch that the kernel reads
+        read = set(roots)
+        for i in self.step:
+            read.update(cell.node(i).args)
+        outside = sorted(i for i in read if self.region[i] != "step" and cell.node(i).op != "const")
+        self.seq = [i for i in outside if cell.node(i).type.batched]
+        self.const = [i for i in outside if not cell.node(i).type.batched]
+        self.state_index = {d.name: k for k, d in enumerate(cell.states)}
+        self.state_node = {n.attr("name"): n.id for n in cell.nodes if n.op == "state"}
+        self.updates = dict(cell.updates)
+        # which step values get an array: all but folded pointwise values and index maps
+        self.stored = set()
+        for i in self.step:
+            n = cell.node(i)
+            if n.op in VIEWS:
+                continue
+            user = self.users[i][0] if uses[i] == 1 and self.users[i] else None
+            folds = (n.op in POINTWISE and user is not None
+                     and cell.node(user).op in POINTWISE - {"outer"}
+                     and cell.node(user).type.shape == n.type.shape)
+            if not folds:
+                self.stored.add(i)
+        # a state's next value is copied into the state after the step: give it its own array
+        # when it is a view or an argument, so that the copies cannot overwrite what another
+        # state's next value reads
+        self.copied = {v for v in self.updates.values() if v not in self.stored}
+        self.adjoint = [i for i in self.step if cell.node(i).op not in VIEWS]
+
+    # ---- names and indices ----------------------------------------------------------------
+    def size(self, expr) -> str:
+        expr = sympy.sympify(expr)
+        if not expr.is_integer and not expr.is_number:
+            num, den = sympy.fraction(sympy.together(expr))  # exact: a constraint checked it
+            return f"(({self.size(num)}) / ({self.size(den)}))"
+        return _IntPrinter(self.dims).doprint(expr)
+
+    def numel(self, shape) -> str:
+        return self.size(sympy.prod([sympy.sympify(s) for s in shape])) if shape else "1"
+
+    def flat(self, shape, idx) -> str:
+        """The row-major offset of index `idx` (C++ expressions) in an array of `shape`."""
+        terms = []
+        for k, i in enumerate(idx):
+            if i == "0":
+                continue
+            stride = sympy.prod([sympy.sympify(s) for s in shape[k + 1:]])
+            terms.append(i if stride == 1 else f"{_paren(i)}*{_paren(self.size(stride))}")
+        return " + ".join(terms) or "0"
+
+    def F(self, i) -> str:
+        """The constant holding the element count of value i."""
+        return f"F{i}"
+
+    def row(self, i, idx) -> str:
+        """Offset of element idx of lane b in a block array of value i."""
+        return _offset(f"b*{self.F(i)}", self.flat(self.cell.node(i).type.shape, idx))
+
+    # ---- reading values ---------------------------------------------------------------------
+    def access(self, i, idx) -> str:
+        """The C++ expression of element `idx` of value `i` in lane `b`."""
+        n = self.cell.node(i)
+        if n.op == "const":
+            return cxx(sympy.sympify(n.attr("value")), self.dims)
+        if i in self.seq:
+            k = self.seq.index(i)
+            return f"x{k}[{_offset(f'b*xn{k}', self.flat(n.type.shape, idx))}]"
+        if i in self.const:
+            return f"c{self.const.index(i)}[{self.flat(n.type.shape, idx)}]"
+        if n.op == "state":
+            return f"s{self.state_index[n.attr('name')]}[{self.row(i, idx)}]"
+        if i in self.stored:
+            return f"w{i}[{self.row(i, idx)}]"
+        return self.compute(i, idx)
+
+    def compute(self, i, idx) -> str:
+        """Element idx of value i computed from its arguments (pointwise ops and index maps)."""
+        n = self.cell.node(i)
+        if n.op in VIEWS:
+            return self.access(n.args[0], self.parent_index(n, idx))
+        if n.op in POINTWISE:
+            args, names = self._symbols(n, idx)
+            return "(" + cxx(pointwise(n.op, args), names) + ")"
+        raise AssertionError(f"{n.op} is stored, not computed")  # REDUCING values are stored
+
+    def _symbols(self, n, idx):
+        """Symbols for the arguments of pointwise node n (constants as their values) and the
+        accesses they print as."""
+        args, names = [], dict(self.dims)
+        for p, a in enumerate(n.args):
+            node = self.cell.node(a)
+            if node.op == "const":
+                args.append(sympy.sympify(node.attr("value")))
+            else:
+                args.append(sympy.Symbol(f"#a{p}"))
+                names[f"#a{p}"] = self.access(a, self.arg_index(n, p, idx))
+        return args, names
+
+    def arg_index(self, n, p, idx):
+        """The index of argument p that element idx of pointwise node n reads (broadcasting)."""
+        if n.op == "outer":
+            return (idx[p],)
+        shape = self.cell.node(n.args[p]).type.shape
+        out = n.type.shape
+        lead = len(out) - len(shape)
+        return tuple("0" if sympy.sympify(s) == 1 and sympy.sympify(out[lead + k]) != 1
+                     else idx[lead + k] for k, s in enumerate(shape))
+
+    def parent_index(self, n, idx):
+        if n.op == "transpose":
+            return tuple(reversed(idx))
+        out, r = [], 0
+        for entry in n.attr("index"):
+            if entry[0] == "new":
+                r += 1
+            elif entry[0] == "int":
+                out.append(self.size(entry[1]))
+            else:
+                lo = sympy.sympify(entry[1])
+                out.append(idx[r] if lo == 0 else f"{_paren(idx[r])} + {_paren(self.size(lo))}")
+                r += 1
+        return tuple(out) + tuple(idx[r:])
+
+    # ---- loops --------------------------------------------------------------------------------
+    def loop(self, shape, body, var="i", lanes=True, indent="      "):
+        """Lines looping over the lanes of the block and every index of `shape`; body(idx,
+        indent) gives the innermost lines."""
+        lines, idx, base = [], [], indent
+        if lanes:
+            lines.append(f"{indent}for (long b = 0; b < nb; ++b) {{")
+            indent += "  "
+        for k, s in enumerate(shape):
+            v = f"{var}{k}"
+            lines.append(f"{indent}for (long {v} = 0; {v} < {self.size(s)}; ++{v}) {{")
+            indent += "  "
+            idx.append(v)
+        lines += body(tuple(idx), indent)
+        while len(indent) > len(base):
+            indent = indent[:-2]
+            lines.append(f"{indent}}}")
+        return lines
+
+    # ---- forward code of one stored value ---------------------------------------------------------
+    def forward(self, i) -> list:
+        n = self.cell.node(i)
+        shape = n.type.shape
+        head = f"      // {self.describe(n)}"
+        if n.op == "matmul":
+            return [head] + self._matmul(n)
+        if n.op in ("sum", "mean", "amax", "logsumexp"):
+            return [head] + self._reduce(n)
+        if n.op == "softmax":
+            return [head] + self._softmax(n)
+        if n.op in ("concat", "stack"):
+            lines = [head]
+            for part, place in self._parts(n):
+                pshape = self.cell.node(part).type.shape
+                lines += self.loop(pshape, lambda idx, ind, part=part, place=place: [
+                    f"{ind}w{i}[{self.row(i, place(idx))}] = {self.access(part, idx)};"])
+            return lines
+        return [head] + self.loop(shape, lambda idx, ind: [
+            f"{ind}w{i}[{self.row(i, idx)}] = {self.compute(i, idx)};"])
+
+    def _parts(self, n):
+        """(part, index map from the part's index to n's) for each part of a concat or stack."""
+        axis = n.attr("axis")
+        offset = sympy.Integer(0)
+        for p, part in enumerate(n.args):
+            if n.op == "stack":
+                yield part, (lambda idx, p=p: idx[:axis] + (str(p),) + idx[axis:])
+            else:
+                off = self.size(offset)
+                yield part, (lambda idx, off=off: idx[:axis] + (
+                    idx[axis] if off == "0" else f"{idx[axis]} + {_paren(off)}",) + idx[axis + 1:])
+                offset += sympy.sympify(self.cell.node(part).type.shape[axis])
+
+    def _matmul_axes(self, n):
+        """The operands, their free index variables (i0 of a matrix A, i1 of a matrix B) with
+        extents, and the contracted extent."""
+        a, b = (self.cell.node(x) for x in n.args)
+        ia = (("i0", a.type.shape[0]),) if a.type.rank == 2 else ()
+        jb = (("i1", b.type.shape[1]),) if b.type.rank == 2 else ()
+        return a, b, ia, jb, ("k", a.type.shape[-1])
+
+    def nest(self, loops, body, indent="      "):
+        """Nested for-loops over (variable, extent) pairs, "b" being the lanes of the block;
+        body(indent) gives the innermost lines."""
+        lines = []
+        for var, extent in loops:
+            bound = "nb" if var == "b" else self.size(extent)
+            lines.append(f"{indent}for (long {var} = 0; {var} < {bound}; ++{var}) {{")
+            indent += "  "
+        lines += body(indent)
+        for _ in loops:
+            indent = indent[:-2]
+            lines.append(f"{indent}}}")
+        return lines
+
+    @staticmethod
+    def _lanes_inside(outer, inner, shared):
+        """Loop order: when an operand is shared by all lanes (a param matrix), the lanes go
+        inside the loops over its rows, so each row is read once per step, from L1."""
+        lane = [("b", None)]
+        return outer + lane + inner if shared else lane + outer + inner
+
+    def _matmul(self, n):
+        """y = A @ B. A matrix-vector product is a dot product per output (contiguous rows of A);
+        with a matrix B, rows of B are added into rows of y (contiguous along B's columns)."""
+        a, b, ia, jb, k = self._matmul_axes(n)
+        i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
+        y = lambda: f"w{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
+        if not jb:
+            def body(ind):
+                return [f"{ind}R acc = 0;",
+                        f"{ind}#pragma omp simd reduction(+:acc)",
+                        f"{ind}for (long k = 0; k < {self.size(k[1])}; ++k) acc += "
+                        f"{self.access(a.id, i + ('k',))} * {self.access(b.id, ('k',))};",
+                        f"{ind}{y()} = acc;"]
+            return self.nest(self._lanes_inside(list(ia), [], not a.type.batched), body)
+
+        def axpy(ind):
+            return [f"{ind}const R aik = {self.access(a.id, i + ('k',))};",
+                    f"{ind}for (long i1 = 0; i1 < {self.size(jb[0][1])}; ++i1) "
+                    f"{y()} += aik * {self.access(b.id, ('k',) + j)};"]
+        return [f"      w{n.id}.zero();"] + self.nest(
+            self._lanes_inside(list(ia) + [k], [], not b.type.batched), axpy)
+
+    def _matmul_backward(self, n):
+        a, b, ia, jb, k = self._matmul_axes(n)
+        i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
+        g = lambda: f"g{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
+        ak, bk = i + ("k",), ("k",) + j
+        shared = not a.type.batched or not b.type.batched
+        if jb:  # dA(i, k) = sum_j g(i, j) B(k, j);  dB(k, j) += A(i, k) g(i, j)
+            def body(ind):
+                return [f"{ind}R acc = 0;",
+                        f"{ind}#pragma omp simd reduction(+:acc)",
+                        f"{ind}for (long i1 = 0; i1 < {self.size(jb[0][1])}; ++i1) "
+                        f"acc += {g()} * {self.access(b.id, bk)};",
+                        *[ind + s for s in self.accumulate(a.id, ak, "acc")],
+                        f"{ind}const R aik = {self.access(a.id, ak)};",
+                        f"{ind}for (long i1 = 0; i1 < {self.size(jb[0][1])}; ++i1) {{",
+                        *[f"{ind}  {s}" for s in self.accumulate(b.id, bk, f"aik * {g()}")],
+                        f"{ind}}}"]
+            return self.nest(self._lanes_inside(list(ia) + [k], [], shared), body)
+
+        def vector(ind):  # dA(i, k) += g(i) B(k);  dB(k) += A(i, k) g(i)
+            return [f"{ind}const R gy = {g()};",
+                    f"{ind}for (long k = 0; k < {self.size(k[1])}; ++k) {{",
+                    *[f"{ind}  {s}" for s in self.accumulate(a.id, ak, f"gy * {self.access(b.id, bk)}")],
+                    *[f"{ind}  {s}" for s in self.accumulate(b.id, bk, f"{self.access(a.id, ak)} * gy")],
+                    f"{ind}}}"]
+        return self.nest(self._lanes_inside(list(ia), [], shared), vector)
+
+    def _reduced(self, n):
+        """(x, the reduced axes, the index of x from the output index and the inner loop vars)."""
+        x = self.cell.node(n.args[0])
+        axis = n.attr("axis")
+        axes = list(range(x.type.rank)) if axis is None else [axis]
+
+        def x_index(idx):
+            it, out = iter(idx), []
+            for k in range(x.type.rank):
+                out.append(f"k{k}" if k in axes else next(it))
+            return tuple(out)
+        return x, axes, x_index
+
+    def _inner(self, x, axes, body, ind):
+        """Loops over the reduced axes of x around body lines."""
+        lines = []
+        for k in axes:
+            lines.append(f"{ind}for (long k{k} = 0; k{k} < {self.size(x.type.shape[k])}; ++k{k}) {{")
+            ind += "  "
+        lines += [ind + line for line in body]
+        for _ in axes:
+            ind = ind[:-2]
+            lines.append(f"{ind}}}")
+        return lines
+
+    def _reduce(self, n):
+        x, axes, x_index = self._reduced(n)
+        count = self.numel([x.type.shape[k] for k in axes])
+
+        def body(idx, ind):
+            xi = self.access(x.id, x_index(idx))
+            out = f"w{n.id}[{self.row(n.id, idx)}]"
+            if n.op in ("sum", "mean"):
+                scale = f" / R({count})" if n.op == "mean" else ""
+                return [f"{ind}R acc = 0;", *self._inner(x, axes, [f"acc += {xi};"], ind),
+                        f"{ind}{out} = acc{scale};"]
+            lines = [f"{ind}R top = -std::numeric_limits<R>::infinity();",
+                     *self._inner(x, axes, [f"top = std::max(top, {xi});"], ind)]
+            if n.op == "amax":
+                return lines + [f"{ind}{out} = top;"]
+            return lines + [f"{ind}R acc = 0;",
+                            *self._inner(x, axes, [f"acc += std::exp({xi} - top);"], ind),
+                            f"{ind}{out} = std::isinf(top) ? top : top + std::log(acc);"]
+        return self.loop(n.type.shape, body)
+
+    def _softmax_loop(self, n, body):
+        x, axes, x_index = self._reduced(n)
+        outer = [s for k, s in enumerate(x.type.shape) if k not in axes]
+
+        def x_at(idx):  # idx: the outer index; the softmax axis is k<axis>
+            return x_index(idx)
+        return self.loop(outer, lambda idx, ind: body(x, axes, x_at(idx), ind))
+
+    def _softmax(self, n):
+        def body(x, axes, xi, ind):
+            v, out = self.access(x.id, xi), f"w{n.id}[{self.row(n.id, xi)}]"
+            return [f"{ind}R top = -std::numeric_limits<R>::infinity();",
+                    *self._inner(x, axes, [f"top = std::max(top, {v});"], ind),
+                    f"{ind}R acc = 0;",
+                    *self._inner(x, axes, [f"{out} = std::exp({v} - top);", f"acc += {out};"], ind),
+                    *self._inner(x, axes, [f"{out} /= acc;"], ind)]
+        return self._softmax_loop(n, body)
+
+    # ---- backward code of one value: its adjoint into its arguments' ------------------------------
+    def accumulate(self, i, idx, expr) -> list:
+        """Statements adding `expr` to the adjoint of element idx of value i."""
+        n = self.cell.node(i)
+        if n.op == "const":
+            return []
+        if n.op in VIEWS and i not in self.seq and i not in self.const:
+            return self.accumulate(n.args[0], self.parent_index(n, idx), expr)
+        if i in self.seq:
+            k = self.seq.index(i)
+            return [f"gx{k}[{_offset(f'b*{self.F(i)}', self.flat(n.type.shape, idx))}] += {expr};"]
+        if i in self.const:
+            return [f"gc{self.const.index(i)}[{self.flat(n.type.shape, idx)}] += {expr};"]
+        if n.op == "state":
+            return [f"gs{self.state_index[n.attr('name')]}[{self.row(i, idx)}] += {expr};"]
+        return [f"g{i}[{self.row(i, idx)}] += {expr};"]
+
+    def backward(self, i) -> list:
+        n = self.cell.node(i)
+        head = f"      // adjoint of {self.describe(n)}"
+        g = lambda idx: f"g{i}[{self.row(i, idx)}]"  # noqa: E731
+        if n.op in POINTWISE:
+            y = sympy.Symbol("#y")
+
+            def body(idx, ind):
+                args, names = self._symbols(n, idx)
+                names["#y"] = self.access(i, idx)
+                lines = [f"{ind}const R gy = {g(idx)};"]
+                for p, d in enumerate(derivatives(n.op, args, y)):
+                    if d != 0:
+                        term = "gy" if d == 1 else f"gy * ({cxx(d, names)})"
+                        lines += [ind + s for s in self.accumulate(
+                            n.args[p], self.arg_index(n, p, idx), term)]
+                return lines
+            return [head] + self.loop(n.type.shape, body)
+        if n.op == "matmul":
+            return [head] + self._matmul_backward(n)
+        if n.op in ("sum", "mean", "amax", "logsumexp"):
+            x, axes, x_index = self._reduced(n)
+            count = self.numel([x.type.shape[k] for k in axes])
+
+            def body(idx, ind):
+                xi = x_index(idx)
+                d = {"sum": "gy", "mean": f"gy / R({count})",
+                     "amax": f"({self.access(x.id, xi)} == {self.access(i, idx)} ? gy : R(0))",
+                     "logsumexp": f"gy * std::exp({self.access(x.id, xi)} - {self.access(i, idx)})",
+                     }[n.op]
+                return [f"{ind}const R gy = {g(idx)};",
+                        *self._inner(x, axes, self.accumulate(x.id, xi, d), ind)]
+            return [head] + self.loop(n.type.shape, body)
+        if n.op == "softmax":
+            def body(x, axes, xi, ind):
+                y, gy = self.access(i, xi), g(xi)
+                return [f"{ind}R dot = 0;",
+                        *self._inner(x, axes, [f"dot += {gy} * {y};"], ind),
+                        *self._inner(x, axes, self.accumulate(x.id, xi, f"{y} * ({gy} - dot)"),
+                                     ind)]
+            return [head] + self._softmax_loop(n, body)
+        if n.op in ("concat", "stack"):
+            lines = [head]
+            for part, place in self._parts(n):
+                pshape = self.cell.node(part).type.shape
+                lines += self.loop(pshape, lambda idx, ind, part=part, place=place: [
+                    ind + s for s in self.accumulate(part, idx, g(place(idx)))])
+            return lines
+        raise AssertionError(n.op)
+
+    def describe(self, n) -> str:
+        name = c_name(n.name)
+        return f"{n.op}{' ' + name if name else ''} [{', '.join(self.size(s) for s in n.type.shape)}]"
+
+    # ---- the whole source -------------------------------------------------------------------------
+    def source(self) -> str:
+        c = self.cell
+        lines = [f"// {c_name(c.name)}: the loop over time of one cell, generated by rcc.",
+                 "// Do not edit: regenerate it from the .rnn source.",
+                 PRELUDE,
+                 "// dims: defined (RCC_DIM<k>) when the module is built for their values"]
+        for k, d in enumerate(c.dims):
+            lines.append(f"constexpr long {self.dims[d.name]} = RCC_DIM{k};")
+        sizes = set(self.step) | set(self.seq) | set(self.const) | set(self.state_node.values())
+        sizes |= {v for _, v, _ in c.outputs} | set(self.updates.values())
+        lines.append("// element counts of the values the kernel reads or writes")
+        for i in sorted(sizes):
+            lines.append(f"constexpr long {self.F(i)} = {self.numel(c.node(i).type.shape)};")
+        lines += [""] + self._forward_fn() + [""] + self._backward_fn() + [""]
+        for r, fn in (("float", "f32"), ("double", "f64")):
+            lines += [f'extern "C" void rcc_forward_{fn}(const long* size, void* const* p) '
+                      f'{{ forward<{r}>(size, p); }}',
+                      f'extern "C" void rcc_backward_{fn}(const long* size, void* const* p) '
+                      f'{{ backward<{r}>(size, p); }}']
+        return "\n".join(lines) + "\n"
+
+    def _state_size(self, k):
+        name = self.cell.states[k].name
+        i = self.state_node.get(name)
+        return self.F(i) if i is not None else self.numel(self.cell.states[k].shape)
+
+    def _args(self, backward):
+        """Unpack the pointer table. Layout (runtime/cpp.py builds it): size = [N, T, threads,
+        save, then (t stride, row stride) of each seq argument and of each output]; p = seq
+        args, const args, initial states, then forward: outputs, final states, saved states;
+        backward: saved states, output grads, final-state grads, seq grads, const grads,
+        initial-state grads."""
+        c = self.cell
+        lines = ["  const long N = size[0], T = size[1];",
+                 "  const int threads = int(size[2]);",
+                 "  const bool save = size[3] != 0;"]
+        ptr = 0
+        st = 4
+        for k, i in enumerate(self.seq):
+            lines.append(f"  const R* const seq{k} = static_cast<const R*>(p[{ptr}]);"
+                         f"  // {self.describe(c.node(i))}, [T, N, F{i}] strided")
+            lines.append(f"  const long xt{k} = size[{st}], xn{k} = size[{st + 1}];")
+            ptr, st = ptr + 1, st + 2
+        for k, i in enumerate(self.const):
+            lines.append(f"  const R* const c{k} = static_cast<const R*>(p[{ptr}]);"
+                         f"  // {self.describe(c.node(i))}")
+            ptr += 1
+        for k, d in enumerate(c.states):
+            lines.append(f"  const R* const init{k} = static_cast<const R*>(p[{ptr}]);"
+                         f"  // state {c_name(d.name)}, [N, ...]")
+            ptr += 1
+        if not backward:
+            for k, (name, v, _) in enumerate(c.outputs):
+                lines.append(f"  R* const out{k} = static_cast<R*>(p[{ptr}]);"
+                             f"  // output {c_name(name)}, [T, N, F{v}] strided")
+                lines.append(f"  const long ot{k} = size[{st}], on{k} = size[{st + 1}];")
+                ptr, st = ptr + 1, st + 2
+            for k in range(len(c.states)):
+                lines.append(f"  R* const final{k} = static_cast<R*>(p[{ptr}]);")
+                ptr += 1
+        for k in range(len(c.states)):
+            q = "R*" if not backward else "const R*"
+            lines.append(f"  {q} const saved{k} = static_cast<{q}>(p[{ptr}]);"
+                         "  // [T, N, ...]: the state before each step")
+            ptr += 1
+        if backward:
+            for k, (name, v, _) in enumerate(c.outputs):
+                lines.append(f"  const R* const gout{k} = static_cast<const R*>(p[{ptr}]);"
+                             f"  // [T, N, F{v}] strided, or null")
+                lines.append(f"  const long gt{k} = size[{st}], gr{k} = size[{st + 1}];")
+                ptr, st = ptr + 1, st + 2
+            for k in range(len(c.states)):
+                lines.append(f"  const R* const gfinal{k} = static_cast<const R*>(p[{ptr}]);"
+                             "  // or null")
+                ptr += 1
+            for k in range(len(self.seq)):
+                lines.append(f"  R* const gseq{k} = static_cast<R*>(p[{ptr}]);  // [T, N, ...]")
+                ptr += 1
+            for k in range(len(self.const)):
+                lines.append(f"  R* const gconst{k} = static_cast<R*>(p[{ptr}]);"
+                             "  // [N, ...]: row n0 of each block")
+                ptr += 1
+            for k in range(len(c.states)):
+                lines.append(f"  R* const ginit{k} = static_cast<R*>(p[{ptr}]);  // [N, ...]")
+                ptr += 1
+        return lines
+
+    def _block_head(self):
+        c = self.cell
+        lines = ["  const long rows = std::max(1L, std::min(long(ROWS_PER_BLOCK), "
+                 "(N + threads - 1) / threads));",
+                 "  const long blocks = (N + rows - 1) / rows;",
+                 "  #pragma omp parallel for schedule(static) num_threads(threads)",
+                 "  for (long blk = 0; blk < blocks; ++blk) {",
+                 "    const long n0 = blk * rows, nb = std::min(rows, N - n0);"]
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"    Buffer<R> s{k}(nb * {F});  // state {c_name(c.states[k].name)}")
+        for i in sorted(self.stored | self.copied):
+            lines.append(f"    Buffer<R> w{i}(nb * {self.F(i)});")
+        return lines
+
+    def _load_seq(self):
+        return [f"      const R* const x{k} = seq{k} + t * xt{k} + n0 * xn{k};"
+                for k in range(len(self.seq))]
+
+    def _step_values(self):
+        lines = []
+        for i in self.step:
+            if i in self.stored:
+                lines += self.forward(i)
+        return lines
+
+    def _forward_fn(self):
+        c = self.cell
+        lines = ["template <typename R>", "static void forward(const long* size, void* const* p) {"]
+        lines += self._args(backward=False) + self._block_head()
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"    std::copy(init{k} + n0 * {F}, init{k} + (n0 + nb) * {F}, s{k}.p);")
+        lines.append("    for (long t = 0; t < T; ++t) {")
+        lines += self._load_seq()
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"      if (save) std::copy(s{k}.p, s{k}.p + nb * {F}, "
+                         f"saved{k} + (t * N + n0) * {F});")
+        lines += self._step_values()
+        for k, (name, v, _) in enumerate(c.outputs):
+            lines.append(f"      // output {c_name(name)}")
+            lines += self.loop(c.node(v).type.shape, lambda idx, ind, k=k, v=v: [
+                f"{ind}out{k}[t * ot{k} + (n0 + b) * on{k} + "
+                f"{_paren(self.flat(c.node(v).type.shape, idx))}] = {self.access(v, idx)};"])
+        for v in sorted(self.copied):
+            lines.append("      // a next state that is not stored: copied before the states change")
+            lines += self.loop(c.node(v).type.shape, lambda idx, ind, v=v: [
+                f"{ind}w{v}[{self.row(v, idx)}] = {self.access(v, idx)};"])
+        for name, v in self.updates.items():
+            k = self.state_index[name]
+            lines.append(f"      std::copy(w{v}.p, w{v}.p + nb * {self.F(v)}, s{k}.p);"
+                         f"  // {c_name(name)}'")
+        lines.append("    }")
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"    std::copy(s{k}.p, s{k}.p + nb * {F}, final{k} + n0 * {F});")
+        lines += ["  }", "}"]
+        return lines
+
+    def _backward_fn(self):
+        c = self.cell
+        lines = ["template <typename R>", "static void backward(const long* size, void* const* p) {"]
+        lines += self._args(backward=True) + self._block_head()
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines += [f"    Buffer<R> gs{k}(nb * {F}), gn{k}(nb * {F});"
+                      f"  // adjoints of state {c_name(c.states[k].name)} before and after the step",
+                      f"    if (gfinal{k}) std::copy(gfinal{k} + n0 * {F}, gfinal{k} + (n0 + nb) * {F}, "
+                      f"gn{k}.p);"]
+        for i in self.adjoint:
+            lines.append(f"    Buffer<R> g{i}(nb * {self.F(i)});")
+        for k, i in enumerate(self.seq):
+            lines.append(f"    Buffer<R> gx{k}(nb * {self.F(i)});")
+        for k, i in enumerate(self.const):
+            lines.append(f"    Buffer<R> gc{k}({self.F(i)});")
+        lines.append("    for (long t = T - 1; t >= 0; --t) {")
+        lines += self._load_seq()
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"      std::copy(saved{k} + (t * N + n0) * {F}, "
+                         f"saved{k} + (t * N + n0 + nb) * {F}, s{k}.p);")
+        lines.append("      // the step again, from the state saved before it")
+        lines += self._step_values()
+        zero = [f"g{i}" for i in self.adjoint] + [f"gs{k}" for k in range(len(c.states))] + \
+               [f"gx{k}" for k in range(len(self.seq))]
+        lines += [f"      {z}.zero();" for z in zero]
+        lines.append("      // adjoints of this step's outputs and next states")
+        for k, (name, v, _) in enumerate(c.outputs):
+            shape = c.node(v).type.shape
+            lines.append(f"      if (gout{k}) {{")
+            lines += self.loop(shape, lambda idx, ind, k=k, v=v, shape=shape: [
+                ind + s for s in self.accumulate(v, idx, f"gout{k}[t * gt{k} + (n0 + b) * gr{k} + "
+                                                 f"{_paren(self.flat(shape, idx))}]")],
+                indent="        ")
+            lines.append("      }")
+        for k, d in enumerate(c.states):
+            v = self.updates.get(d.name)
+            if v is None:
+                F = self._state_size(k)
+                lines.append(f"      for (long e = 0; e < nb * {F}; ++e) gs{k}[e] += gn{k}[e];"
+                             f"  // {c_name(d.name)} keeps its value")
+                continue
+            shape = c.node(v).type.shape
+            lines += self.loop(shape, lambda idx, ind, k=k, v=v: [
+                ind + s for s in self.accumulate(v, idx, f"gn{k}[{self.row(v, idx)}]")])
+        for i in reversed(self.adjoint):
+            lines += self.backward(i)
+        for k, i in enumerate(self.seq):
+            lines.append(f"      std::copy(gx{k}.p, gx{k}.p + nb * {self.F(i)}, "
+                         f"gseq{k} + (t * N + n0) * {self.F(i)});")
+        for k in range(len(c.states)):
+            lines.append(f"      std::swap(gs{k}.p, gn{k}.p);")
+        lines.append("    }")
+        for k in range(len(c.states)):
+            F = self._state_size(k)
+            lines.append(f"    std::copy(gn{k}.p, gn{k}.p + nb * {F}, ginit{k} + n0 * {F});")
+        for k, i in enumerate(self.const):
+            lines.append(f"    std::copy(gc{k}.p, gc{k}.p + {self.F(i)}, gconst{k} + n0 * {self.F(i)});")
+        lines += ["  }", "}"]
+        return lines
+
+
+def _paren(text: str) -> str:
+    return text if re.fullmatch(r"[A-Za-z0-9_]+", text) else f"({text})"
+
+
+def _offset(base: str, flat: str) -> str:
+    return base if flat == "0" else f"{base} + {flat}"
+
+
+PRELUDE = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+constexpr int ROWS_PER_BLOCK = %d;
+
+// A workspace array of one block; p can be swapped with another's.
+template <typename R> struct Buffer {
+  std::vector<R> v;
+  R* p;
+  explicit Buffer(long n) : v(std::max(n, 1L), R(0)), p(v.data()) {}
+  R& operator[](long i) { return p[i]; }
+  void zero() { std::fill(p, p + v.size(), R(0)); }
+};
+
+// The elementwise functions C++ lacks, in the forms torch computes them.
+template <typename R> static inline R rcc_sigmoid(R x) { return R(1) / (R(1) + std::exp(-x)); }
+template <typename R> static inline R rcc_softplus(R x) {
+  return x > R(20) ? x : std::log1p(std::exp(x));  // torch's threshold
+}
+template <typename R> static inline R rcc_logsigmoid(R x) {
+  return std::min(x, R(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+template <typename R> static inline R rcc_silu(R x) { return x * rcc_sigmoid(x); }
+template <typename R> static inline R rcc_gelu(R x) {
+  return R(0.5) * x * (R(1) + std::erf(x * R(0.7071067811865476)));
+}
+template <typename R> static inline R rcc_relu(R x) { return x > R(0) ? x : R(0); }
+template <typename R> static inline R rcc_abs(R x) { return std::abs(x); }
+template <typename R> static inline R rcc_sign(R x) { return R((x > R(0)) - (x < R(0))); }
+template <typename R> static inline R rcc_step(R x) { return x > R(0) ? R(1) : R(0); }
+template <typename R> static inline R rcc_tiestep(R x) {
+  return x > R(0) ? R(1) : (x == R(0) ? R(0.5) : R(0));
+}
+template <typename R> static inline R rcc_max(R a, R b) {
+  return (a != a || b != b) ? a + b : std::max(a, b);  // NaN propagates, as in torch
+}
+template <typename R> static inline R rcc_min(R a, R b) {
+  return (a != a || b != b) ? a + b : std::min(a, b);
+}
+template <typename R> static inline R rcc_logaddexp(R a, R b) {
+  const R m = std::max(a, b);
+  return std::isinf(m) && m < R(0) ? m : m + std::log1p(std::exp(-std::abs(a - b)));
+}
+template <typename R> static inline R rcc_where(R c, R a, R b) { return c != R(0) ? a : b; }
+template <typename R> static inline R rcc_lt(R a, R b) { return a < b ? R(1) : R(0); }
+template <typename R> static inline R rcc_le(R a, R b) { return a <= b ? R(1) : R(0); }
+template <typename R> static inline R rcc_gt(R a, R b) { return a > b ? R(1) : R(0); }
+template <typename R> static inline R rcc_ge(R a, R b) { return a >= b ? R(1) : R(0); }
+template <typename R> static inline R rcc_eq(R a, R b) { return a == b ? R(1) : R(0); }
+template <typename R> static inline R rcc_ne(R a, R b) { return a != b ? R(1) : R(0); }
+""" % ROWS_PER_BLOCK
+
+
+def print_kernel(cell: ir.CellIR) -> str:
+    return KernelPrinter(cell).source()

@@ -1,0 +1,196 @@
+"""Backend 'cpp' at run time: build a generated C++ kernel with the system compiler, cache the
+shared object by content, load it with ctypes and run it from torch with gradients.
+
+Generated modules call `kernel(source, dims)` once per dims and `run(...)` per call. The kernel's
+entry points take two arrays (sizes and pointers; backends/cpp/kernel.py documents the layout),
+so one C signature serves every cell.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+_KERNELS: dict = {}  # content key -> Kernel, for this process
+_LOCK = threading.Lock()
+_IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
+
+
+class CompilerNotFound(RuntimeError):
+    pass
+
+
+def cache_dir() -> str:
+    return os.environ.get("RCC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rcc")
+
+
+def compiler() -> str:
+    """The C++ compiler: $CXX, else the first of g++, clang++, c++ on PATH."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise CompilerNotFound(
+        f"backend 'cpp' needs a C++17 compiler and found none ({', '.join(names)} not on PATH); "
+        "install g++ or clang++, set CXX, or use backend='torch'")
+
+
+def _identity(cxx: str) -> str:
+    """The compiler's version and the CPU's model: -march=native code is only valid there."""
+    if cxx not in _IDENTITY:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        cpu = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpu = next((line for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        _IDENTITY[cxx] = version.splitlines()[0] if version else cxx
+        _IDENTITY[cxx] += "|" + cpu.strip()
+    return _IDENTITY[cxx]
+
+
+class Kernel:
+    """The entry points of one built kernel."""
+
+    def __init__(self, path: str):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        self._fns = {}
+        for direction in ("forward", "backward"):
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                fn = getattr(lib, f"rcc_{direction}_{suffix}")
+                fn.argtypes = (ctypes.POINTER(ctypes.c_long), ctypes.POINTER(ctypes.c_void_p))
+                fn.restype = None
+                self._fns[direction, dtype] = fn
+        self._lib = lib  # keeps the library loaded
+
+    def __call__(self, direction, dtype, sizes, tensors):
+        """Run `direction` on `tensors` (None passes a null pointer)."""
+        size = (ctypes.c_long * len(sizes))(*sizes)
+        ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr()
+                                                   for t in tensors])
+        self._fns[direction, dtype](size, ptrs)
+
+
+def kernel(source: str, dims: tuple) -> Kernel:
+    """The kernel built from `source` with its dims (RCC_DIM0, ...) set to `dims`: loaded from
+    this process or the on-disk cache, else compiled (about a second)."""
+    text = "".join(f"#define RCC_DIM{k} {int(v)}\n" for k, v in enumerate(dims)) + source
+    cxx = compiler()
+    key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS)).encode()).hexdigest()[:24]
+    with _LOCK:
+        if key not in _KERNELS:
+            _KERNELS[key] = Kernel(_build(cxx, text, key))
+        return _KERNELS[key]
+
+
+def _build(cxx: str, text: str, key: str) -> str:
+    """The path of the shared object for `text`, compiling it unless the cache has it. Writes go
+    to temporary files renamed into place, so concurrent builds never see half a file."""
+    directory = os.path.join(cache_dir(), "cpp")
+    path = os.path.join(directory, f"rcc_{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, src = tempfile.mkstemp(dir=directory, prefix=f"rcc_{key}_", suffix=".cpp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    tmp = src[:-4] + ".so.tmp"
+    try:
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, src], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the C++ compiler failed on rcc's generated kernel (an rcc bug; "
+                               f"the source is kept at {src}):\n{done.stderr[-4000:]}")
+        os.replace(tmp, path)
+        os.replace(src, path[:-3] + ".cpp")  # kept beside it, for reading
+    finally:
+        for leftover in (tmp,):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return path
+
+
+def _rows(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """x with its axes after the first `lead` flattened into one contiguous axis (a view when
+    they already are)."""
+    x = x.reshape(*x.shape[:lead], -1)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    return x
+
+
+def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
+    """Run the loop over time. seq: tensors [T, N, *shape] (any strides); consts: tensors;
+    states: initial states [N, *shape]; out_shapes: each output's declared shape. Returns
+    (outputs [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
+    tensors = (*seq, *consts, *states)
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"backend 'cpp' runs on CPU tensors; got one on {t.device} "
+                               "(use backend='torch' or 'triton' on a GPU)")
+        if t.dtype != dtype:
+            raise TypeError(f"backend 'cpp' needs one float dtype for inputs, params and states; "
+                            f"got {dtype} and {t.dtype}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
+    meta = (kern, T, N, len(seq), len(consts), tuple(tuple(s) for s in out_shapes))
+    results = _Loop.apply(meta, *tensors)
+    n_out = len(out_shapes)
+    return list(results[:n_out]), list(results[n_out:])
+
+
+class _Loop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        kern, T, N, n_seq, n_const, out_shapes = meta
+        dtype = tensors[0].dtype
+        seq = [_rows(x, 2) for x in tensors[:n_seq]]
+        consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+        states = [_rows(s, 1).contiguous() for s in tensors[n_seq + n_const:]]
+        save = any(ctx.needs_input_grad[1:])
+        outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
+        finals = [torch.empty_like(s) for s in states]
+        saved = [torch.empty(T, *s.shape, dtype=dtype) if save else None for s in states]
+        sizes = [N, T, torch.get_num_threads(), int(save)]
+        for x in seq:
+            sizes += [x.stride(0), x.stride(1)]
+        for y in outs:
+            row = y[0, 0].numel()
+            sizes += [row, T * row]  # [N, T, ...] read as [T, N, ...]
+        kern("forward", dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
+        ctx.meta, ctx.tensors = meta, (seq, consts, states, saved)
+        ctx.shapes = [t.shape for t in tensors]
+        return (*outs, *[f.view(s.shape) for f, s in zip(finals, tensors[n_seq + n_const:])])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        kern, T, N, n_seq, n_const, out_shapes = ctx.meta
+        seq, consts, states, saved = ctx.tensors
+        dtype = seq[0].dtype if seq else consts[0].dtype if consts else states[0].dtype
+        n_out = len(out_shapes)
+        gouts = [None if g is None else _rows(g, 2) for g in grads[:n_out]]
+        gfinals = [None if g is None else _rows(g, 1).contiguous() for g in grads[n_out:]]
+        gseq = [torch.empty(T, N, x.shape[2], dtype=dtype) for x in seq]
+        gconst = [torch.zeros(N, c.numel(), dtype=dtype) for c in consts]
+        ginit = [torch.empty_like(s) for s in states]
+        sizes = [N, T, torch.get_num_threads(), 1]
+        for x in seq:
+            sizes += [x.stride(0), x.stride(1)]
+        for g in gouts:
+            sizes += [0, 0] if g is None else [g.stride(1), g.stride(0)]  # [N, T, ...]
+        kern("backward", dtype, sizes, [*seq, *consts, *states, *saved, *gouts, *gfinals,
+                                        *gseq, *gconst, *ginit])
+        grads_in = [g.view(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
+        grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
+        grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
+        return (None, *grads_in)
