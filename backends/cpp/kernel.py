@@ -63,12 +63,13 @@ class KernelPrinter:
         uses = {i: len(u) for i, u in self.users.items()}
         for v in roots:
             uses[v] += 1
-        self.step = [n.id for n in cell.nodes if self.region[n.id] == "step" and n.op != "state"]
+        self.step = self._inside(roots)
         # the kernel's arguments: values computed by torch that the kernel reads
         read = set(roots)
         for i in self.step:
             read.update(cell.node(i).args)
-        outside = sorted(i for i in read if self.region[i] != "step" and cell.node(i).op != "const")
+        inside = set(self.step)
+        outside = sorted(i for i in read if i not in inside and cell.node(i).op not in ("const", "state"))
         self.seq = [i for i in outside if cell.node(i).type.batched]
         self.const = [i for i in outside if not cell.node(i).type.batched]
         self.state_index = {d.name: k for k, d in enumerate(cell.states)}
@@ -91,6 +92,22 @@ class KernelPrinter:
         # state's next value reads
         self.copied = {v for v in self.updates.values() if v not in self.stored}
         self.adjoint = [i for i in self.step if cell.node(i).op not in VIEWS]
+
+    def _inside(self, roots) -> list:
+        """The values the kernel computes, in order: those that read a state, and the pointwise
+        values and views of the inputs they read (computed per step, in cache: materializing
+        exp(g) for all steps first would cost a pass over memory). What needs a GEMM or a
+        reduction (W @ x) stays outside, for torch to compute for all steps at once."""
+        cell = self.cell
+        inside = {n.id for n in cell.nodes if self.region[n.id] == "step" and n.op != "state"}
+        work = list(roots) + [a for i in inside for a in cell.node(i).args]
+        while work:
+            i = work.pop()
+            n = cell.node(i)
+            if i not in inside and self.region[i] == "seq" and n.op in POINTWISE | set(VIEWS):
+                inside.add(i)
+                work.extend(n.args)
+        return sorted(inside)
 
     # ---- names and indices ----------------------------------------------------------------
     def size(self, expr) -> str:
@@ -671,6 +688,15 @@ def _offset(base: str, flat: str) -> str:
 
 
 PRELUDE = r"""
+#if defined(__x86_64__) && defined(__linux__) && !defined(__FAST_MATH__)
+// glibc declares its vector math functions (libmvec: exp, tanh, log1p... on 4 or 8 lanes, within
+// 4 ulp) only under __FAST_MATH__, because they do not set errno; rcc compiles with
+// -fno-math-errno, so loops calling them may be vectorized without -ffast-math's other effects
+// (it would also assume no inf or NaN).
+#define __FAST_MATH__ 1
+#include <math.h>
+#undef __FAST_MATH__
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstring>

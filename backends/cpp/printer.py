@@ -19,7 +19,9 @@ class CppPrinter(TorchPrinter):
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "sequential")
         self.kernel = KernelPrinter(cell)
-        self.live = {i for i, r in self.region.items() if r != "step"}  # torch prints these
+        # torch computes what the kernel reads and does not compute itself
+        self.args = set(self.kernel.seq + self.kernel.const)
+        self.live = ir.cone(cell.nodes, self.args)
         dims = ", ".join(f"self.dims[{d.name!r}]" for d in cell.dims)
         self.class_attrs = [
             "",
@@ -30,6 +32,10 @@ class CppPrinter(TorchPrinter):
             "    def _kernel(self):",
             f"        return _rt.cpp.kernel(CPP_SOURCE, ({dims}{',' if len(cell.dims) == 1 else ''}))",
         ]
+
+    def _only_user_in(self, i, region) -> bool:
+        # what the kernel reads gets a name: the kernel call passes it
+        return i not in self.args and super()._only_user_in(i, region)
 
     def module(self) -> str:
         source = self.kernel.source()

@@ -238,7 +238,7 @@ class TorchPrinter(ExprPrinter):
         lines.append("        _NT = _N * _T")
         for d in c.inputs:
             i = self._leaf_id("input", d.name)
-            if any(self.region[u] == "seq" for u in self.users.get(i, ())):
+            if any(self.region[u] == "seq" and self._is_live(u) for u in self.users.get(i, ())):
                 name = self.decl_names[d.name]
                 # time-major, so that each step's slice of a result is contiguous
                 lines.append(f"        {name} = {seq[d.name]}.transpose(0, 1).reshape(_NT, "

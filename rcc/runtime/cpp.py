@@ -17,7 +17,10 @@ import threading
 
 import torch
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+# -fno-math-errno: nothing reads errno, and it lets loops of exp/tanh use vector math (the
+# kernel prelude says how); -lm brings glibc's libmvec where it exists
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 _KERNELS: dict = {}  # content key -> Kernel, for this process
 _LOCK = threading.Lock()
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
@@ -86,7 +89,7 @@ def kernel(source: str, dims: tuple) -> Kernel:
     this process or the on-disk cache, else compiled (about a second)."""
     text = "".join(f"#define RCC_DIM{k} {int(v)}\n" for k, v in enumerate(dims)) + source
     cxx = compiler()
-    key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS)).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode()).hexdigest()[:24]
     with _LOCK:
         if key not in _KERNELS:
             _KERNELS[key] = Kernel(_build(cxx, text, key))
@@ -106,7 +109,7 @@ def _build(cxx: str, text: str, key: str) -> str:
         f.write(text)
     tmp = src[:-4] + ".so.tmp"
     try:
-        done = subprocess.run([cxx, *FLAGS, "-o", tmp, src], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, src, *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the C++ compiler failed on rcc's generated kernel (an rcc bug; "
                                f"the source is kept at {src}):\n{done.stderr[-4000:]}")
