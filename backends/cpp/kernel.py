@@ -285,9 +285,51 @@ class KernelPrinter:
         lane = [("b", None)]
         return outer + lane + inner if shared else lane + outer + inner
 
+    def gemv(self, n):
+        """For W @ h with W a param matrix and h a vector in an array (the recurrent matmul):
+        (the const index of W, h's pointer and lane stride); else None."""
+        a, b = (self.cell.node(x) for x in n.args)
+        if a.id in self.const and a.type.rank == 2 and b.type.rank == 1:
+            return self.const.index(a.id), self.plain(b.id, self.access_arrays)
+        return None
+
+    def plain(self, i, arrays):
+        """(pointer, lane stride) of value i's array in `arrays` (values or adjoints), or None
+        when it has none (a folded value, an index map)."""
+        n = self.cell.node(i)
+        if i in self.seq:
+            k = self.seq.index(i)
+            return arrays["seq"](k, i)
+        if n.op == "state":
+            k = self.state_index[n.attr("name")]
+            return arrays["state"](k), self.F(i)
+        if i in arrays["own"]:
+            return arrays["node"](i), self.F(i)
+        return None
+
+    @property
+    def access_arrays(self):
+        return {"seq": lambda k, i: (f"x{k}", f"xn{k}"), "state": lambda k: f"s{k}.p",
+                "own": self.stored, "node": lambda i: f"w{i}.p"}
+
+    @property
+    def adjoint_arrays(self):
+        return {"seq": lambda k, i: (f"gx{k}.p", self.F(i)), "state": lambda k: f"gs{k}.p",
+                "own": set(self.adjoint), "node": lambda i: f"g{i}.p"}
+
+    def _gemv_ready(self, n):
+        fast = self.gemv(n)
+        return fast if fast is not None and fast[1] is not None else None
+
     def _matmul(self, n):
         """y = A @ B. A matrix-vector product is a dot product per output (contiguous rows of A);
         with a matrix B, rows of B are added into rows of y (contiguous along B's columns)."""
+        fast = self._gemv_ready(n)
+        if fast is not None:  # register-tiled, on W transposed once per call
+            k, (x, xs) = fast
+            a = self.cell.node(n.args[0])
+            return [f"      rcc_gemv<R, false>(cP{k}.data(), {self.size(a.type.shape[0])}, "
+                    f"{self.size(a.type.shape[1])}, {x}, {xs}, w{n.id}.p, {self.F(n.id)}, nb);"]
         a, b, ia, jb, k = self._matmul_axes(n)
         i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
         y = lambda: f"w{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
@@ -308,6 +350,16 @@ class KernelPrinter:
             self._lanes_inside(list(ia) + [k], [], not b.type.batched), axpy)
 
     def _matmul_backward(self, n):
+        fast = self._gemv_ready(n)
+        if fast is not None:
+            k, (x, xs) = fast
+            gx = self.plain(n.args[1], self.adjoint_arrays)
+            a = self.cell.node(n.args[0])
+            M, K = self.size(a.type.shape[0]), self.size(a.type.shape[1])
+            return [f"      rcc_gemv<R, true>(cQ{k}.data(), {K}, {M}, g{n.id}.p, {self.F(n.id)}, "
+                    f"{gx[0]}, {gx[1]}, nb);  // dh += W^T g",
+                    f"      rcc_rank_update<R>(gc{k}.p, {M}, {K}, g{n.id}.p, {self.F(n.id)}, "
+                    f"{x}, {xs}, nb);  // dW += g h^T"]
         a, b, ia, jb, k = self._matmul_axes(n)
         i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
         g = lambda: f"g{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
@@ -556,12 +608,29 @@ class KernelPrinter:
                 ptr += 1
         return lines
 
-    def _block_head(self):
+    def _packs(self, backward):
+        """Each W of a register-tiled W @ h packed into panels once per call (rcc_pack): W's
+        rows for the forward (cP), its columns for the backward's W^T g (cQ)."""
+        lines = []
+        for k in sorted({f[0] for f in map(self._gemv_ready, self._matmuls()) if f is not None}):
+            shape = self.cell.node(self.const[k]).type.shape
+            M, K = self.size(shape[0]), self.size(shape[1])
+            if backward:
+                lines.append(f"  const std::vector<R> cQ{k} = rcc_pack(c{k}, {M}, {K}, {K}, 1);")
+            else:
+                lines.append(f"  const std::vector<R> cP{k} = rcc_pack(c{k}, {K}, {M}, 1, {K});")
+        return lines
+
+    def _matmuls(self):
+        return [self.cell.node(i) for i in self.step if self.cell.node(i).op == "matmul"]
+
+    def _block_head(self, backward):
         c = self.cell
-        lines = ["  const long rows = std::max(1L, std::min(long(ROWS_PER_BLOCK), "
+        lines = self._packs(False) + (self._packs(True) if backward else [])
+        lines += ["  const long rows = std::max(1L, std::min(long(ROWS_PER_BLOCK), "
                  "(N + threads - 1) / threads));",
                  "  const long blocks = (N + rows - 1) / rows;",
-                 "  #pragma omp parallel for schedule(static) num_threads(threads)",
+                 "  #pragma omp parallel for schedule(static) num_threads(threads) if(blocks > 1)",
                  "  for (long blk = 0; blk < blocks; ++blk) {",
                  "    const long n0 = blk * rows, nb = std::min(rows, N - n0);"]
         for k in range(len(c.states)):
@@ -585,7 +654,7 @@ class KernelPrinter:
     def _forward_fn(self):
         c = self.cell
         lines = ["template <typename R>", "static void forward(const long* size, void* const* p) {"]
-        lines += self._args(backward=False) + self._block_head()
+        lines += self._args(backward=False) + self._block_head(False)
         for k in range(len(c.states)):
             F = self._state_size(k)
             lines.append(f"    std::copy(init{k} + n0 * {F}, init{k} + (n0 + nb) * {F}, s{k}.p);")
@@ -619,7 +688,7 @@ class KernelPrinter:
     def _backward_fn(self):
         c = self.cell
         lines = ["template <typename R>", "static void backward(const long* size, void* const* p) {"]
-        lines += self._args(backward=True) + self._block_head()
+        lines += self._args(backward=True) + self._block_head(True)
         for k in range(len(c.states)):
             F = self._state_size(k)
             lines += [f"    Buffer<R> gs{k}(nb * {F}), gn{k}(nb * {F});"
@@ -703,7 +772,7 @@ PRELUDE = r"""
 #include <limits>
 #include <vector>
 
-constexpr int ROWS_PER_BLOCK = %d;
+constexpr int ROWS_PER_BLOCK = @ROWS_PER_BLOCK@;
 
 // A workspace array of one block; p can be swapped with another's.
 template <typename R> struct Buffer {
@@ -713,6 +782,83 @@ template <typename R> struct Buffer {
   R& operator[](long i) { return p[i]; }
   void zero() { std::fill(p, p + v.size(), R(0)); }
 };
+
+// W @ h for a shared W on nb lanes (the recurrent matmul). W is first packed into panels of TW
+// outputs (rcc_pack), each panel [C, TW] contiguous, so a tile of L lanes x TW outputs is
+// accumulated in registers while the contraction index c streams through one panel in order.
+template <typename R> struct Panel {
+  typedef R V __attribute__((vector_size(32)));
+  static constexpr long VL = 32 / sizeof(R), TW = 2 * VL;
+};
+
+// Panels of the matrix X[c, o] = src[c * sc + o * so] (C x O), zero-padded to whole panels.
+template <typename R>
+static std::vector<R> rcc_pack(const R* src, long C, long O, long sc, long so) {
+  constexpr long TW = Panel<R>::TW;
+  std::vector<R> out(((O + TW - 1) / TW) * C * TW, R(0));
+  for (long o = 0; o < O; ++o)
+    for (long c = 0; c < C; ++c) out[(o / TW) * C * TW + c * TW + o % TW] = src[c * sc + o * so];
+  return out;
+}
+
+// y[l, o] (+)= sum_c X[c, o] x[l, c] for lanes l < L, o < O, X packed by rcc_pack.
+template <typename R, bool ADD, int L>
+static inline void rcc_gemv_lanes(const R* P, long O, long C, const R* x, long xs, R* y, long ys) {
+  typedef typename Panel<R>::V V;
+  constexpr long VL = Panel<R>::VL, TW = Panel<R>::TW;
+  for (long o = 0; o < O; o += TW, P += C * TW) {
+    V acc[L][2] = {};
+    for (long c = 0; c < C; ++c) {
+      V a0, a1;
+      std::memcpy(&a0, P + c * TW, sizeof a0);
+      std::memcpy(&a1, P + c * TW + VL, sizeof a1);
+#if defined(__GNUC__) && defined(__x86_64__)
+      // keep the panel's two vectors in registers: otherwise GCC folds a load into each of
+      // the 2L multiply-adds, and the loads, not the multiply-adds, bound the loop (2x slower)
+      asm("" : "+x"(a0), "+x"(a1));
+#endif
+      for (int l = 0; l < L; ++l) {
+        const R xv = x[l * xs + c];
+        acc[l][0] += a0 * xv;
+        acc[l][1] += a1 * xv;
+      }
+    }
+    const long n = std::min(TW, O - o);
+    for (int l = 0; l < L; ++l) {
+      R out[TW];
+      std::memcpy(out, acc[l], sizeof out);
+      for (long j = 0; j < n; ++j) y[l * ys + o + j] = ADD ? y[l * ys + o + j] + out[j] : out[j];
+    }
+  }
+}
+
+template <typename R, bool ADD>
+static void rcc_gemv(const R* P, long O, long C, const R* x, long xs, R* y, long ys, long nb) {
+  long l = 0;
+  for (; l + 4 <= nb; l += 4) rcc_gemv_lanes<R, ADD, 4>(P, O, C, x + l * xs, xs, y + l * ys, ys);
+  for (; l < nb; ++l) rcc_gemv_lanes<R, ADD, 1>(P, O, C, x + l * xs, xs, y + l * ys, ys);
+}
+
+// A[i, k] += sum_l g[l, i] x[l, k] (the gradient of a shared W in W @ h, summed over lanes).
+template <typename R>
+static void rcc_rank_update(R* A, long M, long K, const R* g, long gs, const R* x, long xs, long nb) {
+  constexpr long W = 64 / sizeof(R);
+  for (long i = 0; i < M; ++i) {
+    R* row = A + i * K;
+    long k = 0;
+    for (; k + W <= K; k += W) {
+      R acc[W];
+      for (long j = 0; j < W; ++j) acc[j] = row[k + j];
+      for (long l = 0; l < nb; ++l) {
+        const R gv = g[l * gs + i];
+        for (long j = 0; j < W; ++j) acc[j] += gv * x[l * xs + k + j];
+      }
+      for (long j = 0; j < W; ++j) row[k + j] = acc[j];
+    }
+    for (; k < K; ++k)
+      for (long l = 0; l < nb; ++l) row[k] += g[l * gs + i] * x[l * xs + k];
+  }
+}
 
 // The elementwise functions C++ lacks, in the forms torch computes them.
 template <typename R> static inline R rcc_sigmoid(R x) { return R(1) / (R(1) + std::exp(-x)); }
@@ -750,7 +896,7 @@ template <typename R> static inline R rcc_gt(R a, R b) { return a > b ? R(1) : R
 template <typename R> static inline R rcc_ge(R a, R b) { return a >= b ? R(1) : R(0); }
 template <typename R> static inline R rcc_eq(R a, R b) { return a == b ? R(1) : R(0); }
 template <typename R> static inline R rcc_ne(R a, R b) { return a != b ? R(1) : R(0); }
-""" % ROWS_PER_BLOCK
+""".replace("@ROWS_PER_BLOCK@", str(ROWS_PER_BLOCK))
 
 
 def print_kernel(cell: ir.CellIR) -> str:

@@ -49,7 +49,8 @@ class CppPrinter(TorchPrinter):
         seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first
         lines = self._forward_head(body, seq)
-        self._seq_values(body["seq"], seq, lines)
+        # batch-major (no copy of the inputs): the kernel reads any strides
+        self._seq_values(body["seq"], seq, lines, time_major=False)
         args = []
         for i in k.seq:  # [T, N, ...] views
             n = c.node(i)
@@ -57,7 +58,7 @@ class CppPrinter(TorchPrinter):
                 args.append(f"{seq[n.attr('name')]}.transpose(0, 1)")
             else:
                 ref = self._ref(i)
-                args.append(f"{ref}.reshape(_T, _N, *{ref}.shape[1:])")
+                args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:]).transpose(0, 1)")
         consts = [self._ref(i) for i in k.const]
         states = [self.decl_names[s.name] for s in c.states]
         lines += [

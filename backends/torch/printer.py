@@ -170,7 +170,7 @@ class TorchPrinter(ExprPrinter):
             # the declared initial values, used for the states that initial_state leaves out
             lines.append(f"        {_tuple(states) if len(states) == 1 else ', '.join(states)} = "
                          f"self._initial_states(initial_state, _layout, {first}, (")
-            lines += [f"            {d},  # {s.name}" for d, s in zip(defaults, c.states)]
+            lines += [f"            lambda: {d},  # {s.name}" for d, s in zip(defaults, c.states)]
             lines.append("        ))")
         if body["const"]:
             lines.append("        # depends on params and constants only: computed once")
@@ -227,10 +227,10 @@ class TorchPrinter(ExprPrinter):
                       f"        ), {_tuple(states)}, _layout)"]
         return lines
 
-    def _seq_values(self, statements, seq, lines):
+    def _seq_values(self, statements, seq, lines, time_major=True):
         """Print the values that read inputs but no state once for all steps, with the steps
-        folded into the batch axis (one GEMM for W @ x over the sequence, not T small ones),
-        time-major: rows [T * N, ...]."""
+        folded into the batch axis (one GEMM for W @ x over the sequence, not T small ones):
+        rows [T * N, ...] (time-major), or [N * T, ...]."""
         if not statements:
             return
         c = self.cell
@@ -241,7 +241,8 @@ class TorchPrinter(ExprPrinter):
             if any(self.region[u] == "seq" and self._is_live(u) for u in self.users.get(i, ())):
                 name = self.decl_names[d.name]
                 # time-major, so that each step's slice of a result is contiguous
-                lines.append(f"        {name} = {seq[d.name]}.transpose(0, 1).reshape(_NT, "
+                order = ".transpose(0, 1)" if time_major else ""
+                lines.append(f"        {name} = {seq[d.name]}{order}.reshape(_NT, "
                              f"*{seq[d.name]}.shape[2:])")
         lines += ["        " + s for s in statements]
 

@@ -22,6 +22,7 @@ import torch
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 _KERNELS: dict = {}  # content key -> Kernel, for this process
+_BY_SOURCE: dict = {}  # (source, dims) -> Kernel
 _LOCK = threading.Lock()
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
 
@@ -87,6 +88,13 @@ class Kernel:
 def kernel(source: str, dims: tuple) -> Kernel:
     """The kernel built from `source` with its dims (RCC_DIM0, ...) set to `dims`: loaded from
     this process or the on-disk cache, else compiled (about a second)."""
+    found = _BY_SOURCE.get((source, dims))  # every call: a dict lookup (str hashes are cached)
+    if found is None:
+        found = _BY_SOURCE[source, dims] = _kernel(source, dims)
+    return found
+
+
+def _kernel(source: str, dims: tuple) -> Kernel:
     text = "".join(f"#define RCC_DIM{k} {int(v)}\n" for k, v in enumerate(dims)) + source
     cxx = compiler()
     key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode()).hexdigest()[:24]
@@ -125,7 +133,8 @@ def _build(cxx: str, text: str, key: str) -> str:
 def _rows(x: torch.Tensor, lead: int) -> torch.Tensor:
     """x with its axes after the first `lead` flattened into one contiguous axis (a view when
     they already are)."""
-    x = x.reshape(*x.shape[:lead], -1)
+    if x.dim() != lead + 1:
+        x = x.reshape(*x.shape[:lead], -1)
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     return x
@@ -147,33 +156,44 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
     meta = (kern, T, N, len(seq), len(consts), tuple(tuple(s) for s in out_shapes))
-    results = _Loop.apply(meta, *tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        results = _Loop.apply(meta, *tensors)
+    else:  # no graph to record: skip autograd.Function's bookkeeping (one-step latency)
+        results = _forward(meta, tensors, save=False)[0]
     n_out = len(out_shapes)
     return list(results[:n_out]), list(results[n_out:])
+
+
+def _forward(meta, tensors, save):
+    """Outputs [N, T, ...] and final states; and what backward needs when `save`."""
+    kern, T, N, n_seq, n_const, out_shapes = meta
+    dtype = tensors[0].dtype
+    seq = [_rows(x, 2) for x in tensors[:n_seq]]
+    consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+    states = [_rows(s, 1) for s in tensors[n_seq + n_const:]]
+    states = [s if s.is_contiguous() else s.contiguous() for s in states]
+    outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
+    finals = [torch.empty_like(s) for s in states]
+    saved = [torch.empty(T, *s.shape, dtype=dtype) if save else None for s in states]
+    sizes = [N, T, torch.get_num_threads(), int(save)]
+    for x in seq:
+        sizes += [x.stride(0), x.stride(1)]
+    for y in outs:
+        row = y[0, 0].numel()
+        sizes += [row, T * row]  # [N, T, ...] read as [T, N, ...]
+    kern("forward", dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
+    finals = [f if f.dim() == s.dim() else f.view(s.shape)
+              for f, s in zip(finals, tensors[n_seq + n_const:])]
+    return (*outs, *finals), (seq, consts, states, saved)
 
 
 class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *tensors):
-        kern, T, N, n_seq, n_const, out_shapes = meta
-        dtype = tensors[0].dtype
-        seq = [_rows(x, 2) for x in tensors[:n_seq]]
-        consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
-        states = [_rows(s, 1).contiguous() for s in tensors[n_seq + n_const:]]
-        save = any(ctx.needs_input_grad[1:])
-        outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
-        finals = [torch.empty_like(s) for s in states]
-        saved = [torch.empty(T, *s.shape, dtype=dtype) if save else None for s in states]
-        sizes = [N, T, torch.get_num_threads(), int(save)]
-        for x in seq:
-            sizes += [x.stride(0), x.stride(1)]
-        for y in outs:
-            row = y[0, 0].numel()
-            sizes += [row, T * row]  # [N, T, ...] read as [T, N, ...]
-        kern("forward", dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
-        ctx.meta, ctx.tensors = meta, (seq, consts, states, saved)
+        results, kept = _forward(meta, tensors, save=True)
+        ctx.meta, ctx.tensors = meta, kept
         ctx.shapes = [t.shape for t in tensors]
-        return (*outs, *[f.view(s.shape) for f, s in zip(finals, tensors[n_seq + n_const:])])
+        return results
 
     @staticmethod
     def backward(ctx, *grads):

@@ -129,11 +129,13 @@ class CellModule(torch.nn.Module):
                 raise ValueError(f"input {name!r} has an empty time axis (T=0)")
             if not x.is_floating_point():
                 raise TypeError(f"input {name!r} must be floating point, got {x.dtype}")
-            out.append(x.movedim(1, 1 + nh).reshape(-1, x.shape[1], *decl))
+            # no heads: already [N, T, *decl] (a call costs microseconds: one-step latency)
+            out.append(x.movedim(1, 1 + nh).reshape(-1, x.shape[1], *decl) if nh else x)
         return out, layout
 
     def _initial_states(self, initial_state, layout, like, defaults):
-        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]) or the defaults."""
+        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]) or the defaults
+        (functions making each state's declared initial value, called only when needed)."""
         B, heads, _ = layout
         N = like.shape[0]
         given = dict(initial_state or {})
@@ -151,9 +153,10 @@ class CellModule(torch.nn.Module):
                     got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
                     raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
                                      f"expects {list(want)}")
-                out.append(s.to(like.dtype).reshape(N, *decl))
+                s = s if s.dtype == like.dtype else s.to(like.dtype)
+                out.append(s.reshape(N, *decl) if heads else s)
             else:
-                out.append(default.to(dtype=like.dtype, device=like.device).expand(N, *decl))
+                out.append(default().to(dtype=like.dtype, device=like.device).expand(N, *decl))
         return out
 
     def _result(self, outputs, states, layout):
@@ -161,12 +164,12 @@ class CellModule(torch.nn.Module):
         nh = len(heads)
 
         def unflatten_seq(y):  # [N, T, *o] -> [B, T, *heads, *o]
-            return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1)
+            return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1) if nh else y
 
         outs = tuple(unflatten_seq(y) for y in outputs)
         # contiguous: a state never updated (or updated by a param expression) is still a
         # broadcast view of one value, which the caller could not write into
-        final = {name: s.reshape(B, *heads, *s.shape[1:]).contiguous()
+        final = {name: (s.reshape(B, *heads, *s.shape[1:]) if nh else s).contiguous()
                  for name, s in zip(self.STATES, states)}
         return (outs[0] if len(outs) == 1 else outs), final
 
