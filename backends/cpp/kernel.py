@@ -839,21 +839,29 @@ static void rcc_gemv(const R* P, long O, long C, const R* x, long xs, R* y, long
   for (; l < nb; ++l) rcc_gemv_lanes<R, ADD, 1>(P, O, C, x + l * xs, xs, y + l * ys, ys);
 }
 
-// A[i, k] += sum_l g[l, i] x[l, k] (the gradient of a shared W in W @ h, summed over lanes).
+// A[i, k] += sum_l g[l, i] x[l, k] (the gradient of a shared W in W @ h, summed over lanes):
+// two vectors of a row of A stay in registers while the lanes are added in.
 template <typename R>
 static void rcc_rank_update(R* A, long M, long K, const R* g, long gs, const R* x, long xs, long nb) {
-  constexpr long W = 64 / sizeof(R);
+  typedef typename Panel<R>::V V;
+  constexpr long VL = Panel<R>::VL;
   for (long i = 0; i < M; ++i) {
     R* row = A + i * K;
     long k = 0;
-    for (; k + W <= K; k += W) {
-      R acc[W];
-      for (long j = 0; j < W; ++j) acc[j] = row[k + j];
+    for (; k + 2 * VL <= K; k += 2 * VL) {
+      V a0, a1;
+      std::memcpy(&a0, row + k, sizeof a0);
+      std::memcpy(&a1, row + k + VL, sizeof a1);
       for (long l = 0; l < nb; ++l) {
         const R gv = g[l * gs + i];
-        for (long j = 0; j < W; ++j) acc[j] += gv * x[l * xs + k + j];
+        V x0, x1;
+        std::memcpy(&x0, x + l * xs + k, sizeof x0);
+        std::memcpy(&x1, x + l * xs + k + VL, sizeof x1);
+        a0 += x0 * gv;
+        a1 += x1 * gv;
       }
-      for (long j = 0; j < W; ++j) row[k + j] = acc[j];
+      std::memcpy(row + k, &a0, sizeof a0);
+      std::memcpy(row + k + VL, &a1, sizeof a1);
     }
     for (; k < K; ++k)
       for (long l = 0; l < nb; ++l) row[k] += g[l * gs + i] * x[l * xs + k];
