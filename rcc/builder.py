@@ -76,15 +76,16 @@ def _is_finite_number(value) -> bool:
 class GraphBuilder:
     def __init__(self, nodes=()):
         self.nodes: list = list(nodes)
-        # (op, args, attrs) -> id: an equal expression is emitted once
-        self.memo: dict = {(n.op, n.args, n.attrs): n.id for n in self.nodes}
+        # (op, args, attrs, shape) -> id: an equal expression is emitted once. The shape is part
+        # of the key because zeros() and ones() have no args: ones(1) is not ones(e, d)
+        self.memo: dict = {(n.op, n.args, n.attrs, n.type.shape): n.id for n in self.nodes}
 
     def emit(self, op, args, shape, span, attrs=(), batched=None) -> int:
         args = tuple(args)
         attrs = tuple(sorted(attrs))
         if batched is None:
             batched = op in ("input", "state") or any(self.nodes[a].type.batched for a in args)
-        key = (op, args, attrs)
+        key = (op, args, attrs, tuple(shape))
         if key in self.memo:
             return self.memo[key]
         node = ir.Node(len(self.nodes), op, args, attrs, ir.Type(tuple(shape), batched), span)

@@ -114,12 +114,12 @@ def run_python(lines: str, values: dict, result: str):
 
 # ---- running both sides ----------------------------------------------------------------------
 _CLASSES: dict = {}  # (source text or path, cell) -> compiled class
-def instantiate(source, cell=None, params="normal", **dims):
+def instantiate(source, cell=None, params="normal", backend="torch", **dims):
     """Compile and instantiate a cell in float64; params="normal" redraws them N(0, 0.7) so that
     every value is exercised away from the default initializer's narrow range."""
-    key = (source, cell)
+    key = (source, cell, backend)
     if key not in _CLASSES:  # parsing dominates these tiny tests; each source is parsed once
-        _CLASSES[key] = rcc.compile(source, cell=cell)
+        _CLASSES[key] = rcc.compile(source, cell=cell, backend=backend)
     m = _CLASSES[key](**dims).double()
     if params == "normal":
         with torch.no_grad():

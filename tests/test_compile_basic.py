@@ -62,3 +62,22 @@ def test_float32_and_float64():
     assert y.dtype == torch.float32 and y.shape == (2, 1, 5)
     y, _ = m.double()(torch.randn(2, 1, 3, dtype=torch.float64))
     assert y.dtype == torch.float64
+
+
+def test_zeros_and_ones_of_different_shapes_are_different_values():
+    """The builder shares equal expressions; zeros()/ones() have no args, so their shapes must
+    tell them apart (ones(1) once took the node of an earlier ones(e, d))."""
+    import torch
+    src = """
+cell C(d, e) {
+    input x[d]
+    param p[d]
+    state s[d]
+    s' = s
+    output y = ones(e, d) * x
+    output z = concat(p, ones(1))
+}"""
+    m = rcc.compile(src, backend="torch")(d=3, e=2)
+    y, z = m(torch.randn(1, 2, 3))[0]
+    assert y.shape == (1, 2, 2, 3) and z.shape == (1, 2, 4)
+    assert torch.equal(z[0, 0, 3], torch.tensor(1.0))

@@ -43,3 +43,38 @@ def test_cpp_equals_torch_float64(name, T):
 def test_cpp_equals_torch_float32(name):
     ref, mod = _pair(name, STDLIB_DIMS[name], torch.float32)
     _compare(ref, mod, 2, 5, (), torch.float32, F32)
+
+
+# ---- every expression form of the semantics suite, on backend cpp ------------------------------
+# Each group of test_semantics_ops.py's expressions becomes one cell with an output per expression
+# (one C++ build per group), checked against the same per-element reference.
+import test_semantics_ops as ops  # noqa: E402
+from semantics_harness import instantiate, run_and_compare, run_python  # noqa: E402
+
+GROUPS = {name: getattr(ops, name) for name in (
+    "ARITHMETIC", "COMPARISONS", "MATMUL", "REDUCTIONS", "BUILDERS", "INDEXING", "TRANSPOSES",
+    "DIM_VALUES")}
+GROUPS["UNARY"] = ops._unary_cases()
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_cpp_expression_forms(group):
+    config = "d3e2"
+    cases = {}
+    for param in GROUPS[group]:
+        expr, ref, cfg = param.values
+        if cfg == config:
+            cases.setdefault(expr, ref)
+    exprs = list(cases)
+    outputs = "\n".join(f"    output y{k} = {e}" for k, e in enumerate(exprs[1:], 1))
+    source = ops.ZOO.format(lines="", expr=exprs[0] + "\n" + outputs)
+    dims, B, T, heads = ops.CONFIGS[config]
+    m = instantiate(source, backend="cpp", **dims)
+
+    def step(v):
+        out = {}
+        for k, e in enumerate(exprs):
+            ref = cases[e]
+            out["y" if k == 0 else f"y{k}"] = ref(v) if ref else run_python("", vars(v), e)
+        return out
+    run_and_compare(m, step, B=B, T=T, heads=heads)

@@ -51,6 +51,13 @@ class _IntPrinter(CXX17CodePrinter):
             return "(" + "*".join([self.parenthesize(base, 60)] * int(exp)) + ")"
         return super()._print_Pow(e)
 
+    def _print_floor(self, e):  # of a non-negative ratio of dims: C's integer division
+        num, den = sympy.fraction(sympy.together(e.args[0]))
+        return f"(({self._print(num)}) / ({self._print(den)}))"
+
+    def _print_Rational(self, r):
+        return f"({r.p} / {r.q})"
+
 
 class KernelPrinter:
     def __init__(self, cell: ir.CellIR):
@@ -325,11 +332,16 @@ class KernelPrinter:
         """y = A @ B. A matrix-vector product is a dot product per output (contiguous rows of A);
         with a matrix B, rows of B are added into rows of y (contiguous along B's columns)."""
         fast = self._gemv_ready(n)
-        if fast is not None:  # register-tiled, on W transposed once per call
-            k, (x, xs) = fast
-            a = self.cell.node(n.args[0])
-            return [f"      rcc_gemv<R, false>(cP{k}.data(), {self.size(a.type.shape[0])}, "
-                    f"{self.size(a.type.shape[1])}, {x}, {xs}, w{n.id}.p, {self.F(n.id)}, nb);"]
+        if fast is None:
+            return self._matmul_loops(n)
+        k, (x, xs) = fast
+        a = self.cell.node(n.args[0])
+        return _either(  # register-tiled on W packed once per call, when the call is long enough
+            [f"rcc_gemv<R, false>(cP{k}.data(), {self.size(a.type.shape[0])}, "
+             f"{self.size(a.type.shape[1])}, {x}, {xs}, w{n.id}.p, {self.F(n.id)}, nb);"],
+            self._matmul_loops(n))
+
+    def _matmul_loops(self, n):
         a, b, ia, jb, k = self._matmul_axes(n)
         i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
         y = lambda: f"w{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
@@ -351,15 +363,20 @@ class KernelPrinter:
 
     def _matmul_backward(self, n):
         fast = self._gemv_ready(n)
-        if fast is not None:
-            k, (x, xs) = fast
-            gx = self.plain(n.args[1], self.adjoint_arrays)
-            a = self.cell.node(n.args[0])
-            M, K = self.size(a.type.shape[0]), self.size(a.type.shape[1])
-            return [f"      rcc_gemv<R, true>(cQ{k}.data(), {K}, {M}, g{n.id}.p, {self.F(n.id)}, "
-                    f"{gx[0]}, {gx[1]}, nb);  // dh += W^T g",
-                    f"      rcc_rank_update<R>(gc{k}.p, {M}, {K}, g{n.id}.p, {self.F(n.id)}, "
-                    f"{x}, {xs}, nb);  // dW += g h^T"]
+        if fast is None:
+            return self._matmul_backward_loops(n)
+        k, (x, xs) = fast
+        gx = self.plain(n.args[1], self.adjoint_arrays)
+        a = self.cell.node(n.args[0])
+        M, K = self.size(a.type.shape[0]), self.size(a.type.shape[1])
+        return _either(
+            [f"rcc_gemv<R, true>(cQ{k}.data(), {K}, {M}, g{n.id}.p, {self.F(n.id)}, "
+             f"{gx[0]}, {gx[1]}, nb);  // dh += W^T g",
+             f"rcc_rank_update<R>(gc{k}.p, {M}, {K}, g{n.id}.p, {self.F(n.id)}, "
+             f"{x}, {xs}, nb);  // dW += g h^T"],
+            self._matmul_backward_loops(n))
+
+    def _matmul_backward_loops(self, n):
         a, b, ia, jb, k = self._matmul_axes(n)
         i, j = tuple(v for v, _ in ia), tuple(v for v, _ in jb)
         g = lambda: f"g{n.id}[{self.row(n.id, i + j)}]"  # noqa: E731
@@ -616,9 +633,11 @@ class KernelPrinter:
             shape = self.cell.node(self.const[k]).type.shape
             M, K = self.size(shape[0]), self.size(shape[1])
             if backward:
-                lines.append(f"  const std::vector<R> cQ{k} = rcc_pack(c{k}, {M}, {K}, {K}, 1);")
+                lines.append(f"  const std::vector<R> cQ{k} = packed ? rcc_pack(c{k}, {M}, {K}, {K}, 1)"
+                             " : std::vector<R>();")
             else:
-                lines.append(f"  const std::vector<R> cP{k} = rcc_pack(c{k}, {K}, {M}, 1, {K});")
+                lines.append(f"  const std::vector<R> cP{k} = packed ? rcc_pack(c{k}, {K}, {M}, 1, {K})"
+                             " : std::vector<R>();")
         return lines
 
     def _matmuls(self):
@@ -626,7 +645,9 @@ class KernelPrinter:
 
     def _block_head(self, backward):
         c = self.cell
-        lines = self._packs(False) + (self._packs(True) if backward else [])
+        # packing a W costs a pass over it: worth it when it serves enough steps and rows
+        lines = ["  const bool packed = T * N >= PACK_MIN;"] if self._packs(False) else []
+        lines += self._packs(False) + (self._packs(True) if backward else [])
         lines += ["  const long rows = std::max(1L, std::min(long(ROWS_PER_BLOCK), "
                  "(N + threads - 1) / threads));",
                  "  const long blocks = (N + rows - 1) / rows;",
@@ -748,6 +769,12 @@ class KernelPrinter:
         return lines
 
 
+def _either(fast, loops) -> list:
+    """`fast` (lines) when the kernel packed its matrices, else `loops`."""
+    return (["      if (packed) {"] + [f"        {line}" for line in fast] + ["      } else {"]
+            + ["  " + line for line in loops] + ["      }"])
+
+
 def _paren(text: str) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_]+", text) else f"({text})"
 
@@ -773,6 +800,7 @@ PRELUDE = r"""
 #include <vector>
 
 constexpr int ROWS_PER_BLOCK = @ROWS_PER_BLOCK@;
+constexpr long PACK_MIN = 32;  // steps x rows from which a call packs its matrices (rcc_pack)
 
 // A workspace array of one block; p can be swapped with another's.
 template <typename R> struct Buffer {
@@ -796,8 +824,12 @@ template <typename R>
 static std::vector<R> rcc_pack(const R* src, long C, long O, long sc, long so) {
   constexpr long TW = Panel<R>::TW;
   std::vector<R> out(((O + TW - 1) / TW) * C * TW, R(0));
-  for (long o = 0; o < O; ++o)
-    for (long c = 0; c < C; ++c) out[(o / TW) * C * TW + c * TW + o % TW] = src[c * sc + o * so];
+  for (long o0 = 0; o0 < O; o0 += TW) {
+    R* panel = out.data() + (o0 / TW) * C * TW;
+    const long n = std::min(TW, O - o0);
+    for (long c = 0; c < C; ++c)
+      for (long j = 0; j < n; ++j) panel[c * TW + j] = src[c * sc + (o0 + j) * so];
+  }
   return out;
 }
 

@@ -7,8 +7,10 @@ so one C signature serves every cell.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +26,8 @@ LIBS = ("-lm",)
 _KERNELS: dict = {}  # content key -> Kernel, for this process
 _BY_SOURCE: dict = {}  # (source, dims) -> Kernel
 _LOCK = threading.Lock()
+_DTYPES = (torch.float32, torch.float64)
+_POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "L"  # array typecode of a pointer
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
 
 
@@ -72,17 +76,18 @@ class Kernel:
         for direction in ("forward", "backward"):
             for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
                 fn = getattr(lib, f"rcc_{direction}_{suffix}")
-                fn.argtypes = (ctypes.POINTER(ctypes.c_long), ctypes.POINTER(ctypes.c_void_p))
+                fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p)  # long[], void*[]
                 fn.restype = None
                 self._fns[direction, dtype] = fn
         self._lib = lib  # keeps the library loaded
 
     def __call__(self, direction, dtype, sizes, tensors):
         """Run `direction` on `tensors` (None passes a null pointer)."""
-        size = (ctypes.c_long * len(sizes))(*sizes)
-        ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr()
-                                                   for t in tensors])
-        self._fns[direction, dtype](size, ptrs)
+        # array.array is the cheapest C array to build from Python (a call should cost little
+        # beside one step of a small cell)
+        size = array.array("l", sizes)  # C long
+        ptrs = array.array(_POINTER, [0 if t is None else t.data_ptr() for t in tensors])
+        self._fns[direction, dtype](size.buffer_info()[0], ptrs.buffer_info()[0])
 
 
 def kernel(source: str, dims: tuple) -> Kernel:
@@ -147,15 +152,15 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
     tensors = (*seq, *consts, *states)
     dtype = tensors[0].dtype
     for t in tensors:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors; got one on {t.device} "
-                               "(use backend='torch' or 'triton' on a GPU)")
+                               "(use backend='torch' on a GPU)")
         if t.dtype != dtype:
             raise TypeError(f"backend 'cpp' needs one float dtype for inputs, params and states; "
                             f"got {dtype} and {t.dtype}")
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in _DTYPES:
         raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
-    meta = (kern, T, N, len(seq), len(consts), tuple(tuple(s) for s in out_shapes))
+    meta = (kern, T, N, len(seq), len(consts), out_shapes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(meta, *tensors)
     else:  # no graph to record: skip autograd.Function's bookkeeping (one-step latency)
@@ -178,8 +183,8 @@ def _forward(meta, tensors, save):
     sizes = [N, T, torch.get_num_threads(), int(save)]
     for x in seq:
         sizes += [x.stride(0), x.stride(1)]
-    for y in outs:
-        row = y[0, 0].numel()
+    for shape in out_shapes:
+        row = math.prod(shape)
         sizes += [row, T * row]  # [N, T, ...] read as [T, N, ...]
     kern("forward", dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
     finals = [f if f.dim() == s.dim() else f.view(s.shape)

@@ -114,9 +114,9 @@ class CellModule(torch.nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
             decl = self.shapes[name]
-            want = "[B, T, *heads" + "".join(f", {s}" for s in decl) + "]"
             nh = x.dim() - 2 - len(decl)
             if nh < 0 or tuple(x.shape[x.dim() - len(decl):]) != tuple(decl):
+                want = "[B, T, *heads" + "".join(f", {s}" for s in decl) + "]"
                 raise ValueError(f"input {name!r} has shape {list(x.shape)} but {self.CELL} "
                                  f"expects {want}")
             this = (x.shape[0], tuple(x.shape[2:2 + nh]), x.shape[1])
