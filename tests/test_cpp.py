@@ -78,3 +78,62 @@ def test_cpp_expression_forms(group):
             out["y" if k == 0 else f"y{k}"] = ref(v) if ref else run_python("", vars(v), e)
         return out
     run_and_compare(m, step, B=B, T=T, heads=heads)
+
+
+# ---- calling conventions, errors, build cache --------------------------------------------------
+def test_noncontiguous_inputs_and_a_grad_of_the_final_state_only():
+    ref, mod = _pair("gru.rnn", {"d_in": 3, "d": 4}, torch.float64)
+    x = torch.randn(9, 2, 3, dtype=torch.float64).transpose(0, 1).requires_grad_()  # [B, T, d]
+    assert not x.is_contiguous()
+    (_, fr), (_, fm) = ref(x), mod(x)
+    torch.testing.assert_close(fm["h"], fr["h"], **F64)
+    gr, = torch.autograd.grad(fr["h"].sum(), x)
+    gm, = torch.autograd.grad(fm["h"].sum(), x)
+    torch.testing.assert_close(gm, gr, **F64)
+
+
+def test_cpp_runs_plan_sequential_only():
+    with pytest.raises(NotImplementedError, match="plan 'sequential'"):
+        rcc.compile(stdlib("mingru.rnn"), backend="cpp", plan="scan")
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch):
+    from rcc.runtime import cpp
+    cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
+    monkeypatch.setenv("CXX", "no-such-compiler-rcc")
+    monkeypatch.setattr(cpp, "_BY_SOURCE", {})
+    with pytest.raises(cpp.CompilerNotFound, match="C\\+\\+17 compiler"):
+        cls(d=2)
+
+
+def test_build_is_cached_on_disk(monkeypatch):
+    from rcc.runtime import cpp
+    cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
+    first = cls(d=5)._kernel().path
+    monkeypatch.setattr(cpp, "_BY_SOURCE", {})  # as a new process: only the disk cache is left
+    monkeypatch.setattr(cpp, "_KERNELS", {})
+    monkeypatch.setattr(cpp, "_build", None)  # never called when the cache has the kernel
+    assert cls(d=5)._kernel().path == first
+
+
+def test_generated_module_runs_without_the_compiler_packages(tmp_path):
+    """The emitted module needs torch, rcc.runtime and a C++ compiler: not lark or sympy."""
+    import subprocess
+    import sys
+    path = tmp_path / "lstm_cpp.py"
+    path.write_text(rcc.generate(stdlib("lstm.rnn"), backend="cpp"))
+    code = "\n".join([
+        "import sys, importlib.util, torch",
+        f"spec = importlib.util.spec_from_file_location('lstm_cpp', {str(path)!r})",
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)",
+        "m = mod.LSTM(d_in=3, d=4)",
+        "x = torch.randn(2, 5, 3, requires_grad=True)",
+        "y, final = m(x)",
+        "(y.sum() + final['c'].sum()).backward()",
+        "assert x.grad is not None",
+        "bad = [k for k in ('lark', 'sympy') if k in sys.modules]",
+        "assert not bad, bad",
+        "print('ok')",
+    ])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

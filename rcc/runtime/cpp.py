@@ -105,17 +105,22 @@ def _kernel(source: str, dims: tuple) -> Kernel:
     key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode()).hexdigest()[:24]
     with _LOCK:
         if key not in _KERNELS:
-            _KERNELS[key] = Kernel(_build(cxx, text, key))
+            path = _cached(key)
+            _KERNELS[key] = Kernel(path if os.path.exists(path) else _build(cxx, text, key))
         return _KERNELS[key]
+
+
+def _cached(key: str) -> str:
+    return os.path.join(cache_dir(), "cpp", f"rcc_{key}.so")
 
 
 def _build(cxx: str, text: str, key: str) -> str:
     """The path of the shared object for `text`, compiling it unless the cache has it. Writes go
     to temporary files renamed into place, so concurrent builds never see half a file."""
-    directory = os.path.join(cache_dir(), "cpp")
-    path = os.path.join(directory, f"rcc_{key}.so")
+    path = _cached(key)
     if os.path.exists(path):
         return path
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, src = tempfile.mkstemp(dir=directory, prefix=f"rcc_{key}_", suffix=".cpp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
