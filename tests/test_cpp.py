@@ -109,11 +109,10 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
 def test_build_is_cached_on_disk(monkeypatch):
     from rcc.runtime import cpp
     cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
-    first = cls(d=5)._kernel().path
+    first = cls(d=5)._kernel().paths[torch.float32]
     monkeypatch.setattr(cpp, "_BY_SOURCE", {})  # as a new process: only the disk cache is left
-    monkeypatch.setattr(cpp, "_KERNELS", {})
     monkeypatch.setattr(cpp, "_build", None)  # never called when the cache has the kernel
-    assert cls(d=5)._kernel().path == first
+    assert cls(d=5)._kernel().paths[torch.float32] == first
 
 
 def test_generated_module_runs_without_the_compiler_packages(tmp_path):

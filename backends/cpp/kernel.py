@@ -552,11 +552,11 @@ class KernelPrinter:
         for i in sorted(sizes):
             lines.append(f"constexpr long {self.F(i)} = {self.numel(c.node(i).type.shape)};")
         lines += [""] + self._forward_fn() + [""] + self._backward_fn() + [""]
-        for r, fn in (("float", "f32"), ("double", "f64")):
-            lines += [f'extern "C" void rcc_forward_{fn}(const long* size, void* const* p) '
-                      f'{{ forward<{r}>(size, p); }}',
-                      f'extern "C" void rcc_backward_{fn}(const long* size, void* const* p) '
-                      f'{{ backward<{r}>(size, p); }}']
+        lines += ["// RCC_REAL (float or double) is defined when the kernel is built for a dtype",
+                  'extern "C" void rcc_forward(const long* size, void* const* p) '
+                  '{ forward<RCC_REAL>(size, p); }',
+                  'extern "C" void rcc_backward(const long* size, void* const* p) '
+                  '{ backward<RCC_REAL>(size, p); }']
         return "\n".join(lines) + "\n"
 
     def _state_size(self, k):
@@ -707,6 +707,16 @@ class KernelPrinter:
         return lines
 
     def _backward_fn(self):
+        c = self.cell
+        # the backward reads each value several times (in its own and its users' derivatives):
+        # store every value of the step once rather than recompute folded ones (exp, tanh...)
+        forward_stored, self.stored = self.stored, self.stored | set(self.adjoint)
+        try:
+            return self._backward_body()
+        finally:
+            self.stored = forward_stored
+
+    def _backward_body(self):
         c = self.cell
         lines = ["template <typename R>", "static void backward(const long* size, void* const* p) {"]
         lines += self._args(backward=True) + self._block_head(True)

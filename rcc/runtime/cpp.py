@@ -23,10 +23,9 @@ import torch
 # kernel prelude says how); -lm brings glibc's libmvec where it exists
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
-_KERNELS: dict = {}  # content key -> Kernel, for this process
-_BY_SOURCE: dict = {}  # (source, dims) -> Kernel
+_BY_SOURCE: dict = {}  # (source, dims) -> Kernel, for this process
 _LOCK = threading.Lock()
-_DTYPES = (torch.float32, torch.float64)
+_REAL = {torch.float32: "float", torch.float64: "double"}
 _POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "L"  # array typecode of a pointer
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
 
@@ -67,47 +66,55 @@ def _identity(cxx: str) -> str:
 
 
 class Kernel:
-    """The entry points of one built kernel."""
+    """One kernel source with its dims set; built per float type on first use (a build is one
+    compiler run, about a second: float64 is only built for a model that runs in float64)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        lib = ctypes.CDLL(path)
-        self._fns = {}
-        for direction in ("forward", "backward"):
-            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
-                fn = getattr(lib, f"rcc_{direction}_{suffix}")
+    def __init__(self, text: str):
+        self.text = text
+        self.paths = {}  # dtype -> shared object
+        self._fns = {}  # (direction, dtype) -> C function
+        self._libs = []  # keeps the libraries loaded
+
+    def build(self, dtype) -> "Kernel":
+        if dtype not in self.paths:
+            if dtype not in _REAL:
+                raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
+            cxx = compiler()
+            text = f"#define RCC_REAL {_REAL[dtype]}\n" + self.text
+            key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode())
+            key = key.hexdigest()[:24]
+            with _LOCK:
+                path = _cached(key)
+                if not os.path.exists(path):
+                    _build(cxx, text, key)
+                lib = ctypes.CDLL(path)
+            for direction in ("forward", "backward"):
+                fn = getattr(lib, f"rcc_{direction}")
                 fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p)  # long[], void*[]
                 fn.restype = None
                 self._fns[direction, dtype] = fn
-        self._lib = lib  # keeps the library loaded
+            self._libs.append(lib)
+            self.paths[dtype] = path
+        return self
 
     def __call__(self, direction, dtype, sizes, tensors):
         """Run `direction` on `tensors` (None passes a null pointer)."""
+        fn = self._fns.get((direction, dtype)) or self.build(dtype)._fns[direction, dtype]
         # array.array is the cheapest C array to build from Python (a call should cost little
         # beside one step of a small cell)
         size = array.array("l", sizes)  # C long
         ptrs = array.array(_POINTER, [0 if t is None else t.data_ptr() for t in tensors])
-        self._fns[direction, dtype](size.buffer_info()[0], ptrs.buffer_info()[0])
+        fn(size.buffer_info()[0], ptrs.buffer_info()[0])
 
 
 def kernel(source: str, dims: tuple) -> Kernel:
-    """The kernel built from `source` with its dims (RCC_DIM0, ...) set to `dims`: loaded from
-    this process or the on-disk cache, else compiled (about a second)."""
+    """The kernel of `source` with its dims (RCC_DIM0, ...) set to `dims`, one per process;
+    `.build(dtype)` loads it from the on-disk cache or compiles it."""
     found = _BY_SOURCE.get((source, dims))  # every call: a dict lookup (str hashes are cached)
     if found is None:
-        found = _BY_SOURCE[source, dims] = _kernel(source, dims)
+        text = "".join(f"#define RCC_DIM{k} {int(v)}\n" for k, v in enumerate(dims)) + source
+        found = _BY_SOURCE[source, dims] = Kernel(text)
     return found
-
-
-def _kernel(source: str, dims: tuple) -> Kernel:
-    text = "".join(f"#define RCC_DIM{k} {int(v)}\n" for k, v in enumerate(dims)) + source
-    cxx = compiler()
-    key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode()).hexdigest()[:24]
-    with _LOCK:
-        if key not in _KERNELS:
-            path = _cached(key)
-            _KERNELS[key] = Kernel(path if os.path.exists(path) else _build(cxx, text, key))
-        return _KERNELS[key]
 
 
 def _cached(key: str) -> str:
@@ -163,7 +170,7 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
         if t.dtype != dtype:
             raise TypeError(f"backend 'cpp' needs one float dtype for inputs, params and states; "
                             f"got {dtype} and {t.dtype}")
-    if dtype not in _DTYPES:
+    if dtype not in _REAL:
         raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
     meta = (kern, T, N, len(seq), len(consts), out_shapes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
