@@ -707,7 +707,6 @@ class KernelPrinter:
         return lines
 
     def _backward_fn(self):
-        c = self.cell
         # the backward reads each value several times (in its own and its users' derivatives):
         # store every value of the step once rather than recompute folded ones (exp, tanh...)
         forward_stored, self.stored = self.stored, self.stored | set(self.adjoint)
