@@ -120,8 +120,7 @@ class KernelPrinter:
     def size(self, expr) -> str:
         expr = sympy.sympify(expr)
         if not expr.is_integer and not expr.is_number:
-            num, den = sympy.fraction(sympy.together(expr))  # exact: a constraint checked it
-            return f"(({self.size(num)}) / ({self.size(den)}))"
+            expr = sympy.floor(expr)  # d/2: exact where used (a constraint checked it)
         return _IntPrinter(self.dims).doprint(expr)
 
     def numel(self, shape) -> str:
@@ -211,15 +210,14 @@ class KernelPrinter:
         return tuple(out) + tuple(idx[r:])
 
     # ---- loops --------------------------------------------------------------------------------
-    def loop(self, shape, body, var="i", lanes=True, indent="      "):
+    def loop(self, shape, body, indent="      "):
         """Lines looping over the lanes of the block and every index of `shape`; body(idx,
         indent) gives the innermost lines."""
         lines, idx, base = [], [], indent
-        if lanes:
-            lines.append(f"{indent}for (long b = 0; b < nb; ++b) {{")
-            indent += "  "
+        lines.append(f"{indent}for (long b = 0; b < nb; ++b) {{")
+        indent += "  "
         for k, s in enumerate(shape):
-            v = f"{var}{k}"
+            v = f"i{k}"
             lines.append(f"{indent}for (long {v} = 0; {v} < {self.size(s)}; ++{v}) {{")
             indent += "  "
             idx.append(v)
@@ -286,18 +284,20 @@ class KernelPrinter:
         return lines
 
     @staticmethod
-    def _lanes_inside(outer, inner, shared):
+    def _lanes_inside(loops, shared):
         """Loop order: when an operand is shared by all lanes (a param matrix), the lanes go
         inside the loops over its rows, so each row is read once per step, from L1."""
         lane = [("b", None)]
-        return outer + lane + inner if shared else lane + outer + inner
+        return loops + lane if shared else lane + loops
 
     def gemv(self, n):
         """For W @ h with W a param matrix and h a vector in an array (the recurrent matmul):
-        (the const index of W, h's pointer and lane stride); else None."""
+        (the const index of W, (h's pointer, lane stride)); else None."""
         a, b = (self.cell.node(x) for x in n.args)
         if a.id in self.const and a.type.rank == 2 and b.type.rank == 1:
-            return self.const.index(a.id), self.plain(b.id, self.access_arrays)
+            h = self.plain(b.id, self.access_arrays)
+            if h is not None:
+                return self.const.index(a.id), h
         return None
 
     def plain(self, i, arrays):
@@ -324,14 +324,10 @@ class KernelPrinter:
         return {"seq": lambda k, i: (f"gx{k}.p", self.F(i)), "state": lambda k: f"gs{k}.p",
                 "own": set(self.adjoint), "node": lambda i: f"g{i}.p"}
 
-    def _gemv_ready(self, n):
-        fast = self.gemv(n)
-        return fast if fast is not None and fast[1] is not None else None
-
     def _matmul(self, n):
         """y = A @ B. A matrix-vector product is a dot product per output (contiguous rows of A);
         with a matrix B, rows of B are added into rows of y (contiguous along B's columns)."""
-        fast = self._gemv_ready(n)
+        fast = self.gemv(n)
         if fast is None:
             return self._matmul_loops(n)
         k, (x, xs) = fast
@@ -352,17 +348,17 @@ class KernelPrinter:
                         f"{ind}for (long k = 0; k < {self.size(k[1])}; ++k) acc += "
                         f"{self.access(a.id, i + ('k',))} * {self.access(b.id, ('k',))};",
                         f"{ind}{y()} = acc;"]
-            return self.nest(self._lanes_inside(list(ia), [], not a.type.batched), body)
+            return self.nest(self._lanes_inside(list(ia), not a.type.batched), body)
 
         def axpy(ind):
             return [f"{ind}const R aik = {self.access(a.id, i + ('k',))};",
                     f"{ind}for (long i1 = 0; i1 < {self.size(jb[0][1])}; ++i1) "
                     f"{y()} += aik * {self.access(b.id, ('k',) + j)};"]
         return [f"      w{n.id}.zero();"] + self.nest(
-            self._lanes_inside(list(ia) + [k], [], not b.type.batched), axpy)
+            self._lanes_inside(list(ia) + [k], not b.type.batched), axpy)
 
     def _matmul_backward(self, n):
-        fast = self._gemv_ready(n)
+        fast = self.gemv(n)
         if fast is None:
             return self._matmul_backward_loops(n)
         k, (x, xs) = fast
@@ -393,7 +389,7 @@ class KernelPrinter:
                         f"{ind}for (long i1 = 0; i1 < {self.size(jb[0][1])}; ++i1) {{",
                         *[f"{ind}  {s}" for s in self.accumulate(b.id, bk, f"aik * {g()}")],
                         f"{ind}}}"]
-            return self.nest(self._lanes_inside(list(ia) + [k], [], shared), body)
+            return self.nest(self._lanes_inside(list(ia) + [k], shared), body)
 
         def vector(ind):  # dA(i, k) += g(i) B(k);  dB(k) += A(i, k) g(i)
             return [f"{ind}const R gy = {g()};",
@@ -401,7 +397,7 @@ class KernelPrinter:
                     *[f"{ind}  {s}" for s in self.accumulate(a.id, ak, f"gy * {self.access(b.id, bk)}")],
                     *[f"{ind}  {s}" for s in self.accumulate(b.id, bk, f"{self.access(a.id, ak)} * gy")],
                     f"{ind}}}"]
-        return self.nest(self._lanes_inside(list(ia), [], shared), vector)
+        return self.nest(self._lanes_inside(list(ia), shared), vector)
 
     def _reduced(self, n):
         """(x, the reduced axes, the index of x from the output index and the inner loop vars)."""
@@ -451,10 +447,8 @@ class KernelPrinter:
     def _softmax_loop(self, n, body):
         x, axes, x_index = self._reduced(n)
         outer = [s for k, s in enumerate(x.type.shape) if k not in axes]
-
-        def x_at(idx):  # idx: the outer index; the softmax axis is k<axis>
-            return x_index(idx)
-        return self.loop(outer, lambda idx, ind: body(x, axes, x_at(idx), ind))
+        # idx: the outer index; x_index puts k<axis> on the softmax axis
+        return self.loop(outer, lambda idx, ind: body(x, axes, x_index(idx), ind))
 
     def _softmax(self, n):
         def body(x, axes, xi, ind):
@@ -629,7 +623,7 @@ class KernelPrinter:
         """Each W of a register-tiled W @ h packed into panels once per call (rcc_pack): W's
         rows for the forward (cP), its columns for the backward's W^T g (cQ)."""
         lines = []
-        for k in sorted({f[0] for f in map(self._gemv_ready, self._matmuls()) if f is not None}):
+        for k in sorted({f[0] for f in map(self.gemv, self._matmuls()) if f is not None}):
             shape = self.cell.node(self.const[k]).type.shape
             M, K = self.size(shape[0]), self.size(shape[1])
             if backward:
@@ -646,8 +640,8 @@ class KernelPrinter:
     def _block_head(self, backward):
         c = self.cell
         # packing a W costs a pass over it: worth it when it serves enough steps and rows
-        lines = ["  const bool packed = T * N >= PACK_MIN;"] if self._packs(False) else []
-        lines += self._packs(False) + (self._packs(True) if backward else [])
+        packs = self._packs(False) + (self._packs(True) if backward else [])
+        lines = ["  const bool packed = T * N >= PACK_MIN;"] * bool(packs) + packs
         lines += ["  const long rows = std::max(1L, std::min(long(ROWS_PER_BLOCK), "
                  "(N + threads - 1) / threads));",
                  "  const long blocks = (N + rows - 1) / rows;",

@@ -121,12 +121,10 @@ def _cached(key: str) -> str:
     return os.path.join(cache_dir(), "cpp", f"rcc_{key}.so")
 
 
-def _build(cxx: str, text: str, key: str) -> str:
-    """The path of the shared object for `text`, compiling it unless the cache has it. Writes go
-    to temporary files renamed into place, so concurrent builds never see half a file."""
+def _build(cxx: str, text: str, key: str) -> None:
+    """Compile `text` into the cache's shared object for `key`. Writes go to temporary files
+    renamed into place, so concurrent builds never see half a file."""
     path = _cached(key)
-    if os.path.exists(path):
-        return path
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, src = tempfile.mkstemp(dir=directory, prefix=f"rcc_{key}_", suffix=".cpp")
@@ -141,10 +139,8 @@ def _build(cxx: str, text: str, key: str) -> str:
         os.replace(tmp, path)
         os.replace(src, path[:-3] + ".cpp")  # kept beside it, for reading
     finally:
-        for leftover in (tmp,):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return path
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _rows(x: torch.Tensor, lead: int) -> torch.Tensor:
@@ -208,7 +204,7 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *tensors):
         results, kept = _forward(meta, tensors, save=True)
-        ctx.meta, ctx.tensors = meta, kept
+        ctx.meta, ctx.tensors, ctx.float_type = meta, kept, tensors[0].dtype
         ctx.shapes = [t.shape for t in tensors]
         return results
 
@@ -216,7 +212,7 @@ class _Loop(torch.autograd.Function):
     def backward(ctx, *grads):
         kern, T, N, n_seq, n_const, out_shapes = ctx.meta
         seq, consts, states, saved = ctx.tensors
-        dtype = seq[0].dtype if seq else consts[0].dtype if consts else states[0].dtype
+        dtype = ctx.float_type
         n_out = len(out_shapes)
         gouts = [None if g is None else _rows(g, 2) for g in grads[:n_out]]
         gfinals = [None if g is None else _rows(g, 1).contiguous() for g in grads[n_out:]]
