@@ -37,6 +37,13 @@ def _suffix_sums_after(x, dim):
     return shifted.flip(dim).cumsum(dim).flip(dim)
 
 
+def _chunking(T, chunk_size):
+    """(steps per chunk, number of chunks, steps of padding after the last step)."""
+    chunk = max(1, min(int(chunk_size), T))
+    n_chunks = -(-T // chunk)
+    return chunk, n_chunks, n_chunks * chunk - T
+
+
 def _pad_time(x, pad):
     """Zero-pad dim 1 (time) by `pad` steps at the end."""
     if pad == 0:
@@ -86,9 +93,7 @@ def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64):
     V = v.shape[-1]
     if S0 is None:
         S0 = q.new_zeros(N, K, V)
-    chunk = max(1, min(int(chunk_size), T))
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
+    chunk, n_chunks, pad = _chunking(T, chunk_size)
     qc, kc, vc, g = (_pad_time(x, pad).reshape(N, n_chunks, chunk, x.shape[-1])
                      for x in (q, k, v, log_decay))
     scalar = g.shape[-1] == 1
@@ -158,9 +163,7 @@ def chunk_delta_rule(q, k, u, beta, log_decay=None, S0=None, chunk_size=64):
     V = u.shape[-1]
     if S0 is None:
         S0 = q.new_zeros(N, K, V)
-    chunk = max(1, min(int(chunk_size), T))
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
+    chunk, n_chunks, pad = _chunking(T, chunk_size)
     micro = chunk * n_h
     qc = _pad_time(q, pad).reshape(N, n_chunks, chunk, K)
     kc = _pad_time(k, pad).reshape(N, n_chunks, micro, K)
