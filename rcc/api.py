@@ -23,22 +23,44 @@ PLANS = ("auto", "sequential", "scan", "chunk", "newton")
 _CLASSES: dict = {}  # content key -> class, for this process
 
 
+TRITON_PLANS = ("sequential", "scan", "newton")  # the plans backend triton has kernels for
+
+
 def _check_choice(backend, plan):
     """The backend and plan to print: 'auto' backend is torch; backend 'cpp' runs the fused
-    sequential loop, which is what plan 'auto' means there."""
+    sequential loop, which is what plan 'auto' means there; backend 'triton' resolves plan 'auto'
+    once the cell is analysed (_triton_plan)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r} (choose from {', '.join(PLANS)})")
-    if backend == "triton":
-        raise NotImplementedError(f"backend {backend!r} is not implemented yet; use backend='torch'")
     if backend == "cpp":
         if plan not in ("auto", "sequential"):
             raise NotImplementedError(
                 f"backend 'cpp' runs plan 'sequential' (the fused loop over time) only; plan "
                 f"{plan!r} runs on backend='torch'")
-        return "cpp", "sequential"
+        return backend, "sequential"
+    if backend == "triton":
+        if plan not in ("auto",) + TRITON_PLANS:
+            raise NotImplementedError(
+                f"backend 'triton' has no kernels for plan {plan!r} yet (it runs "
+                f"{', '.join(TRITON_PLANS)}); plan {plan!r} runs on backend='torch'")
+        return backend, plan
     return "torch", plan
+
+
+def _triton_plan(cell_ir, plan, analysis=None):
+    """Plan 'auto' on backend triton: the scan when the cell is affine in its state with a
+    diagonal transition (log depth in T, the steps' work spread over the GPU), else the fused
+    sequential kernel (one launch; Newton stays opt-in). Returns (plan, analysis)."""
+    if plan == "sequential":
+        return plan, analysis
+    if analysis is None:
+        from .passes.analysis import analyze_ir
+        analysis = analyze_ir(cell_ir)
+    if plan == "auto":
+        plan = "scan" if "scan" in analysis.plans else "sequential"
+    return plan, analysis
 
 
 def _load(source_or_path, cell):
@@ -106,8 +128,10 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
     if backend == "cpp":
-        from rcc.backends.cpp.printer import print_module as print_cpp
-        return print_cpp(cell_ir)
+        return _fused_printer(backend)(cell_ir)
+    if backend == "triton":
+        plan, analysis = _triton_plan(cell_ir, plan)
+        return _fused_printer(backend)(cell_ir, plan=plan, analysis=analysis)
     from rcc.backends.torch.printer import print_module
 
     from .passes.analysis import analyze_ir
@@ -177,8 +201,10 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     from rcc.backends.torch.printer import print_module
 
     if backend == "cpp":
-        from rcc.backends.cpp.printer import print_module as print_cpp
-        code = print_cpp(cell_ir, source_name or cell_ir.filename)
+        code = _fused_printer(backend)(cell_ir, source_name or cell_ir.filename)
+    elif backend == "triton":
+        plan, analysis = _triton_plan(cell_ir, plan, analysis)
+        code = _fused_printer(backend)(cell_ir, source_name or cell_ir.filename, plan, analysis)
     elif plan == "auto":
         return _auto_class(cell_ir, source_name)
     else:
@@ -187,6 +213,15 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     if key not in _CLASSES:
         _CLASSES[key] = _load_class(code, key)
     return _CLASSES[key]
+
+
+def _fused_printer(backend):
+    """print_module of a kernel backend."""
+    if backend == "cpp":
+        from rcc.backends.cpp.printer import print_module
+    else:
+        from rcc.backends.triton.printer import print_module
+    return print_module
 
 
 def _auto_class(cell_ir, source_name=""):

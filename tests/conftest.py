@@ -6,6 +6,8 @@ import torch
 
 # Generated modules go to a per-session cache, never the user's ~/.cache.
 os.environ.setdefault("RCC_CACHE_DIR", tempfile.mkdtemp(prefix="rcc-test-cache-"))
+# Backend triton's kernels run on CPU tensors in Triton's interpreter (read when triton is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = os.path.join(ROOT, "stdlib")

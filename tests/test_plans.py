@@ -16,10 +16,10 @@ CASES = [(name, plan) for name in sorted(DIMS) for plan in rcc.analyze(stdlib(na
          if plan != "sequential"]
 
 
-def _compare(name, plan, T, heads=(2,)):
+def _compare(name, plan, T, heads=(2,), backend="torch"):
     dims = DIMS[name]
     ref = rcc.compile(stdlib(name))(**dims).double()
-    mod = rcc.compile(stdlib(name), plan=plan)(**dims).double()
+    mod = rcc.compile(stdlib(name), plan=plan, backend=backend)(**dims).double()
     if plan == "chunk":
         mod.chunk_size = 4  # a module attribute, default 64
     mod.load_state_dict(ref.state_dict())
@@ -41,6 +41,12 @@ def _compare(name, plan, T, heads=(2,)):
 @pytest.mark.parametrize("T", [1, 7, 9])  # 9: one more than two chunks of 4
 def test_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T)
+
+
+@pytest.mark.parametrize("name,plan", [c for c in CASES if c[1] in rcc.api.TRITON_PLANS])
+@pytest.mark.parametrize("T", [1, 7, 40])  # 40: more than one of the Triton scans' blocks of 32 steps
+def test_triton_plan_equals_sequential(name, plan, T):
+    _compare(name, plan, T, backend="triton")
 
 
 @pytest.mark.parametrize("name,plan", [c for c in CASES if c[0] in ("mingru.rnn", "gla.rnn")])

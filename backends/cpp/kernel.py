@@ -23,9 +23,10 @@ from sympy.printing.cxx import CXX17CodePrinter
 from rcc import ir
 from rcc.codegen import regions
 
-from .scalar import POINTWISE, cxx, derivatives, pointwise
+from ..loop import VIEWS, LoopPartition
+from ..pointwise import POINTWISE, derivatives, pointwise
+from .scalar import cxx
 
-VIEWS = ("getitem", "transpose")
 REDUCING = ("matmul", "sum", "mean", "amax", "logsumexp", "softmax", "concat", "stack")
 ROWS_PER_BLOCK = 16  # the most rows one task runs together (its workspace holds this many)
 
@@ -65,20 +66,9 @@ class KernelPrinter:
         self.region = regions(cell)
         self.dims = {d.name: f"D_{c_name(d.name)}" if c_name(d.name) == d.name else f"D{k}"
                      for k, d in enumerate(cell.dims)}
-        self.users = cell.users()
-        roots = [v for _, v in cell.updates] + [v for _, v, _ in cell.outputs]
-        uses = {i: len(u) for i, u in self.users.items()}
-        for v in roots:
-            uses[v] += 1
-        self.step = self._inside(roots)
-        # the kernel's arguments: values computed by torch that the kernel reads
-        read = set(roots)
-        for i in self.step:
-            read.update(cell.node(i).args)
-        inside = set(self.step)
-        outside = sorted(i for i in read if i not in inside and cell.node(i).op not in ("const", "state"))
-        self.seq = [i for i in outside if cell.node(i).type.batched]
-        self.const = [i for i in outside if not cell.node(i).type.batched]
+        part = LoopPartition(cell)
+        self.users, uses, self.step = part.users, part.uses, part.step
+        self.seq, self.const = part.seq, part.const
         self.state_index = {d.name: k for k, d in enumerate(cell.states)}
         self.state_node = {n.attr("name"): n.id for n in cell.nodes if n.op == "state"}
         self.updates = dict(cell.updates)
@@ -99,22 +89,6 @@ class KernelPrinter:
         # state's next value reads
         self.copied = {v for v in self.updates.values() if v not in self.stored}
         self.adjoint = [i for i in self.step if cell.node(i).op not in VIEWS]
-
-    def _inside(self, roots) -> list:
-        """The values the kernel computes, in order: those that read a state, and the pointwise
-        values and views of the inputs they read (computed per step, in cache: materializing
-        exp(g) for all steps first would cost a pass over memory). What needs a GEMM or a
-        reduction (W @ x) stays outside, for torch to compute for all steps at once."""
-        cell = self.cell
-        inside = {n.id for n in cell.nodes if self.region[n.id] == "step" and n.op != "state"}
-        work = list(roots) + [a for i in inside for a in cell.node(i).args]
-        while work:
-            i = work.pop()
-            n = cell.node(i)
-            if i not in inside and self.region[i] == "seq" and n.op in POINTWISE | set(VIEWS):
-                inside.add(i)
-                work.extend(n.args)
-        return sorted(inside)
 
     # ---- names and indices ----------------------------------------------------------------
     def size(self, expr) -> str:

@@ -8,20 +8,20 @@ built for the dims of each instance (rcc.runtime.cpp).
 from __future__ import annotations
 
 from rcc import ir
-from rcc.backends.torch.printer import TorchPrinter, _tuple
+from rcc.backends.torch.printer import TorchPrinter
 
+from ..loop import FusedLoopPrinter, LoopPartition
 from .kernel import KernelPrinter
 
 
-class CppPrinter(TorchPrinter):
+class CppPrinter(FusedLoopPrinter, TorchPrinter):
     backend = "cpp"
+    needs = "torch and rcc.runtime only (and a C++ compiler)"
 
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "sequential")
+        self._fused_init(LoopPartition(cell))
         self.kernel = KernelPrinter(cell)
-        # torch computes what the kernel reads and does not compute itself
-        self.args = set(self.kernel.seq + self.kernel.const)
-        self.live = ir.cone(cell.nodes, self.args)
         dims = ", ".join(f"self.dims[{d.name!r}]" for d in cell.dims)
         self.class_attrs = [
             "",
@@ -34,10 +34,6 @@ class CppPrinter(TorchPrinter):
             f"        return _rt.cpp.kernel(CPP_SOURCE, ({dims}{',' if len(cell.dims) == 1 else ''}))",
         ]
 
-    def _only_user_in(self, i, region) -> bool:
-        # what the kernel reads gets a name: the kernel call passes it
-        return i not in self.args and super()._only_user_in(i, region)
-
     def module(self) -> str:
         source = self.kernel.source()
         assert '"""' not in source and "\\" not in source  # held in a raw string below
@@ -45,32 +41,14 @@ class CppPrinter(TorchPrinter):
                 "dims as RCC_DIM0, RCC_DIM1, ... (in DIMS order).\n"
                 f'CPP_SOURCE = r"""{source}"""\n')
 
-    def _forward(self, body):
-        c, k = self.cell, self.kernel
-        seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
-        shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first
-        lines = self._forward_head(body, seq)
-        # batch-major (no copy of the inputs): the kernel reads any strides
-        self._seq_values(body["seq"], seq, lines, time_major=False)
-        args = []
-        for i in k.seq:  # [T, N, ...] views
-            n = c.node(i)
-            if n.op == "input":
-                args.append(f"{seq[n.attr('name')]}.transpose(0, 1)")
-            else:
-                ref = self._ref(i)
-                args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:]).transpose(0, 1)")
-        consts = [self._ref(i) for i in k.const]
-        states = [self.decl_names[s.name] for s in c.states]
-        lines += [
+    def _run_call(self, args, consts, states, shapes):
+        return [
             "        # every step in the C++ kernel: what it reads per step, once, and the states",
-            "        _outs, _finals = _rt.cpp.run(",
-            f"            self._kernel(), _T, _N, {_tuple(args)},",
-            f"            {_tuple(consts)},",
-            f"            {_tuple(states)}, {_tuple(shapes)})",
-            "        return self._result(_outs, _finals, _layout)",
+            "        _outs, _finals = _rt.cpp.run(self._kernel(), _T, _N,",
+            f"            {args},",
+            f"            {consts},",
+            f"            {states}, {shapes})",
         ]
-        return lines
 
 
 def print_module(cell: ir.CellIR, source_name: str = "") -> str:

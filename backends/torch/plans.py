@@ -16,6 +16,7 @@ def _cone(cell, roots, stop=()):
 class PlanPrinter(TorchPrinter):
     """Shared by the plans: the outputs are computed after the states of every step are known,
     from each step's previous state (the state leaf) and next state (the update, bound)."""
+    kernels = "_rt"  # the module whose scans and chunkwise kernels the plan calls
 
     def __init__(self, c, source_name, plan, roots, bound=None):
         self.plan_roots = list(roots)  # what the plan's algorithm reads, before the outputs
@@ -124,9 +125,9 @@ class ScanPrinter(PlanPrinter):
             finals[st.name] = steps = self.ns.new(st.name + "_steps")
             a = self._time_major(st.coefficient, rank, init, expand=False)
             b = self._time_major(st.offset, rank, init, expand=True)
-            call = f"        {steps} = _rt.linear_scan({a}, {b}, {init})"
+            call = f"        {steps} = {self.kernels}.linear_scan({a}, {b}, {init})"
             lines += [call] if len(call) <= 110 else [
-                f"        {steps} = _rt.linear_scan(", f"            {a},",
+                f"        {steps} = {self.kernels}.linear_scan(", f"            {a},",
                 f"            {b},", f"            {init},", "        )"]
         return self._bind_steps(lines, finals)
 
@@ -250,6 +251,8 @@ class NewtonPrinter(PlanPrinter):
         lines.append(f"            _step, _jacobian, {init}, {self.fn_args_tuple},")
         lines.append(f"            block={len(names)}, max_iter=self.max_iter, tol=self.tol,")
         lines.append(f"            seq_mask={self.fn_mask},  # which arguments are per-step rows")
+        if self.kernels != "_rt":
+            lines.append(f"            scans={self.kernels},  # the scans' kernels")
         lines.append("        )")
         return self._bind_steps(lines, finals)
 
@@ -303,7 +306,7 @@ class ChunkPrinter(PlanPrinter):
             args = [q, self._chunks(f.keys[0], (*f.heads, K), heads),
                     self._chunks(f.values[0], (*f.heads, V), heads), decay, s0]
             lines.append("        # S' = decay * S + k v^T, o = q @ S': chunkwise parallel")
-            call = "_rt.chunk_linear_attention"
+            call = f"{self.kernels}.chunk_linear_attention"
         else:
             n_h = len(f.keys)
             decay = "None" if f.log_decay is None else self._chunks(f.log_decay, (), 0)
@@ -312,7 +315,7 @@ class ChunkPrinter(PlanPrinter):
                     self._chunks(list(f.betas), (n_h,), 0), decay, s0]
             lines.append(f"        # S' = (gate) then {n_h} Householder factor(s) (I - beta k k^T) S"
                          " + k u^T, o = q @ S': chunkwise (UT transform)")
-            call = "_rt.chunk_delta_rule"
+            call = f"{self.kernels}.chunk_delta_rule"
         lines.append(f"        {out}, {final} = {call}(")
         lines += [f"            {a}," for a in args]
         lines.append("            chunk_size=self.chunk_size,")

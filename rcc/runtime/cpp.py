@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from .layout import rows
+
 # -fno-math-errno: nothing reads errno, and it lets loops of exp/tanh use vector math (the
 # kernel prelude says how); -lm brings glibc's libmvec where it exists
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
@@ -143,16 +145,6 @@ def _build(cxx: str, text: str, key: str) -> None:
             os.remove(tmp)
 
 
-def _rows(x: torch.Tensor, lead: int) -> torch.Tensor:
-    """x with its axes after the first `lead` flattened into one contiguous axis (a view when
-    they already are)."""
-    if x.dim() != lead + 1:
-        x = x.reshape(*x.shape[:lead], -1)
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    return x
-
-
 def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
     """Run the loop over time. seq: tensors [T, N, *shape] (any strides); consts: tensors;
     states: initial states [N, *shape]; out_shapes: each output's declared shape. Returns
@@ -181,9 +173,9 @@ def _forward(meta, tensors, save):
     """Outputs [N, T, ...] and final states; and what backward needs when `save`."""
     kern, T, N, n_seq, n_const, out_shapes = meta
     dtype = tensors[0].dtype
-    seq = [_rows(x, 2) for x in tensors[:n_seq]]
+    seq = [rows(x, 2) for x in tensors[:n_seq]]
     consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
-    states = [_rows(s, 1) for s in tensors[n_seq + n_const:]]
+    states = [rows(s, 1) for s in tensors[n_seq + n_const:]]
     states = [s if s.is_contiguous() else s.contiguous() for s in states]
     outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
     finals = [torch.empty_like(s) for s in states]
@@ -214,8 +206,8 @@ class _Loop(torch.autograd.Function):
         seq, consts, states, saved = ctx.tensors
         dtype = ctx.float_type
         n_out = len(out_shapes)
-        gouts = [None if g is None else _rows(g, 2) for g in grads[:n_out]]
-        gfinals = [None if g is None else _rows(g, 1).contiguous() for g in grads[n_out:]]
+        gouts = [None if g is None else rows(g, 2) for g in grads[:n_out]]
+        gfinals = [None if g is None else rows(g, 1).contiguous() for g in grads[n_out:]]
         gseq = [torch.empty(T, N, x.shape[2], dtype=dtype) for x in seq]
         gconst = [torch.zeros(N, c.numel(), dtype=dtype) for c in consts]
         ginit = [torch.empty_like(s) for s in states]

@@ -40,3 +40,13 @@ def from_chunks(o: torch.Tensor, T: int, N: int, heads: tuple) -> torch.Tensor:
     """The kernels' [N * H, T, ...] back as rows [T * N, *heads, ...]."""
     o = o.reshape(N, *heads, T, *o.shape[2:]).movedim(1 + len(heads), 0)
     return o.flatten(0, 1)
+
+
+def rows(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """x with its axes after the first `lead` flattened into one contiguous axis (a view when
+    they already are)."""
+    if x.dim() != lead + 1:
+        x = x.reshape(*x.shape[:lead], -1)
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    return x

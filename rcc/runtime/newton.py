@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .scan import _block_adjoint, _linear_adjoint, block_scan, linear_scan
+from . import scan as _torch_scans
 
 __all__ = ["newton_solve"]
 
@@ -58,8 +58,9 @@ def _default_tol(dtype, T):
 class _Problem:
     """The fixed parts of one solve: the functions, the shapes, and how to slice args per step."""
 
-    def __init__(self, step, jacobian, s0, args, seq_mask, k, T):
+    def __init__(self, step, jacobian, s0, args, seq_mask, k, T, scans):
         self.step, self.jacobian, self.s0, self.args, self.seq_mask = step, jacobian, s0, args, seq_mask
+        self.scans = scans  # linear_scan, block_scan, linear_adjoint, block_adjoint
         self.k, self.T = k, T
         self.N = s0[0].shape[0]
         self.shape = tuple(s0[0].shape[1:])
@@ -106,7 +107,7 @@ class _Problem:
                 return F
             j = self.time_major(j) * factor
             b = self.time_major(F[0]) - j * self.time_major(prev[0])
-            return (self.flat(linear_scan(j, b, self.s0[0])),)
+            return (self.flat(self.scans.linear_scan(j, b, self.s0[0])),)
         zero = torch.zeros((), dtype=F[0].dtype, device=F[0].device)
         entries = [[zero if J[i][j] is None else self.time_major(J[i][j]) * factor for j in range(k)]
                    for i in range(k)]
@@ -116,7 +117,7 @@ class _Problem:
         b = torch.stack([self.time_major(F[i]) - sum(entries[i][j] * prev_tm[j] for j in range(k))
                          for i in range(k)], -1)
         s0 = torch.stack([s.expand((self.N,) + self.shape) for s in self.s0], -1)
-        states = block_scan(A, b, s0)
+        states = self.scans.block_scan(A, b, s0)
         return tuple(self.flat(states[..., i]) for i in range(k))
 
     def args_at(self, t):
@@ -212,7 +213,7 @@ class _NewtonSolve(torch.autograd.Function):
                 else:
                     a = p.time_major(j)
                     a = a.reshape((1,) * (g[0].dim() - a.dim()) + tuple(a.shape))
-                    lam = (_linear_adjoint(a, g[0]),)
+                    lam = (p.scans.linear_adjoint(a, g[0]),)
             else:
                 zero = torch.zeros((), dtype=dtype, device=h[0].device)
                 entries = [zero if J[i][j] is None else p.time_major(J[i][j])
@@ -221,7 +222,7 @@ class _NewtonSolve(torch.autograd.Function):
                 A = torch.stack([torch.stack(entries[i * k:(i + 1) * k], -1) for i in range(k)], -2)
                 g_all = torch.stack(g, -1)
                 A = A.reshape((1,) * (g_all.dim() + 1 - A.dim()) + tuple(A.shape))  # time leading
-                lam_all = _block_adjoint(A, g_all)
+                lam_all = p.scans.block_adjoint(A, g_all)
                 lam = tuple(lam_all[..., i] for i in range(k))
         n_s0 = len(p.s0)
         s0_needs = ctx.needs_input_grad[3:3 + n_s0]
@@ -252,7 +253,7 @@ class _NewtonSolve(torch.autograd.Function):
 
 
 def newton_solve(step, jacobian, s0, args=(), *, block, seq_mask=None, max_iter=None, tol=None,
-                 length=None):
+                 length=None, scans=None):
     """Solve s_t = step(s_{t-1}, args_t) for all t at once by damped Newton iterations over time.
 
     step(prev, *args) -> next: prev and next are tuples of `block` (= k) tensors [T*N, *shape]
@@ -265,6 +266,8 @@ def newton_solve(step, jacobian, s0, args=(), *, block, seq_mask=None, max_iter=
         parameter. length: T, needed only when no arg is a sequence.
     max_iter: Newton iterations before the sequential fallback (default 30; contractive cells take 2-6).
     tol: relative residual tolerance (default 4 * eps * (log2 T + 4), see the comment at the top).
+    scans: where linear_scan, block_scan, linear_adjoint and block_adjoint come from (default
+        rcc.runtime.scan, torch; backend triton passes its Triton kernels).
 
     Returns (trajectory, stats): trajectory is a tuple of k tensors [T, N, *shape], the states after each
     step; stats = {"iterations", "residual" (final max relative residual), "converged", "damped"
@@ -294,7 +297,7 @@ def newton_solve(step, jacobian, s0, args=(), *, block, seq_mask=None, max_iter=
     T = seq_rows.pop() // N if seq_rows else length
     if T is None or (length is not None and length != T) or T < 1:
         raise ValueError(f"newton_solve: cannot tell T (sequence rows / N = {T}, length = {length})")
-    problem = _Problem(step, jacobian, s0, args, seq_mask, block, T)
+    problem = _Problem(step, jacobian, s0, args, seq_mask, block, T, scans or _torch_scans)
     max_iter = 30 if max_iter is None else int(max_iter)
     tol = _default_tol(s0[0].dtype, T) if tol is None else float(tol)
     tensors = tuple(s0) + tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_scan", "block_scan"]
+__all__ = ["linear_scan", "block_scan", "linear_adjoint", "block_adjoint"]
 
 # Summary of algorithm (both scans; the JAX lax.associative_scan odd/even recursion, Blelloch-style).
 #   An affine step is the pair e_t = (A_t, b_t) acting as s -> A_t s + b_t. Composing "first e1, then e2"
@@ -266,3 +266,7 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
         raise ValueError(f"block_scan: A {tuple(A.shape)} must be [..., k, k] and b {tuple(b.shape)} "
                          f"[T, ..., k]")
     return _BlockScan.apply(A, b, s0)
+
+
+linear_adjoint = _linear_adjoint  # what newton_solve's backward calls (and backend triton's twin)
+block_adjoint = _block_adjoint

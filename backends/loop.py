@@ -1,0 +1,93 @@
+"""What a fused loop-over-time kernel computes and what it is given (shared by backends cpp and
+triton).
+
+The kernel computes the values that read a state, and the pointwise values and views of the
+inputs those read (computed per step, in cache or registers: materializing exp(g) for all steps
+first would cost a pass over memory). What needs a GEMM or a reduction and reads no state
+(W @ x) stays outside, for torch to compute for all steps at once; the kernel receives those
+values per step ("seq" arguments) and the unbatched ones once ("const" arguments).
+"""
+from __future__ import annotations
+
+from rcc import ir
+from rcc.codegen import regions
+
+from .pointwise import POINTWISE
+
+VIEWS = ("getitem", "transpose")
+
+
+class LoopPartition:
+    def __init__(self, cell: ir.CellIR):
+        self.cell = cell
+        self.region = regions(cell)
+        self.users = cell.users()
+        self.roots = [v for _, v in cell.updates] + [v for _, v, _ in cell.outputs]
+        self.uses = {i: len(u) for i, u in self.users.items()}
+        for v in self.roots:
+            self.uses[v] += 1
+        self.step = self._inside()
+        read = set(self.roots)
+        for i in self.step:
+            read.update(cell.node(i).args)
+        inside = set(self.step)
+        outside = sorted(i for i in read if i not in inside and cell.node(i).op not in ("const", "state"))
+        self.seq = [i for i in outside if cell.node(i).type.batched]
+        self.const = [i for i in outside if not cell.node(i).type.batched]
+        self.state_node = {n.attr("name"): n.id for n in cell.nodes if n.op == "state"}
+        self.updates = dict(cell.updates)
+
+    def _inside(self) -> list:
+        """The values the kernel computes, in order (see the module docstring)."""
+        cell = self.cell
+        inside = {n.id for n in cell.nodes if self.region[n.id] == "step" and n.op != "state"}
+        work = list(self.roots) + [a for i in inside for a in cell.node(i).args]
+        while work:
+            i = work.pop()
+            n = cell.node(i)
+            if i not in inside and self.region[i] == "seq" and n.op in POINTWISE | set(VIEWS):
+                inside.add(i)
+                work.extend(n.args)
+        return sorted(inside)
+
+
+class FusedLoopPrinter:
+    """Mixed into TorchPrinter by backends whose loop over time is one kernel call: torch
+    computes what the kernel reads and does not compute itself (the partition's seq and const
+    values), then `_run_call` runs every step. Subclasses set `self.part` before __init__ ends."""
+
+    def _fused_init(self, part: LoopPartition):
+        self.part = part
+        # torch computes what the kernel reads and does not compute itself
+        self.args = set(part.seq + part.const)
+        self.live = ir.cone(self.cell.nodes, self.args)
+
+    def _only_user_in(self, i, region) -> bool:
+        # what the kernel reads gets a name: the kernel call passes it
+        return i not in self.args and super()._only_user_in(i, region)
+
+    def _forward(self, body):
+        from rcc.backends.torch.printer import _tuple
+
+        c, part = self.cell, self.part
+        seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
+        shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first
+        lines = self._forward_head(body, seq)
+        # batch-major (no copy of the inputs): the kernel reads any strides
+        self._seq_values(body["seq"], seq, lines, time_major=False)
+        args = []
+        for i in part.seq:  # [T, N, ...] views
+            n = c.node(i)
+            if n.op == "input":
+                args.append(f"{seq[n.attr('name')]}.transpose(0, 1)")
+            else:
+                ref = self._ref(i)
+                args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:]).transpose(0, 1)")
+        consts = [self._ref(i) for i in part.const]
+        states = [self.decl_names[s.name] for s in c.states]
+        lines += self._run_call(_tuple(args), _tuple(consts), _tuple(states), _tuple(shapes))
+        lines.append("        return self._result(_outs, _finals, _layout)")
+        return lines
+
+    def _run_call(self, args, consts, states, shapes) -> list:
+        raise NotImplementedError

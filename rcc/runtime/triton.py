@@ -1,0 +1,135 @@
+"""Running a generated module's Triton kernels (backend triton): the loop over time, with
+gradients.
+
+A generated module holds its kernels as Python code (`@triton.jit` functions printed by
+backends/triton/kernel.py) and `*_meta(dims)`, their constexprs. `run` launches the forward
+kernel, one program per row (batch x head), and wraps it in an autograd.Function whose backward
+launches the backward kernel. Kernels run on CUDA tensors; on CPU, Triton's interpreter runs them
+when TRITON_INTERPRET=1 is set before triton is imported (slow: for tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .layout import rows
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def pad(extent: int) -> int:
+    """The power of two a tile of `extent` entries takes (Triton's tiles are powers of two)."""
+    return 1 << max(0, int(extent) - 1).bit_length()
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _accumulator(dtype):
+    import triton.language as tl
+    # half precisions compute and keep the state in float32
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check(tensors, what="backend 'triton'"):
+    """One float dtype, and a device the kernels can run on."""
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for t in tensors:
+        if t.dtype != dtype:
+            raise TypeError(f"{what} needs one float dtype for inputs, params and states; got "
+                            f"{dtype} and {t.dtype}")
+        if t.device != device:
+            raise RuntimeError(f"{what}: tensors on {device} and {t.device}")
+    if dtype not in _FLOATS:
+        raise TypeError(f"{what} runs float32, float64, float16 and bfloat16, not {dtype}")
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"{what} runs its Triton kernels on CUDA tensors; got tensors on {device}."
+                           " On CPU, set TRITON_INTERPRET=1 before importing triton to run them in "
+                           "Triton's interpreter (slow, for tests), or use backend='torch' or 'cpp'")
+
+
+def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes):
+    """The loop over time. kernels: (forward, backward) Triton kernels; meta: their constexprs;
+    seq: tensors [T, N, *shape] (inner axes contiguous or not); consts: tensors; states:
+    initial states [N, *shape]; out_shapes: each output's declared shape. Returns (outputs
+    [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
+    tensors = (*seq, *consts, *states)
+    check(tensors)
+    spec = (kernels, meta, T, N, len(seq), len(consts), out_shapes)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        results = _Loop.apply(spec, *tensors)
+    else:
+        results = _forward(spec, tensors, save=False)[0]
+    n_out = len(out_shapes)
+    return list(results[:n_out]), list(results[n_out:])
+
+
+def _strided(seq):
+    out = []
+    for x in seq:
+        out += [x, x.stride(0), x.stride(1)]
+    return out
+
+
+def _forward(spec, tensors, save):
+    (forward, _), meta, T, N, n_seq, n_const, out_shapes = spec
+    dtype, device = tensors[0].dtype, tensors[0].device
+    seq = [rows(x, 2) for x in tensors[:n_seq]]
+    consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+    states = [rows(s, 1).contiguous() for s in tensors[n_seq + n_const:]]
+    outs = [torch.empty(N, T, *shape, dtype=dtype, device=device) for shape in out_shapes]
+    finals = [torch.empty_like(s) for s in states]
+    saved = [torch.empty(T, *s.shape, dtype=dtype, device=device) if save else f
+             for s, f in zip(states, finals)]  # the finals stand in when nothing is saved
+    if T > 0:
+        forward[(N,)](*_strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
+                      SAVE=save, ACC=_accumulator(dtype), **meta)
+    else:
+        for f, s in zip(finals, states):
+            f.copy_(s)
+    finals = [f.view(s.shape) for f, s in zip(finals, tensors[n_seq + n_const:])]
+    return (*outs, *finals), (seq, consts, states, saved)
+
+
+class _Loop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, *tensors):
+        results, kept = _forward(spec, tensors, save=True)
+        ctx.spec, ctx.kept = spec, kept
+        ctx.shapes = [t.shape for t in tensors]
+        return results
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (_, backward), meta, T, N, n_seq, n_const, out_shapes = ctx.spec
+        seq, consts, states, saved = ctx.kept
+        dtype, device = states[0].dtype if states else seq[0].dtype, seq[0].device
+        n_out = len(out_shapes)
+        gouts = []
+        for g, shape in zip(grads[:n_out], out_shapes):
+            if g is None:  # no gradient: one row of zeros, read with zero strides
+                g = torch.zeros(1, 1, math.prod(shape), dtype=dtype, device=device).expand(N, T, -1)
+            g = rows(g, 2)
+            gouts += [g, g.stride(1), g.stride(0)]  # [N, T, ...] read as [T, N, ...]
+        gfinals = [torch.zeros_like(s) if g is None else rows(g, 1).contiguous()
+                   for g, s in zip(grads[n_out:], states)]
+        gseq = [torch.zeros(T, N, x.shape[2], dtype=dtype, device=device) for x in seq]
+        gconst = [torch.zeros(N, c.numel(), dtype=dtype, device=device) for c in consts]
+        ginit = [torch.empty_like(s) for s in states]
+        if T > 0:
+            backward[(N,)](*_strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
+                           *ginit, T, N, ACC=_accumulator(dtype), **meta)
+        else:
+            for g, f in zip(ginit, gfinals):
+                g.copy_(f)
+        grads_in = [g.view(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
+        grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
+        grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
+        return (None, *grads_in)
+
+
+# the plans' kernels (last: they import check from here)
+from .triton_scan import block_adjoint, block_scan, linear_adjoint, linear_scan  # noqa: E402,F401

@@ -1,0 +1,93 @@
+"""Backend 'triton': what is particular to it (its equality with the torch reference on every
+cell is in test_kernel_backends.py). On CPU its kernels run in Triton's interpreter."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rcc
+from conftest import cell_inputs, run_with_grads, stdlib
+
+
+@pytest.mark.parametrize("name,dims", [("lstm.rnn", {"d_in": 3, "d": 5}),
+                                       ("gla.rnn", {"K": 4, "V": 3})])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(name, dims, dtype):
+    """bf16/fp16 inputs and params, float32 inside the kernel: as close to the float32
+    reference as rounding the inputs and results to half precision allows."""
+    ref = rcc.compile(stdlib(name), backend="torch", plan="sequential")(**dims)
+    mod = rcc.compile(stdlib(name), backend="triton")(**dims).to(dtype)
+    mod.load_state_dict(ref.state_dict())
+    ref.load_state_dict(mod.float().state_dict())  # the same (rounded) params in float32
+    mod = mod.to(dtype)
+    xs, init = cell_inputs(ref, 2, 6, (2,), torch.float32)
+    xs = [x.detach().to(dtype).float().requires_grad_() for x in xs]
+    init = {k: v.detach().to(dtype).float().requires_grad_() for k, v in init.items()}
+    want, want_grads = run_with_grads(ref, xs, init)
+    half = [x.detach().to(dtype).requires_grad_() for x in xs]
+    half_init = {k: v.detach().to(dtype).requires_grad_() for k, v in init.items()}
+    got, got_grads = run_with_grads(mod, half, half_init)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 4e-3, "atol": 4e-3}
+    for w, g in zip(want, got):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, **tol)
+    for w, g in zip(want_grads[:len(xs)], got_grads[:len(xs)]):
+        torch.testing.assert_close(g.float(), w, **tol)
+
+
+def test_plan_auto_is_the_scan_where_it_applies_else_the_fused_loop():
+    assert "plan scan" in rcc.generate(stdlib("mingru.rnn"), backend="triton")
+    assert "plan sequential" in rcc.generate(stdlib("lstm.rnn"), backend="triton")
+
+
+def _run(code, env=None):
+    import os
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=environ)
+
+
+def test_cpu_tensors_without_the_interpreter_are_a_clear_error():
+    code = "\n".join([
+        "import torch, rcc",
+        f"m = rcc.compile({stdlib('hgrn.rnn')!r}, backend='triton')(d=3)",
+        "try:",
+        "    m(torch.randn(2, 4, 3), torch.randn(2, 4, 3))",
+        "except RuntimeError as e:",
+        "    print(e)",
+    ])
+    run = _run(code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "CUDA tensors" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout
+
+
+def test_generated_module_runs_without_the_compiler_packages(tmp_path):
+    """The emitted module (one file: the class and its kernels) needs torch, triton and
+    rcc.runtime: not lark or sympy."""
+    path = tmp_path / "lstm_triton.py"
+    path.write_text(rcc.generate(stdlib("lstm.rnn"), backend="triton"))
+    code = "\n".join([
+        "import sys, importlib.util, torch",
+        f"spec = importlib.util.spec_from_file_location('lstm_triton', {str(path)!r})",
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)",
+        "m = mod.LSTM(d_in=3, d=4)",
+        "x = torch.randn(2, 5, 3, requires_grad=True)",
+        "y, final = m(x)",
+        "(y.sum() + final['c'].sum()).backward()",
+        "assert x.grad is not None",
+        "bad = [k for k in ('lark', 'sympy') if k in sys.modules]",
+        "assert not bad, bad",
+        "print('ok')",
+    ])
+    run = _run(code, {"TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_cell_names_cannot_shadow_triton():
+    """A cell named like the module's imports still gets working kernels."""
+    source = "cell triton(d) {\n input x[d]\n state h[d]\n h' = tanh(x + h)\n output y = h'\n}\n"
+    m = rcc.compile(source, backend="triton")(d=3)
+    y, final = m(torch.randn(2, 3, 3))
+    assert y.shape == (2, 3, 3)
