@@ -622,7 +622,9 @@ class TileKernelPrinter:
         sig += [f"    {', '.join(f'{x}: tl.constexpr' for x in constexprs[i:i + 4])},"
                 for i in range(0, len(constexprs), 4)]
         body = header + list(pre) + [loop_head] + ["    " + ln for ln in loop] + list(post)
-        return ["@triton.jit", f"def {name}(", *sig, "):", *["    " + ln for ln in body]]
+        pads = ", ".join(f'"P{k}"' for k in self.extents.values())
+        return [f"@_rtt.tuned({pads})  # warps per program, by the tile sizes", "@triton.jit",
+                f"def {name}(", *sig, "):", *["    " + ln for ln in body]]
 
     # ---- backward --------------------------------------------------------------------------
     def backward_source(self) -> list:

@@ -62,7 +62,7 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
 
 
 class ScanPrinter(TritonModule, torch_plans.ScanPrinter):
-    """Plan scan: the torch plan's module, its linear scans Triton kernels (runtime/triton_scan.py)."""
+    """Plan scan: the torch plan's module, its linear scans Triton kernels (rcc/runtime/triton/scan.py)."""
 
 
 class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):

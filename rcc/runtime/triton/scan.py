@@ -17,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton import check
+from .common import accumulator, check, tuned
 
-BLOCK_T, BLOCK_M = 32, 64
+BLOCK_T = 32  # steps per chunk (the tests' T=40 crosses a chunk edge)
+# columns per program and warps, tuned by the number of columns
+CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((64, 4), (32, 2), (128, 4), (256, 8))]
 
 
 @triton.jit
@@ -28,6 +30,7 @@ def _compose(a_first, b_first, a_then, b_then):
     return a_first * a_then, a_then * b_first + b_then
 
 
+@tuned("M", configs=CONFIGS)
 @triton.jit
 def _linear_scan_forward(a_ptr, b_ptr, s0_ptr, out_ptr, T, M, a_st,
                          ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -47,6 +50,7 @@ def _linear_scan_forward(a_ptr, b_ptr, s0_ptr, out_ptr, T, M, a_st,
         carry = tl.sum(tl.where(steps[:, None] == last, s, 0.0), 0)
 
 
+@tuned("M", configs=CONFIGS)
 @triton.jit
 def _linear_scan_backward(a_ptr, s_ptr, s0_ptr, g_ptr, lam_ptr, da_ptr, T, M, a_st,
                           ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -72,8 +76,8 @@ def _linear_scan_backward(a_ptr, s_ptr, s0_ptr, g_ptr, lam_ptr, da_ptr, T, M, a_
         carry = tl.sum(tl.where(steps[:, None] == last, lam, 0.0), 0)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _grid(M):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
 
 
 def _sum_to(x, shape):
@@ -104,9 +108,7 @@ class _LinearScan(torch.autograd.Function):
         bc = b.contiguous()
         s0c = s0.to(dtype).expand(b.shape[1:]).contiguous()
         out = torch.empty_like(bc)
-        grid = (triton.cdiv(M, BLOCK_M),)
-        _linear_scan_forward[grid](ac, bc, s0c, out, T, M, a_st, ACC=_acc(dtype),
-                                   BLOCK_T=BLOCK_T, BLOCK_M=BLOCK_M)
+        _linear_scan_forward[_grid(M)](ac, bc, s0c, out, T, M, a_st, ACC=accumulator(dtype), BLOCK_T=BLOCK_T)
         ctx.save_for_backward(ac, s0c, out)
         ctx.a_st, ctx.shapes, ctx.dtypes = a_st, (a.shape, b.shape, s0.shape), (a.dtype, s0.dtype)
         return out
@@ -118,9 +120,8 @@ class _LinearScan(torch.autograd.Function):
         T, M = out.shape[0], out[0].numel()
         g = g.contiguous()
         lam, da = torch.empty_like(out), torch.empty_like(out)
-        grid = (triton.cdiv(M, BLOCK_M),)
-        _linear_scan_backward[grid](ac, out, s0c, g, lam, da, T, M, ctx.a_st, ACC=_acc(out.dtype),
-                                    BLOCK_T=BLOCK_T, BLOCK_M=BLOCK_M)
+        _linear_scan_backward[_grid(M)](ac, out, s0c, g, lam, da, T, M, ctx.a_st, ACC=accumulator(out.dtype),
+                                        BLOCK_T=BLOCK_T)
         a_t = ac[0].view(b_shape[1:])
         lam = lam.view(b_shape)
         grad_s0 = _sum_to(a_t * lam[0], s0_shape)
@@ -191,12 +192,14 @@ def _block_source(k: int) -> str:
     init = [f"    c{i} = tl.load(s0_ptr + cols * {k} + {i}, mask=col_ok, other=0.0).to(ACC)"
             for i in range(k)]
     return "\n".join([
-        '"""rcc: the block scan kernel for k = %d (printed by rcc.runtime.triton_scan)."""' % k,
-        "import triton", "import triton.language as tl", "", "",
+        '"""rcc: the block scan kernel for k = %d (printed by rcc.runtime.triton.scan)."""' % k,
+        "import triton", "import triton.language as tl", "",
+        "from rcc.runtime.triton.common import tuned",
+        "from rcc.runtime.triton.scan import CONFIGS", "", "",
         "@triton.jit", f"def compose({', '.join(first + then)}):",
         "    # first (A1, b1), then (A2, b2): (A2 A1, A2 b1 + b2)",
         *compose, f"    return {', '.join(outs)}", "", "",
-        "@triton.jit",
+        '@tuned("M", configs=CONFIGS)', "@triton.jit",
         "def block_scan_forward(A_ptr, b_ptr, s0_ptr, out_ptr, T, M, A_st,",
         "                       ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):",
         "    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)",
@@ -224,7 +227,7 @@ def _block_kernel(k):
         import os
         import tempfile
 
-        from .cpp import cache_dir
+        from ..cpp import cache_dir
         directory = os.path.join(cache_dir(), "triton")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"rcc_block_scan_k{k}.py")
@@ -246,7 +249,7 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
     k, k] broadcasting, b [T, N, *E, k], s0 [N, *E, k]), by a Triton kernel. Not differentiable:
     newton_solve runs it inside its own autograd.Function, whose backward is block_adjoint."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (A, b, s0)):
-        raise RuntimeError("rcc.runtime.triton_scan.block_scan is not differentiable (newton_solve "
+        raise RuntimeError("rcc.runtime.triton.scan.block_scan is not differentiable (newton_solve "
                            "differentiates through its own adjoint)")
     check([b], "block_scan (backend 'triton')")
     k, T = b.shape[-1], b.shape[0]
@@ -260,9 +263,8 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
     M = bc[0].numel() // k
     s0c = s0.to(dtype).expand(b.shape[1:]).contiguous()
     out = torch.empty_like(bc)
-    grid = (triton.cdiv(M, BLOCK_M),)
-    _block_kernel(k)[grid](Ac, bc, s0c, out, T, M, 0 if rows == 1 else Ac.shape[1], ACC=_acc(dtype),
-                           BLOCK_T=BLOCK_T, BLOCK_M=BLOCK_M)
+    _block_kernel(k)[_grid(M)](Ac, bc, s0c, out, T, M, 0 if rows == 1 else Ac.shape[1], ACC=accumulator(dtype),
+                               BLOCK_T=BLOCK_T)
     return out
 
 

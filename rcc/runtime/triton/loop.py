@@ -1,54 +1,19 @@
-"""Running a generated module's Triton kernels (backend triton): the loop over time, with
+"""Running a generated module's loop-over-time kernels (backend triton, plan sequential), with
 gradients.
 
 A generated module holds its kernels as Python code (`@triton.jit` functions printed by
 backends/triton/kernel.py) and `*_meta(dims)`, their constexprs. `run` launches the forward
 kernel, one program per row (batch x head), and wraps it in an autograd.Function whose backward
-launches the backward kernel. Kernels run on CUDA tensors; on CPU, Triton's interpreter runs them
-when TRITON_INTERPRET=1 is set before triton is imported (slow: for tests).
+launches the backward kernel.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .layout import rows
-
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def pad(extent: int) -> int:
-    """The power of two a tile of `extent` entries takes (Triton's tiles are powers of two)."""
-    return 1 << max(0, int(extent) - 1).bit_length()
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _accumulator(dtype):
-    import triton.language as tl
-    # half precisions compute and keep the state in float32
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def check(tensors, what="backend 'triton'"):
-    """One float dtype, and a device the kernels can run on."""
-    dtype, device = tensors[0].dtype, tensors[0].device
-    for t in tensors:
-        if t.dtype != dtype:
-            raise TypeError(f"{what} needs one float dtype for inputs, params and states; got "
-                            f"{dtype} and {t.dtype}")
-        if t.device != device:
-            raise RuntimeError(f"{what}: tensors on {device} and {t.device}")
-    if dtype not in _FLOATS:
-        raise TypeError(f"{what} runs float32, float64, float16 and bfloat16, not {dtype}")
-    if device.type != "cuda" and not interpreted():
-        raise RuntimeError(f"{what} runs its Triton kernels on CUDA tensors; got tensors on {device}."
-                           " On CPU, set TRITON_INTERPRET=1 before importing triton to run them in "
-                           "Triton's interpreter (slow, for tests), or use backend='torch' or 'cpp'")
+from ..layout import rows
+from .common import accumulator, check
 
 
 def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes):
@@ -86,7 +51,7 @@ def _forward(spec, tensors, save):
              for s, f in zip(states, finals)]  # the finals stand in when nothing is saved
     if T > 0:
         forward[(N,)](*_strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
-                      SAVE=save, ACC=_accumulator(dtype), **meta)
+                      SAVE=save, ACC=accumulator(dtype), **meta)
     else:
         for f, s in zip(finals, states):
             f.copy_(s)
@@ -121,7 +86,7 @@ class _Loop(torch.autograd.Function):
         ginit = [torch.empty_like(s) for s in states]
         if T > 0:
             backward[(N,)](*_strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
-                           *ginit, T, N, ACC=_accumulator(dtype), **meta)
+                           *ginit, T, N, ACC=accumulator(dtype), **meta)
         else:
             for g, f in zip(ginit, gfinals):
                 g.copy_(f)
@@ -129,7 +94,3 @@ class _Loop(torch.autograd.Function):
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
         return (None, *grads_in)
-
-
-# the plans' kernels (last: they import check from here)
-from .triton_scan import block_adjoint, block_scan, linear_adjoint, linear_scan  # noqa: E402,F401

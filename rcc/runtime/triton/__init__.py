@@ -1,0 +1,12 @@
+"""Backend triton's runtime: what generated modules call (as `_rtt`).
+
+common.py: devices, dtypes, tile sizes and autotuning; loop.py: the generated loop-over-time
+kernels' launcher with gradients (plan sequential); scan.py: the linear and block scans (plans
+scan and newton).
+"""
+from .common import check, interpreted, pad, tuned
+from .loop import run
+from .scan import block_adjoint, block_scan, linear_adjoint, linear_scan
+
+__all__ = ["check", "interpreted", "pad", "tuned", "run", "linear_scan", "block_scan",
+           "linear_adjoint", "block_adjoint"]

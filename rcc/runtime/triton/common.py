@@ -1,0 +1,53 @@
+"""What the Triton kernels share: the devices and dtypes they run, tile sizes, autotuning.
+
+Kernels run on CUDA tensors; on CPU, Triton's interpreter runs them when TRITON_INTERPRET=1 is set
+before triton is imported (slow: for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def pad(extent: int) -> int:
+    """The power of two a tile of `extent` entries takes (Triton's tiles are powers of two)."""
+    return 1 << max(0, int(extent) - 1).bit_length()
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tuned(*key, configs=None):
+    """triton.autotune over `configs` (default: 1, 2, 4 or 8 warps), keyed on the constexprs
+    named in `key` (the tile sizes). In the interpreter, where timings mean nothing, the first
+    config only (one config is never benchmarked)."""
+    import triton
+    configs = configs or [triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)]
+    return triton.autotune(configs=configs[:1] if interpreted() else configs, key=list(key))
+
+
+def accumulator(dtype):
+    import triton.language as tl
+    # half precisions compute and keep the state in float32
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def check(tensors, what="backend 'triton'"):
+    """One float dtype, and a device the kernels can run on."""
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for t in tensors:
+        if t.dtype != dtype:
+            raise TypeError(f"{what} needs one float dtype for inputs, params and states; got "
+                            f"{dtype} and {t.dtype}")
+        if t.device != device:
+            raise RuntimeError(f"{what}: tensors on {device} and {t.device}")
+    if dtype not in _FLOATS:
+        raise TypeError(f"{what} runs float32, float64, float16 and bfloat16, not {dtype}")
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"{what} runs its Triton kernels on CUDA tensors; got tensors on {device}."
+                           " On CPU, set TRITON_INTERPRET=1 before importing triton to run them in "
+                           "Triton's interpreter (slow, for tests), or use backend='torch' or 'cpp'")
