@@ -51,15 +51,17 @@ def _check_choice(backend, plan):
 
 def _triton_plan(cell_ir, plan, analysis=None):
     """Plan 'auto' on backend triton: the scan when the cell is affine in its state with a
-    diagonal transition (log depth in T, the steps' work spread over the GPU), else the fused
-    sequential kernel (one launch; Newton stays opt-in). Returns (plan, analysis)."""
+    diagonal transition and its states are vectors (log depth in T, the steps' work spread over
+    the GPU; a matrix state would be written out for every step), else the fused sequential
+    kernel (one launch, the state on chip; Newton stays opt-in). Returns (plan, analysis)."""
     if plan == "sequential":
         return plan, analysis
     if analysis is None:
         from .passes.analysis import analyze_ir
         analysis = analyze_ir(cell_ir)
     if plan == "auto":
-        plan = "scan" if "scan" in analysis.plans else "sequential"
+        vectors = all(len(d.shape) <= 1 for d in cell_ir.states)
+        plan = "scan" if "scan" in analysis.plans and vectors else "sequential"
     return plan, analysis
 
 

@@ -39,6 +39,8 @@ def test_half_precision_computes_in_float32(name, dims, dtype):
 def test_plan_auto_is_the_scan_where_it_applies_else_the_fused_loop():
     assert "plan scan" in rcc.generate(stdlib("mingru.rnn"), backend="triton")
     assert "plan sequential" in rcc.generate(stdlib("lstm.rnn"), backend="triton")
+    # a matrix state would be written out for every step by the scan: the fused loop keeps it
+    assert "plan sequential" in rcc.generate(stdlib("gla.rnn"), backend="triton")
 
 
 def _run(code, env=None):
@@ -91,3 +93,15 @@ def test_cell_names_cannot_shadow_triton():
     m = rcc.compile(source, backend="triton")(d=3)
     y, final = m(torch.randn(2, 3, 3))
     assert y.shape == (2, 3, 3)
+
+
+def test_gpu_benchmark_script_runs_in_the_interpreter():
+    """benchmarks/gpu.py on tiny shapes (--smoke): its tables and checks run end to end."""
+    import os
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "gpu.py")
+    run = subprocess.run([sys.executable, script, "--smoke", "--only", "gla", "lstm"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| rcc gla" in run.stdout and "| rcc lstm" in run.stdout, run.stdout
