@@ -36,11 +36,13 @@ def test_half_precision_computes_in_float32(name, dims, dtype):
         torch.testing.assert_close(g.float(), w, **tol)
 
 
-def test_plan_auto_is_the_scan_where_it_applies_else_the_fused_loop():
+def test_plan_auto_is_chunk_then_scan_then_the_fused_loop():
+    assert "plan chunk" in rcc.generate(stdlib("gla.rnn"), backend="triton")
     assert "plan scan" in rcc.generate(stdlib("mingru.rnn"), backend="triton")
     assert "plan sequential" in rcc.generate(stdlib("lstm.rnn"), backend="triton")
-    # a matrix state would be written out for every step by the scan: the fused loop keeps it
-    assert "plan sequential" in rcc.generate(stdlib("gla.rnn"), backend="triton")
+    # the delta rule has no Triton chunk kernels yet, and a scan would write its matrix state out
+    # for every step: the fused loop keeps it on chip
+    assert "plan sequential" in rcc.generate(stdlib("deltanet.rnn"), backend="triton")
 
 
 def _run(code, env=None):

@@ -69,6 +69,26 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
     """Plan newton: the torch plan's module, each iteration's scan a Triton kernel."""
 
 
+class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
+    """Plan chunk: the torch plan's module, the chunkwise form a Triton kernel pair
+    (rcc/runtime/triton/chunk.py)."""
+
+
+def chunk_form(cell, analysis):
+    """The cell's chunkwise form, if backend triton has kernels for it (gated linear attention:
+    a diagonal or scalar decay); raises CompileError or NotImplementedError saying why not."""
+    try:
+        form = plans.chunk_form(cell)
+    except plans.NotChunkable as e:
+        raise plans.illegal("chunk", analysis, cell, str(e)) from None
+    if form.kind != "linear":
+        raise NotImplementedError(
+            f"backend 'triton' runs plan 'chunk' for gated linear attention (a diagonal or scalar "
+            f"decay) only; cell {cell.name!r} is a delta rule, whose chunkwise (UT transform) kernels "
+            "are not written yet: use plan 'sequential' on backend 'triton', or backend='torch'")
+    return form
+
+
 def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential",
                  analysis=None) -> str:
     if plan == "sequential":
@@ -80,5 +100,6 @@ def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential
         return ScanPrinter(plans.scan_form(cell, analysis), source_name).module()
     if plan == "newton":
         return NewtonPrinter(plans.newton_form(cell, analysis), source_name).module()
-    raise NotImplementedError(f"backend 'triton' has no kernels for plan {plan!r} yet; it runs plans "
-                              "sequential, scan and newton (plan 'chunk' runs on backend='torch')")
+    if plan == "chunk":
+        return ChunkPrinter(chunk_form(cell, analysis), source_name).module()
+    raise NotImplementedError(f"backend 'triton': no plan {plan!r}")
