@@ -23,7 +23,7 @@ PLANS = ("auto", "sequential", "scan", "chunk", "newton")
 _CLASSES: dict = {}  # content key -> class, for this process
 
 
-TRITON_PLANS = ("sequential", "scan", "newton", "chunk")  # chunk: gated linear attention only
+TRITON_PLANS = ("sequential", "scan", "newton", "chunk")
 
 
 def _check_choice(backend, plan):
@@ -50,8 +50,8 @@ def _check_choice(backend, plan):
 
 
 def _triton_plan(cell_ir, plan, analysis=None):
-    """Plan 'auto' on backend triton: the chunkwise kernels for gated linear attention (matmuls
-    within chunks, the state passed between them); the scan when the cell is affine in its state
+    """Plan 'auto' on backend triton: the chunkwise kernels where they apply (gated linear
+    attention, the delta rule: matmuls within chunks, the state passed between them); the scan when the cell is affine in its state
     with a diagonal transition and its states are vectors (log depth in T; a matrix state would
     be written out for every step); else the fused sequential kernel (one launch, the state on
     chip; Newton stays opt-in). Returns (plan, analysis)."""
@@ -61,15 +61,10 @@ def _triton_plan(cell_ir, plan, analysis=None):
         from .passes.analysis import analyze_ir
         analysis = analyze_ir(cell_ir)
     if plan == "auto":
-        from rcc.backends.triton.printer import chunk_form
         vectors = all(len(d.shape) <= 1 for d in cell_ir.states)
         plan = "scan" if "scan" in analysis.plans and vectors else "sequential"
         if "chunk" in analysis.plans:
-            try:
-                chunk_form(cell_ir, analysis)
-                plan = "chunk"
-            except NotImplementedError:
-                pass
+            plan = "chunk"
     return plan, analysis
 
 

@@ -10,7 +10,6 @@ from conftest import STDLIB_DIMS as DIMS
 from conftest import cell_inputs as _inputs
 from conftest import run_with_grads as _run
 from conftest import stdlib
-from rcc import plans
 from rcc.errors import CompileError
 
 CASES = [(name, plan) for name in sorted(DIMS) for plan in rcc.analyze(stdlib(name)).plans
@@ -44,23 +43,10 @@ def test_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T)
 
 
-def _on_triton(name, plan):
-    """Whether backend triton has kernels for the plan: every plan but the delta rule's chunks."""
-    if plan != "chunk":
-        return plan in rcc.api.TRITON_PLANS
-    cell, _, _ = rcc.api.build_ir(stdlib(name), dims=DIMS[name])
-    return plans.chunk_form(cell).kind == "linear"
-
-
-@pytest.mark.parametrize("name,plan", [c for c in CASES if _on_triton(*c)])
+@pytest.mark.parametrize("name,plan", [c for c in CASES if c[1] in rcc.api.TRITON_PLANS])
 @pytest.mark.parametrize("T", [1, 7, 40])  # 40: more than one of the Triton scans' blocks of 32 steps
 def test_triton_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T, backend="triton")
-
-
-def test_triton_chunk_of_a_delta_rule_is_a_clear_error():
-    with pytest.raises(NotImplementedError, match="delta rule"):
-        rcc.compile(stdlib("deltanet.rnn"), backend="triton", plan="chunk")
 
 
 @pytest.mark.parametrize("name,plan", [c for c in CASES if c[0] in ("mingru.rnn", "gla.rnn")])

@@ -40,9 +40,9 @@ def test_plan_auto_is_chunk_then_scan_then_the_fused_loop():
     assert "plan chunk" in rcc.generate(stdlib("gla.rnn"), backend="triton")
     assert "plan scan" in rcc.generate(stdlib("mingru.rnn"), backend="triton")
     assert "plan sequential" in rcc.generate(stdlib("lstm.rnn"), backend="triton")
-    # the delta rule has no Triton chunk kernels yet, and a scan would write its matrix state out
-    # for every step: the fused loop keeps it on chip
-    assert "plan sequential" in rcc.generate(stdlib("deltanet.rnn"), backend="triton")
+    assert "plan chunk" in rcc.generate(stdlib("deltanet.rnn"), backend="triton")
+    # a scan would write the matrix state out for every step: the fused loop keeps it on chip
+    assert "plan sequential" in rcc.generate(stdlib("mlstm.rnn"), backend="triton")
 
 
 def _run(code, env=None):
@@ -107,3 +107,84 @@ def test_gpu_benchmark_script_runs_in_the_interpreter():
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| rcc gla" in run.stdout and "| rcc lstm" in run.stdout, run.stdout
+
+
+# ---- the plans' Triton kernels against rcc.runtime's torch forms -----------------------------------
+def _grads(fn, args, wrt, cotangents):
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
+    return list(outs) + list(torch.autograd.grad(loss, wrt))
+
+
+def _close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("T,a_shape,b_shape", [
+    (1, (1, 3, 4, 1), (1, 3, 4, 5)), (70, (70, 3, 4, 1), (70, 3, 4, 5)),  # 70: three blocks of 32
+    (33, (1, 1, 4, 5), (33, 2, 4, 5)), (45, (), (45, 7)), (9, (9, 7), (9, 7))])
+def test_linear_scan(T, a_shape, b_shape):
+    from rcc.runtime import scan
+    from rcc.runtime.triton import linear_scan
+    a = torch.rand(a_shape, dtype=F64, requires_grad=True)
+    b = torch.randn(b_shape, dtype=F64, requires_grad=True)
+    s0 = torch.randn(b_shape[1:], dtype=F64, requires_grad=True)
+    g = [torch.randn(b_shape, dtype=F64)]
+    _close(_grads(linear_scan, (a, b, s0), (a, b, s0), g),
+           _grads(scan.linear_scan, (a, b, s0), (a, b, s0), g))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("T,A_lead,b_lead", [(1, (1, 3), (1, 3)), (70, (70, 3, 4), (70, 3, 4)),
+                                             (33, (1, 1, 4), (33, 2, 4))])
+def test_block_scan_and_adjoints(k, T, A_lead, b_lead):
+    from rcc.runtime import scan
+    from rcc.runtime import triton as rtt
+    A = torch.rand(*A_lead, k, k, dtype=F64) * 0.5
+    b = torch.randn(*b_lead, k, dtype=F64)
+    s0 = torch.randn(*b_lead[1:], k, dtype=F64)
+    torch.testing.assert_close(rtt.block_scan(A, b, s0), scan.block_scan(A, b, s0), rtol=1e-10, atol=1e-10)
+    A_t = A.reshape((1,) * (b.dim() + 1 - A.dim()) + tuple(A.shape))
+    torch.testing.assert_close(rtt.block_adjoint(A, b), scan.block_adjoint(A_t, b), rtol=1e-10, atol=1e-10)
+    a = torch.rand(T, *b_lead[1:], 1, dtype=F64)
+    torch.testing.assert_close(rtt.linear_adjoint(a, b), scan.linear_adjoint(a, b), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("N,T,K,V,G,chunk", [
+    (2, 9, 3, 2, 3, 4), (1, 1, 4, 4, 4, 16), (3, 21, 5, 7, 1, 8),  # G=1: a scalar decay
+    (2, 40, 3, 70, 3, 64)])  # V=70: two blocks of value columns
+def test_chunk_linear_attention(N, T, K, V, G, chunk):
+    from rcc.runtime import chunk as torch_chunk
+    from rcc.runtime.triton import chunk_linear_attention
+    q, k = (torch.randn(N, T, K, dtype=F64, requires_grad=True) for _ in range(2))
+    v = torch.randn(N, T, V, dtype=F64, requires_grad=True)
+    g = (-torch.nn.functional.softplus(torch.randn(N, T, G, dtype=F64))).requires_grad_()
+    s0 = torch.randn(N, K, V, dtype=F64, requires_grad=True)
+    cot = [torch.randn(N, T, V, dtype=F64), torch.randn(N, K, V, dtype=F64)]
+    args = (q, k, v, g, s0, chunk)
+    _close(_grads(chunk_linear_attention, args, args[:5], cot),
+           _grads(torch_chunk.chunk_linear_attention, args, args[:5], cot))
+
+
+@pytest.mark.parametrize("N,T,n_h,K,V,gate,chunk", [
+    (2, 9, 1, 3, 2, True, 4), (1, 1, 1, 4, 4, False, 16), (2, 11, 2, 3, 5, True, 4),
+    (1, 13, 3, 4, 3, True, 2),  # n_h=3: micro-steps padded to a power of two
+    (2, 40, 1, 5, 70, False, 64), (1, 20, 2, 3, 2, True, 64)])
+def test_chunk_delta_rule(N, T, n_h, K, V, gate, chunk):
+    from rcc.runtime import chunk as torch_chunk
+    from rcc.runtime.triton import chunk_delta_rule
+    q = torch.randn(N, T, K, dtype=F64, requires_grad=True)
+    k = torch.nn.functional.normalize(torch.randn(N, T, n_h, K, dtype=F64), dim=-1).requires_grad_()
+    beta = torch.sigmoid(torch.randn(N, T, n_h, dtype=F64)).requires_grad_()
+    u = torch.randn(N, T, n_h, V, dtype=F64, requires_grad=True)
+    g = (-torch.nn.functional.softplus(torch.randn(N, T, dtype=F64))).requires_grad_() if gate else None
+    s0 = torch.randn(N, K, V, dtype=F64, requires_grad=True)
+    cot = [torch.randn(N, T, V, dtype=F64), torch.randn(N, K, V, dtype=F64)]
+    args = (q, k, u, beta, g, s0, chunk)
+    wrt = [q, k, u, beta, s0] + ([g] if gate else [])
+    _close(_grads(chunk_delta_rule, args, wrt, cot), _grads(torch_chunk.chunk_delta_rule, args, wrt, cot))

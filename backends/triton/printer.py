@@ -74,21 +74,6 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
     (rcc/runtime/triton/chunk.py)."""
 
 
-def chunk_form(cell, analysis):
-    """The cell's chunkwise form, if backend triton has kernels for it (gated linear attention:
-    a diagonal or scalar decay); raises CompileError or NotImplementedError saying why not."""
-    try:
-        form = plans.chunk_form(cell)
-    except plans.NotChunkable as e:
-        raise plans.illegal("chunk", analysis, cell, str(e)) from None
-    if form.kind != "linear":
-        raise NotImplementedError(
-            f"backend 'triton' runs plan 'chunk' for gated linear attention (a diagonal or scalar "
-            f"decay) only; cell {cell.name!r} is a delta rule, whose chunkwise (UT transform) kernels "
-            "are not written yet: use plan 'sequential' on backend 'triton', or backend='torch'")
-    return form
-
-
 def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential",
                  analysis=None) -> str:
     if plan == "sequential":
@@ -101,5 +86,9 @@ def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential
     if plan == "newton":
         return NewtonPrinter(plans.newton_form(cell, analysis), source_name).module()
     if plan == "chunk":
-        return ChunkPrinter(chunk_form(cell, analysis), source_name).module()
+        try:
+            form = plans.chunk_form(cell)
+        except plans.NotChunkable as e:
+            raise plans.illegal("chunk", analysis, cell, str(e)) from None
+        return ChunkPrinter(form, source_name).module()
     raise NotImplementedError(f"backend 'triton': no plan {plan!r}")

@@ -2,12 +2,13 @@
 
 common.py: devices, dtypes, tile sizes and autotuning; loop.py: the generated loop-over-time
 kernels' launcher with gradients (plan sequential); scan.py: the linear and block scans (plans
-scan and newton); chunk.py: chunkwise gated linear attention (plan chunk).
+scan and newton); chunk.py: chunkwise gated linear attention and
+gated delta rule / DeltaProduct (plan chunk).
 """
-from .chunk import chunk_linear_attention
+from .chunk import chunk_delta_rule, chunk_linear_attention
 from .common import check, interpreted, pad, tuned
 from .loop import run
 from .scan import block_adjoint, block_scan, linear_adjoint, linear_scan
 
 __all__ = ["check", "interpreted", "pad", "tuned", "run", "linear_scan", "block_scan",
-           "linear_adjoint", "block_adjoint", "chunk_linear_attention"]
+           "linear_adjoint", "block_adjoint", "chunk_linear_attention", "chunk_delta_rule"]
