@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accumulator, check, interpreted, pad
+from .common import accumulator, check, interpreted, pad, tuned
 
 MAX_CHUNK = 16  # the pairwise decays are a [C, C, K] tile
 
@@ -67,6 +67,7 @@ def _pairwise_decay(b, cc):
     return tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :], float("-inf")))
 
 
+@tuned("C", "PK", "BV")  # warps per program
 @triton.jit
 def _gla_forward(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K, V, G, g_sk,
                  SAVE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, C: tl.constexpr,
@@ -94,6 +95,7 @@ def _gla_forward(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K,
     tl.store(sT_ptr + n * K * V + s_off, S, mask=s_mask)
 
 
+@tuned("C", "PK", "BV")  # warps per program
 @triton.jit
 def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                   ds0_ptr, T, K, V, G, g_sk, N,
@@ -276,6 +278,7 @@ def _unit_lower_inverse(A, ss, PL: tl.constexpr):
     return Tinv
 
 
+@tuned("C", "PK", "BV")  # warps per program
 @triton.jit
 def _delta_forward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K, V,
                    SAVE: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
@@ -308,6 +311,7 @@ def _delta_forward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, 
     tl.store(sT_ptr + n * K * V + s_off, S, mask=s_mask)
 
 
+@tuned("C", "PK", "BV")  # warps per program
 @triton.jit
 def _delta_backward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk_ptr,
                     du_ptr, dbeta_ptr, dg_ptr, ds0_ptr, T, K, V, N,
