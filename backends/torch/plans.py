@@ -219,10 +219,11 @@ class NewtonPrinter(PlanPrinter):
         if self.stateful & _cone(self.cell, outs, set(self.bound)) - set(self.leaf.values()):
             self.out_lines, self.out_refs, _ = self._scope(outs, "_NT", self.prev_names(),
                                                            super()._output_refs)
+        self.reads = reads  # the ids of what _step and _jacobian read besides the states
         args = [self.var[a] for a in reads]
         self.fn_args_tuple = _tuple(args)
         self.fn_mask = _tuple("True" if self.cell.node(a).type.batched else "False" for a in reads)
-        signature = "(_prev" + "".join(", " + a for a in args) + "):"
+        self.signature = signature = "(_prev" + "".join(", " + a for a in args) + "):"
         head = [f"        {_tuple(state_vars.values())} = _prev",
                 "        _rows = _prev[0].shape[0]  # T * N, or N for one step"]
         self.step_fn = ["    def _step" + signature, *head, *["        " + ln for ln in step],

@@ -200,7 +200,7 @@ class TileExprPrinter(PythonCodePrinter):
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sympy.Basic) and expr.is_number and not isinstance(expr, Helper):
-            if expr.is_Integer or (expr.is_Rational and _fp32_exact(expr)):
+            if expr.is_Integer or ((expr.is_Rational or expr.is_Float) and _fp32_exact(expr)):
                 return repr(float(expr))
             return self.constant(expr)
         return super()._print(expr, **kwargs)
@@ -601,8 +601,9 @@ class TileKernelPrinter:
         return self._kernel(f"{self.name}_forward", doc, args, ["SAVE"], pre, loop, post,
                             "for t in range(T):")
 
-    def _kernel(self, name, doc, args, flags, pre, loop, post, loop_head):
-        header = [f'"""{doc}"""', "n = tl.program_id(0)  # the row (batch x head) this program runs"]
+    def _kernel(self, name, doc, args, flags, pre, loop, post, loop_head, header_lines=None):
+        header = [f'"""{doc}"""'] + (header_lines or
+                                     ["n = tl.program_id(0)  # the row (batch x head) this program runs"])
         for e, k in self.extents.items():
             header += [f"ix{k} = tl.arange(0, P{k})", f"mx{k} = ix{k} < E{k}"]
         for shape, j in self.shapes.items():
@@ -618,10 +619,13 @@ class TileKernelPrinter:
         constexprs = (flags + ["ACC"] + [f"E{k}" for k in self.extents.values()]
                       + [f"P{k}" for k in self.extents.values()]
                       + [f"K{k}" for k in self.constants.values()])
-        sig = [f"    {a}," for a in args] + ["    T, N,"]
+        sig = [f"    {a}," for a in args] + (["    T, N,"] if loop_head else [])
         sig += [f"    {', '.join(f'{x}: tl.constexpr' for x in constexprs[i:i + 4])},"
                 for i in range(0, len(constexprs), 4)]
-        body = header + list(pre) + [loop_head] + ["    " + ln for ln in loop] + list(post)
+        if loop_head:
+            body = header + list(pre) + [loop_head] + ["    " + ln for ln in loop] + list(post)
+        else:  # no loop: `loop` are the last lines
+            body = header + list(pre) + list(loop) + list(post)
         pads = ", ".join(f'"P{k}"' for k in self.extents.values())
         return [f"@_rtt.tuned({pads})  # warps per program, by the tile sizes", "@triton.jit",
                 f"def {name}(", *sig, "):", *["    " + ln for ln in body]]
@@ -842,6 +846,42 @@ class TileKernelPrinter:
         for k in reversed(range(lead)):
             text = f"tl.sum({text}, {k})"
         return text
+
+    # ---- a kernel over independent rows (Newton's step and Jacobian) ----------------------
+    def rows_source(self, name, ids, states, reads, roots, shape) -> list:
+        """A kernel computing `roots` (ids, or None for a zero) from the state leaves `states` and
+        the values `reads` (per row when batched), one program per row; every root is stored
+        broadcast to the states' `shape`, as [rows, *shape]."""
+        c = self.cell
+        self.value = {}
+        pre, args = [], []
+        for k, leaf in enumerate(states):
+            self.value[leaf] = f"s{k}_{self._hint(leaf)}"
+            args.append("p_" + self.value[leaf])
+            pre.append(f"{self.value[leaf]} = {self.load(args[-1], f'r * ({self.numel(shape)})', shape)}")
+        for k, i in enumerate(reads):
+            n = c.node(i)
+            self.value[i] = f"a{k}_{self._hint(i)}"
+            args.append("p_" + self.value[i])
+            base = f"r * ({self.numel(n.type.shape)})" if n.type.batched else ""
+            pre.append(f"{self.value[i]} = {self.load(args[-1], base, n.type.shape)}")
+        for i in sorted(ids):
+            n = c.node(i)
+            for a in n.args:  # a constant a non-pointwise op reads gets a tile of its own
+                if c.node(a).op == "const" and a not in self.value and n.op not in POINTWISE:
+                    self.value[a] = f"c{a}"
+                    pre.append(f"c{a} = {self.expr(c.node(a))}")
+            self.value[i] = f"v{i}_{self._hint(i)}" if n.name else f"v{i}"
+            pre.append(f"{self.value[i]} = {self.expr(n)}")
+        tile = self.tile(shape)
+        outs = [f"p_out{k}" for k, v in enumerate(roots) if v is not None]
+        stores = [self.store(f"p_out{k}", f"r * ({self.numel(shape)})", shape,
+                             f"({self._root(v)}) + tl.zeros({tile}, ACC)")
+                  for k, v in enumerate(roots) if v is not None]
+        head = ["r = tl.program_id(0)  # the row (a step of a sequence) this program computes"]
+        return self._kernel(name, "Independent rows: each row's next states and the step's Jacobian "
+                            "entries, from its previous states.", args + outs, [], pre, stores, [], "",
+                            header_lines=head)
 
     # ---- the whole source ------------------------------------------------------------------
     def source(self) -> str:

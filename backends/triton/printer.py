@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rcc import ir, plans
 from rcc.backends.torch import plans as torch_plans
-from rcc.backends.torch.printer import TorchPrinter
+from rcc.backends.torch.printer import TorchPrinter, _tuple
 
 from ..loop import FusedLoopPrinter
 from .kernel import PRELUDE, TileKernelPrinter
@@ -66,7 +66,55 @@ class ScanPrinter(TritonModule, torch_plans.ScanPrinter):
 
 
 class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
-    """Plan newton: the torch plan's module, each iteration's scan a Triton kernel."""
+    """Plan newton: the torch plan's module with the Jacobian (each iteration's residual and
+    linearisation: the next states and d next_i / d prev_j) one generated Triton kernel over all
+    rows, and each iteration's scan a Triton kernel. The step stays a torch function: the
+    backward differentiates it once (one VJP over all rows)."""
+
+    def __init__(self, form, source_name=""):
+        super().__init__(form, source_name)
+        self.kernel = TileKernelPrinter(form.cell)
+        self.class_attrs = self.class_attrs + [
+            "",
+            "    def __init__(self, *args, **kwargs):",
+            "        super().__init__(*args, **kwargs)",
+            f"        self._meta = {self.kernel.name}_meta(self.dims)  # the kernel's constexprs",
+        ]
+
+    def _solve(self, lines):
+        c, form = self.cell, self.form
+        roots = list(self.next_of.values()) + [v for row in form.jacobian for v in row]
+        ids = torch_plans._cone(c, [v for v in roots if v is not None])
+        ids = (ids & self.stateful) - set(self.leaf.values())
+        leaves = [self.leaf[s] for s in form.states]
+        decl = next(d for d in c.states if d.name == form.states[0])
+        self.kernel_source = self.kernel.rows_source(
+            f"{self.kernel.name}_jacobian", ids, leaves, self.reads, roots, decl.shape)
+        k = len(form.states)
+        hints = [f"{s}_new" for s in form.states] + [f"d{a}_d{b}" for a in form.states for b in form.states]
+        texts = [self.ns.new(h) if v is not None else "None" for h, v in zip(hints, roots)]
+        outs = [t for t in texts if t != "None"]
+        nexts = texts[:k]
+        rows = [texts[k + i * k:k + (i + 1) * k] for i in range(k)]
+        args = "".join(", " + self.var[a] for a in self.reads)
+        self.jac_fn = [
+            "    def _jacobian" + self.signature,
+            "        # one Triton kernel over the rows: the next states, then d next_i / d prev_j",
+            f"        {', '.join(outs)}{',' if len(outs) == 1 else ''} = _rtt.rows(",
+            f"            {self.kernel.name}_jacobian, self._meta, tuple(_prev){args[1:] and ' + (' + args[2:] + ',)'},",
+            f"            {len(outs)})",
+            f"        return {_tuple(nexts)}, {_tuple(_tuple(r) for r in rows)}",
+        ]
+        return super()._solve(lines)
+
+    def module(self) -> str:
+        text = super().module()
+        return "\n".join([
+            text,
+            "# ---- the Jacobian over all rows: a Triton kernel (backends/triton/kernel.py) " + "-" * 12,
+            PRELUDE.strip("\n"), "", "",
+            "\n".join(self.kernel_source), "", "",
+            *self.kernel.meta_source(f"{self.kernel.name}_meta"), ""])
 
 
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):

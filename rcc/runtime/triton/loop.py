@@ -94,3 +94,17 @@ class _Loop(torch.autograd.Function):
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
         return (None, *grads_in)
+
+
+def rows(kernel, meta: dict, inputs, n_out: int):
+    """A generated kernel over independent rows (plan newton's Jacobian): inputs are the states
+    [R, *shape] then what the step reads (per-row values [R, ...] or params); returns n_out
+    tensors [R, *shape]. Not differentiable (Newton's iterations are not differentiated)."""
+    inputs = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in inputs]
+    check(inputs)
+    first = inputs[0]
+    outs = [torch.empty_like(first, memory_format=torch.contiguous_format) for _ in range(n_out)]
+    if first.shape[0] > 0:
+        kernel[(first.shape[0],)](*[x.contiguous() for x in inputs], *outs,
+                                  ACC=accumulator(first.dtype), **meta)
+    return outs
