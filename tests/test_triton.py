@@ -10,14 +10,16 @@ import rcc
 from conftest import cell_inputs, run_with_grads, stdlib
 
 
-@pytest.mark.parametrize("name,dims", [("lstm.rnn", {"d_in": 3, "d": 5}),
-                                       ("gla.rnn", {"K": 4, "V": 3})])
+@pytest.mark.parametrize("name,dims,plan", [
+    ("lstm.rnn", {"d_in": 3, "d": 5}, "sequential"), ("gla.rnn", {"K": 4, "V": 3}, "sequential"),
+    ("gla.rnn", {"K": 4, "V": 3}, "chunk"), ("deltanet.rnn", {"K": 4, "V": 3}, "chunk"),
+    ("mingru.rnn", {"d_in": 3, "d": 5}, "scan"), ("pararnn_gru.rnn", {"d_in": 3, "d": 5}, "newton")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_computes_in_float32(name, dims, dtype):
-    """bf16/fp16 inputs and params, float32 inside the kernel: as close to the float32
+def test_half_precision_computes_in_float32(name, dims, plan, dtype):
+    """bf16/fp16 inputs and params, float32 inside the kernels: as close to the float32
     reference as rounding the inputs and results to half precision allows."""
     ref = rcc.compile(stdlib(name), backend="torch", plan="sequential")(**dims)
-    mod = rcc.compile(stdlib(name), backend="triton")(**dims).to(dtype)
+    mod = rcc.compile(stdlib(name), backend="triton", plan=plan)(**dims).to(dtype)
     mod.load_state_dict(ref.state_dict())
     ref.load_state_dict(mod.float().state_dict())  # the same (rounded) params in float32
     mod = mod.to(dtype)
@@ -188,3 +190,14 @@ def test_chunk_delta_rule(N, T, n_h, K, V, gate, chunk):
     args = (q, k, u, beta, g, s0, chunk)
     wrt = [q, k, u, beta, s0] + ([g] if gate else [])
     _close(_grads(chunk_delta_rule, args, wrt, cot), _grads(torch_chunk.chunk_delta_rule, args, wrt, cot))
+
+
+def test_user_names_cannot_shadow_the_kernels_or_helpers():
+    """A cell named like a prelude helper, with a param named like its kernel, still works."""
+    source = ("cell rcc_tanh(d) {\n input x[d]\n param rcc_tanh_forward[d]\n state h[d]\n"
+              " h' = tanh(x + rcc_tanh_forward * h)\n output y = h'\n}\n")
+    ref = rcc.compile(source, backend="torch")(d=3).double()
+    m = rcc.compile(source, backend="triton")(d=3).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)

@@ -26,7 +26,7 @@ class TorchPrinter(ExprPrinter):
         self.cell = cell
         self.source_name = source_name or cell.filename
         self.plan = plan
-        self.ns = Namespace(_RESERVED)
+        self.ns = Namespace(_RESERVED + tuple(self.reserved_names(cell)))
         self.dim_names = {d.name: self.ns.new(d.name) for d in cell.dims}
         self.decl_names = {}
         for d in cell.inputs + cell.params + cell.states:
@@ -49,6 +49,10 @@ class TorchPrinter(ExprPrinter):
         # names for values that the user did not name: a state's next value, an output
         self.hints = {v: f"{s}_next" for s, v in cell.updates}
         self.hints.update({v: name for name, v, _ in cell.outputs})
+
+    def reserved_names(self, cell) -> tuple:
+        """Module-level names a backend adds (kernels, helpers): no cell name may take them."""
+        return ()
 
     def _regions(self) -> dict:
         return regions(self.cell)

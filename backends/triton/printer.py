@@ -7,12 +7,14 @@ Python code, so that a reader finds the whole cell in one file.
 """
 from __future__ import annotations
 
+import re
+
 from rcc import ir, plans
 from rcc.backends.torch import plans as torch_plans
 from rcc.backends.torch.printer import TorchPrinter, _tuple
 
 from ..loop import FusedLoopPrinter
-from .kernel import PRELUDE, TileKernelPrinter
+from .kernel import PRELUDE, TileKernelPrinter, t_name
 
 
 class TritonModule:
@@ -23,6 +25,12 @@ class TritonModule:
     imports = ("import triton", "import triton.language as tl", "")
     runtime_imports = ("from rcc.runtime import triton as _rtt",)
     kernels = "_rtt"
+
+    def reserved_names(self, cell):
+        # the kernels and the prelude's helpers are module-level functions beside the class
+        name = t_name(cell.name) or "cell"
+        return (*re.findall(r"def (rcc_\w+)\(", PRELUDE),
+                *(f"{name}_{part}" for part in ("forward", "backward", "meta", "jacobian")))
 
 
 class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
@@ -100,7 +108,7 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
         self.jac_fn = [
             "    def _jacobian" + self.signature,
             "        # one Triton kernel over the rows: the next states, then d next_i / d prev_j",
-            f"        {', '.join(outs)}{',' if len(outs) == 1 else ''} = _rtt.rows(",
+            f"        {', '.join(outs)}{',' if len(outs) == 1 else ''} = _rtt.over_rows(",
             f"            {self.kernel.name}_jacobian, self._meta, tuple(_prev){args[1:] and ' + (' + args[2:] + ',)'},",
             f"            {len(outs)})",
             f"        return {_tuple(nexts)}, {_tuple(_tuple(r) for r in rows)}",

@@ -297,9 +297,15 @@ def newton_solve(step, jacobian, s0, args=(), *, block, seq_mask=None, max_iter=
     T = seq_rows.pop() // N if seq_rows else length
     if T is None or (length is not None and length != T) or T < 1:
         raise ValueError(f"newton_solve: cannot tell T (sequence rows / N = {T}, length = {length})")
+    dtype = s0[0].dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # half-precision inputs: the trajectory, the residuals and the scans in float32 (a
+        # half-precision tolerance would stop Newton far from the solution), the result cast back
+        s0 = tuple(s.float() for s in s0)
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == dtype else a for a in args)
     problem = _Problem(step, jacobian, s0, args, seq_mask, block, T, scans or _torch_scans)
     max_iter = 30 if max_iter is None else int(max_iter)
     tol = _default_tol(s0[0].dtype, T) if tol is None else float(tol)
     tensors = tuple(s0) + tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args)
     trajectory = _NewtonSolve.apply(problem, max_iter, tol, *tensors)
-    return tuple(trajectory), problem.stats
+    return tuple(x.to(dtype) for x in trajectory), problem.stats

@@ -7,8 +7,8 @@ gated delta rule / DeltaProduct (plan chunk).
 """
 from .chunk import chunk_delta_rule, chunk_linear_attention
 from .common import check, interpreted, pad, tuned
-from .loop import rows, run
+from .loop import over_rows, run
 from .scan import block_adjoint, block_scan, linear_adjoint, linear_scan
 
-__all__ = ["check", "interpreted", "pad", "tuned", "run", "rows", "linear_scan", "block_scan",
+__all__ = ["check", "interpreted", "pad", "tuned", "run", "over_rows", "linear_scan", "block_scan",
            "linear_adjoint", "block_adjoint", "chunk_linear_attention", "chunk_delta_rule"]

@@ -96,7 +96,7 @@ class _Loop(torch.autograd.Function):
         return (None, *grads_in)
 
 
-def rows(kernel, meta: dict, inputs, n_out: int):
+def over_rows(kernel, meta: dict, inputs, n_out: int):
     """A generated kernel over independent rows (plan newton's Jacobian): inputs are the states
     [R, *shape] then what the step reads (per-row values [R, ...] or params); returns n_out
     tensors [R, *shape]. Not differentiable (Newton's iterations are not differentiated)."""
