@@ -97,3 +97,30 @@ def test_expression_forms(backend, group):
             out["y" if k == 0 else f"y{k}"] = ref(v) if ref else run_python("", vars(v), e)
         return out
     run_and_compare(m, step, B=B, T=T, heads=heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generated_module_runs_without_the_compiler_packages(backend, tmp_path):
+    """The emitted module needs torch, rcc.runtime and its backend's tools (a C++ compiler,
+    triton): not lark or sympy."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / f"lstm_{backend}.py"
+    path.write_text(rcc.generate(stdlib("lstm.rnn"), backend=backend))
+    code = "\n".join([
+        "import sys, importlib.util, torch",
+        f"spec = importlib.util.spec_from_file_location('lstm_{backend}', {str(path)!r})",
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)",
+        "m = mod.LSTM(d_in=3, d=4)",
+        "x = torch.randn(2, 5, 3, requires_grad=True)",
+        "y, final = m(x)",
+        "(y.sum() + final['c'].sum()).backward()",
+        "assert x.grad is not None",
+        "bad = [k for k in ('lark', 'sympy') if k in sys.modules]",
+        "assert not bad, bad",
+        "print('ok')",
+    ])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -326,17 +326,20 @@ class ChunkPrinter(PlanPrinter):
         return {f.state: f"{final}.reshape({init}.shape)"}
 
 
-def print_plan(cell, plan, analysis, source_name="") -> str:
+def print_plan(cell, plan, analysis, source_name="", printers=None) -> str:
+    """The module of a parallel plan; `printers` (plan -> printer class) lets a backend print
+    its own (backend triton's call its Triton kernels)."""
+    printers = printers or {"scan": ScanPrinter, "newton": NewtonPrinter, "chunk": ChunkPrinter}
     if plan == "scan":
-        return ScanPrinter(plans.scan_form(cell, analysis), source_name).module()
+        return printers["scan"](plans.scan_form(cell, analysis), source_name).module()
     if plan == "newton":
-        return NewtonPrinter(plans.newton_form(cell, analysis), source_name).module()
+        return printers["newton"](plans.newton_form(cell, analysis), source_name).module()
     if plan == "chunk":
         try:
             form = plans.chunk_form(cell)
         except plans.NotChunkable as e:
             raise plans.illegal("chunk", analysis, cell, str(e)) from None
-        return ChunkPrinter(form, source_name).module()
+        return printers["chunk"](form, source_name).module()
     raise NotImplementedError(f"plan {plan!r}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from rcc import ir, plans
+from rcc import ir
 from rcc.backends.torch import plans as torch_plans
 from rcc.backends.torch.printer import TorchPrinter, _tuple
 
@@ -137,14 +137,5 @@ def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential
     if analysis is None:
         from rcc.passes.analysis import analyze_ir
         analysis = analyze_ir(cell)
-    if plan == "scan":
-        return ScanPrinter(plans.scan_form(cell, analysis), source_name).module()
-    if plan == "newton":
-        return NewtonPrinter(plans.newton_form(cell, analysis), source_name).module()
-    if plan == "chunk":
-        try:
-            form = plans.chunk_form(cell)
-        except plans.NotChunkable as e:
-            raise plans.illegal("chunk", analysis, cell, str(e)) from None
-        return ChunkPrinter(form, source_name).module()
-    raise NotImplementedError(f"backend 'triton': no plan {plan!r}")
+    return torch_plans.print_plan(cell, plan, analysis, source_name, printers={
+        "scan": ScanPrinter, "newton": NewtonPrinter, "chunk": ChunkPrinter})

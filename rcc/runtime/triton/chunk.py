@@ -42,6 +42,16 @@ def _mm(a, b, MODE: tl.constexpr):
 
 
 @triton.jit
+def _state_slice(K, V, PK: tl.constexpr, BV: tl.constexpr):
+    # this program's row n and its [K, BV] slice of the [K, V] state: keys, value columns,
+    # offsets and mask
+    n, iv = tl.program_id(0), tl.program_id(1)
+    kk = tl.arange(0, PK)
+    vv = iv * BV + tl.arange(0, BV)
+    return n, kk, vv, kk[:, None] * V + vv[None, :], (kk < K)[:, None] & (vv < V)[None, :]
+
+
+@triton.jit
 def _row(x, rows, i):
     # row i of the tile x (rows: its row indices), as a vector
     return tl.sum(tl.where(rows[:, None] == i, x, 0.0), 0)
@@ -72,11 +82,8 @@ def _pairwise_decay(b, cc):
 def _gla_forward(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K, V, G, g_sk,
                  SAVE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, C: tl.constexpr,
                  PK: tl.constexpr, BV: tl.constexpr):
-    n, iv = tl.program_id(0), tl.program_id(1)
-    kk, cc = tl.arange(0, PK), tl.arange(0, C)
-    vv = iv * BV + tl.arange(0, BV)
-    s_mask = (kk < K)[:, None] & (vv < V)[None, :]
-    s_off = kk[:, None] * V + vv[None, :]
+    n, kk, vv, s_off, s_mask = _state_slice(K, V, PK, BV)
+    cc = tl.arange(0, C)
     S = tl.load(s0_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
     n_chunks = tl.cdiv(T, C)
     for c in range(0, n_chunks):
@@ -101,11 +108,8 @@ def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk
                   ds0_ptr, T, K, V, G, g_sk, N,
                   ACC: tl.constexpr, MODE: tl.constexpr, C: tl.constexpr, PK: tl.constexpr,
                   BV: tl.constexpr):
-    n, iv = tl.program_id(0), tl.program_id(1)
-    kk, cc = tl.arange(0, PK), tl.arange(0, C)
-    vv = iv * BV + tl.arange(0, BV)
-    s_mask = (kk < K)[:, None] & (vv < V)[None, :]
-    s_off = kk[:, None] * V + vv[None, :]
+    n, kk, vv, s_off, s_mask = _state_slice(K, V, PK, BV)
+    cc = tl.arange(0, C)
     dS = tl.load(dsT_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
     n_chunks = tl.cdiv(T, C)
     causal = cc[:, None] >= cc[None, :]
@@ -137,7 +141,7 @@ def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk
         db_end = tl.sum(kd * dkd, 0) + tl.exp(b_end) * tl.sum(dS * S, 1)
         db += tl.where(cc[:, None] == C - 1, db_end[None, :], 0.0)
         dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db  # sum over the steps from t on
-        part = ((iv * N + n) * T + t)[:, None] * K + kk[None, :]
+        part = ((tl.program_id(1) * N + n) * T + t)[:, None] * K + kk[None, :]  # this value block's part
         qk_mask = tm[:, None] & (kk < K)[None, :]
         tl.store(dq_ptr + part, dq, mask=qk_mask)
         tl.store(dk_ptr + part, dk, mask=qk_mask)
@@ -284,11 +288,7 @@ def _delta_forward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, 
                    SAVE: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                    MODE: tl.constexpr, C: tl.constexpr, NH: tl.constexpr, PL: tl.constexpr,
                    PK: tl.constexpr, BV: tl.constexpr):
-    n, iv = tl.program_id(0), tl.program_id(1)
-    kk = tl.arange(0, PK)
-    vv = iv * BV + tl.arange(0, BV)
-    s_mask = (kk < K)[:, None] & (vv < V)[None, :]
-    s_off = kk[:, None] * V + vv[None, :]
+    n, kk, vv, s_off, s_mask = _state_slice(K, V, PK, BV)
     S = tl.load(s0_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
     n_chunks = tl.cdiv(T, C)
     for c in range(0, n_chunks):
@@ -318,11 +318,7 @@ def _delta_backward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr
                     HAS_GATE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
                     C: tl.constexpr, NH: tl.constexpr, PL: tl.constexpr, PK: tl.constexpr,
                     BV: tl.constexpr):
-    n, iv = tl.program_id(0), tl.program_id(1)
-    kk = tl.arange(0, PK)
-    vv = iv * BV + tl.arange(0, BV)
-    s_mask = (kk < K)[:, None] & (vv < V)[None, :]
-    s_off = kk[:, None] * V + vv[None, :]
+    n, kk, vv, s_off, s_mask = _state_slice(K, V, PK, BV)
     dS = tl.load(dsT_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
     n_chunks = tl.cdiv(T, C)
     for cr in range(0, n_chunks):
@@ -380,7 +376,7 @@ def _delta_backward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr
               + tl.sum(tl.where(tt[None, :] <= tt[:, None], d_gam_t[:, None], 0.0), 0)
               + tl.sum(tl.where(tt[None, :] > tok[:, None], d_end[:, None], 0.0), 0)
               + d_total)
-        part = (iv * N + n) * T + c * C
+        part = (tl.program_id(1) * N + n) * T + c * C  # this value block's part
         tl.store(dq_ptr + (part + tt)[:, None] * K + kk[None, :], dq,
                  mask=t_ok[:, None] & (kk < K)[None, :])
         micro_part = (part + tok) * NH + ss % NH
