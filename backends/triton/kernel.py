@@ -525,15 +525,20 @@ class TileKernelPrinter:
         for k, i in enumerate(self.const):
             self.value[i] = f"w{k}_{self._hint(i)}"
             pre.append(f"{self.value[i]} = {self.load('p_' + self.value[i], '', self._shape(i))}")
-        # constants that something other than a pointwise op reads get a tile of their own
-        for n in c.nodes:
-            if n.op == "const" and any(c.node(u).op not in POINTWISE for u in self.users[n.id]
-                                       if u in set(self.step)) or (n.op == "const" and n.id in
-                                                                   set(self.updates.values())
-                                                                   | {v for _, v, _ in c.outputs}):
-                self.value[n.id] = f"c{n.id}"
-                pre.append(f"c{n.id} = {self.expr(n)}")
+        pre += self._constant_tiles(self.step, list(self.updates.values()) + [v for _, v, _ in c.outputs])
         return pre
+
+    def _constant_tiles(self, ids, roots=()) -> list:
+        """Lines giving a tile of its own to each constant that something other than a pointwise
+        op reads (a pointwise op folds numbers into its expression), or that is a root."""
+        c = self.cell
+        wanted = set(roots) | {a for i in ids if c.node(i).op not in POINTWISE for a in c.node(i).args}
+        lines = []
+        for i in sorted(wanted):
+            if c.node(i).op == "const" and i not in self.value:
+                self.value[i] = f"c{i}"
+                lines.append(f"c{i} = {self.expr(c.node(i))}")
+        return lines
 
     def _shape(self, i):
         return self.cell.node(i).type.shape
@@ -865,12 +870,9 @@ class TileKernelPrinter:
             args.append("p_" + self.value[i])
             base = f"r * ({self.numel(n.type.shape)})" if n.type.batched else ""
             pre.append(f"{self.value[i]} = {self.load(args[-1], base, n.type.shape)}")
+        pre += self._constant_tiles(ids, [v for v in roots if v is not None])
         for i in sorted(ids):
             n = c.node(i)
-            for a in n.args:  # a constant a non-pointwise op reads gets a tile of its own
-                if c.node(a).op == "const" and a not in self.value and n.op not in POINTWISE:
-                    self.value[a] = f"c{a}"
-                    pre.append(f"c{a} = {self.expr(c.node(a))}")
             self.value[i] = f"v{i}_{self._hint(i)}" if n.name else f"v{i}"
             pre.append(f"{self.value[i]} = {self.expr(n)}")
         tile = self.tile(shape)
