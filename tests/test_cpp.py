@@ -24,7 +24,32 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
 def test_build_is_cached_on_disk(monkeypatch):
     from rcc.runtime import cpp
     cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
-    first = cls(d=5)._kernel().paths[torch.float32]
+    first = cls(d=5)._kernel().wait().paths  # the forward, and the backward built meanwhile
+    assert set(first) == {("forward", torch.float32), ("backward", torch.float32)}
     monkeypatch.setattr(cpp, "_BY_SOURCE", {})  # as a new process: only the disk cache is left
     monkeypatch.setattr(cpp, "_build", None)  # never called when the cache has the kernel
-    assert cls(d=5)._kernel().paths[torch.float32] == first
+    assert cls(d=5)._kernel().wait().paths == first
+
+
+def test_a_failed_background_build_fails_the_backward_that_needs_it(monkeypatch):
+    from rcc.runtime import cpp
+
+    def broken(cxx, text, key):
+        if "#define RCC_PART 2" in text:
+            raise RuntimeError("the backward's build failed")
+        return real(cxx, text, key)
+    real = cpp._build
+    monkeypatch.setattr(cpp, "_BY_SOURCE", {})
+    fresh = _fresh_dir()
+    monkeypatch.setattr(cpp, "cache_dir", lambda: fresh)
+    monkeypatch.setattr(cpp, "_build", broken)
+    m = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")(d=4)
+    x, g = torch.randn(1, 3, 4, requires_grad=True), torch.randn(1, 3, 4)
+    y, _ = m(x, g)  # the forward runs
+    with pytest.raises(RuntimeError, match="backward's build failed"):
+        y.sum().backward()
+
+
+def _fresh_dir():
+    import tempfile
+    return tempfile.mkdtemp(prefix="rcc-test-cpp-")

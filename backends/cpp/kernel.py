@@ -519,12 +519,14 @@ class KernelPrinter:
         lines.append("// element counts of the values the kernel reads or writes")
         for i in sorted(sizes):
             lines.append(f"constexpr long {self.F(i)} = {self.numel(c.node(i).type.shape)};")
-        lines += [""] + self._forward_fn() + [""] + self._backward_fn() + [""]
-        lines += ["// RCC_REAL (float or double) is defined when the kernel is built for a dtype",
-                  'extern "C" void rcc_forward(const long* size, void* const* p) '
-                  '{ forward<RCC_REAL>(size, p); }',
-                  'extern "C" void rcc_backward(const long* size, void* const* p) '
-                  '{ backward<RCC_REAL>(size, p); }']
+        # RCC_REAL (float or double) is defined when the kernel is built for a dtype; RCC_PART 1
+        # or 2 builds the forward or the backward alone (two builds that can run at once)
+        lines += ["", "#if RCC_PART != 2"] + self._forward_fn() + [
+            'extern "C" void rcc_forward(const long* size, void* const* p) '
+            '{ forward<RCC_REAL>(size, p); }', "#endif", "", "#if RCC_PART != 1"]
+        lines += self._backward_fn() + [
+            'extern "C" void rcc_backward(const long* size, void* const* p) '
+            '{ backward<RCC_REAL>(size, p); }', "#endif"]
         return "\n".join(lines) + "\n"
 
     def _state_size(self, k):

@@ -26,7 +26,6 @@ from .layout import rows
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 _BY_SOURCE: dict = {}  # (source, dims) -> Kernel, for this process
-_LOCK = threading.Lock()
 _REAL = {torch.float32: "float", torch.float64: "double"}
 _POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "L"  # array typecode of a pointer
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
@@ -67,46 +66,95 @@ def _identity(cxx: str) -> str:
     return _IDENTITY[cxx]
 
 
+PARTS = {"forward": 1, "backward": 2}  # RCC_PART of each direction's build
+
+
 class Kernel:
-    """One kernel source with its dims set; built per float type on first use (a build is one
-    compiler run, about a second: float64 is only built for a model that runs in float64)."""
+    """One kernel source with its dims set, built per float type and direction on first use.
+    The forward is built first (about half a second); its build starts the backward's in a
+    background thread (the longer one), so a module is ready to run forward before its
+    backward is, and a forward-only model never waits for it. float64 is only built for a model
+    that runs in float64."""
 
     def __init__(self, text: str):
         self.text = text
-        self.paths = {}  # dtype -> shared object
+        self.paths = {}  # (direction, dtype) -> shared object
         self._fns = {}  # (direction, dtype) -> C function
         self._libs = []  # keeps the libraries loaded
+        self._pending = {}  # (direction, dtype) -> _Build running in the background
 
-    def build(self, dtype) -> "Kernel":
-        if dtype not in self.paths:
+    def build(self, dtype, direction="forward") -> "Kernel":
+        if (direction, dtype) not in self._fns:
             if dtype not in _REAL:
                 raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
-            cxx = compiler()
-            text = f"#define RCC_REAL {_REAL[dtype]}\n" + self.text
-            key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode())
-            key = key.hexdigest()[:24]
-            with _LOCK:
-                path = _cached(key)
-                if not os.path.exists(path):
-                    _build(cxx, text, key)
-                lib = ctypes.CDLL(path)
-            for direction in ("forward", "backward"):
-                fn = getattr(lib, f"rcc_{direction}")
-                fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p)  # long[], void*[]
-                fn.restype = None
-                self._fns[direction, dtype] = fn
-            self._libs.append(lib)
-            self.paths[dtype] = path
+            pending = self._pending.pop((direction, dtype), None)
+            if pending is not None:
+                pending.finish()  # re-raises a failed background build
+            self._load(dtype, direction)
+            if direction == "forward" and ("backward", dtype) not in self._fns:
+                self._pending["backward", dtype] = _Build(self._source(dtype, "backward"))
         return self
+
+    def wait(self) -> "Kernel":
+        """Finish the builds running in the background (and load them)."""
+        for direction, dtype in list(self._pending):
+            self.build(dtype, direction)
+        return self
+
+    def _source(self, dtype, direction):
+        """(compiler, text, cache key) of one direction's build."""
+        cxx = compiler()
+        text = f"#define RCC_REAL {_REAL[dtype]}\n#define RCC_PART {PARTS[direction]}\n" + self.text
+        key = hashlib.sha256("\0".join((text, _identity(cxx), *FLAGS, *LIBS)).encode())
+        return cxx, text, key.hexdigest()[:24]
+
+    def _load(self, dtype, direction):
+        cxx, text, key = self._source(dtype, direction)
+        path = _cached(key)
+        if not os.path.exists(path):
+            _build(cxx, text, key)
+        lib = ctypes.CDLL(path)
+        fn = getattr(lib, f"rcc_{direction}")
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p)  # long[], void*[]
+        fn.restype = None
+        self._fns[direction, dtype] = fn
+        self._libs.append(lib)
+        self.paths[direction, dtype] = path
 
     def __call__(self, direction, dtype, sizes, tensors):
         """Run `direction` on `tensors` (None passes a null pointer)."""
-        fn = self._fns.get((direction, dtype)) or self.build(dtype)._fns[direction, dtype]
+        fn = self._fns.get((direction, dtype)) or self.build(dtype, direction)._fns[direction, dtype]
         # array.array is the cheapest C array to build from Python (a call should cost little
         # beside one step of a small cell)
         size = array.array("l", sizes)  # C long
         ptrs = array.array(_POINTER, [0 if t is None else t.data_ptr() for t in tensors])
         fn(size.buffer_info()[0], ptrs.buffer_info()[0])
+
+
+class _Build:
+    """A build running in a thread (the compiler is another process: the GIL is free)."""
+
+    def __init__(self, source):
+        cxx, text, key = source
+        self.error = None
+        if os.path.exists(_cached(key)):
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._run, args=(cxx, text, key),
+                                       name=f"rcc-build-{key}")
+        self.thread.start()
+
+    def _run(self, cxx, text, key):
+        try:
+            _build(cxx, text, key)
+        except BaseException as e:  # re-raised where the build is needed
+            self.error = e
+
+    def finish(self):
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def kernel(source: str, dims: tuple) -> Kernel:
