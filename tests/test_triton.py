@@ -179,3 +179,20 @@ def test_user_names_cannot_shadow_the_kernels_or_helpers():
     m.load_state_dict(ref.state_dict())
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_constants_and_dims_as_whole_values():
+    """A state updated to a dim, a constant output, a dim stacked with a state: the constants a
+    non-pointwise op or a root reads get tiles of their own."""
+    source = ("cell C(d) {\n input x[d]\n state h[d], m\n h' = tanh(x + h) * 0.1\n m' = d\n"
+              " output z = stack(d * 1.0, m)\n output c = 2.5\n output y = h' + m\n}\n")
+    ref = rcc.compile(source, backend="torch")(d=3).double()
+    m = rcc.compile(source, backend="triton")(d=3).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    (want, got) = ref(x), m(x)
+    for w, g in zip(want[0], got[0]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1]["m"], want[1]["m"])
+    gw, = torch.autograd.grad(want[0][2].sum(), x)
+    gg, = torch.autograd.grad(got[0][2].sum(), x)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)

@@ -371,8 +371,7 @@ class TileKernelPrinter:
         op, shape, a = n.op, n.type.shape, n.args
         c = self.cell
         if op == "const":
-            value = sympy.sympify(n.attr("value"))
-            return TileExprPrinter({}, self.constant).doprint(value) + " + tl.zeros((), ACC)"
+            return self._number(n.attr("value")) + " + tl.zeros((), ACC)"
         if op == "outer":
             return f"{self.value[a[0]]}[:, None] * {self.value[a[1]]}[None, :]"
         if op in POINTWISE:
@@ -561,10 +560,16 @@ class TileKernelPrinter:
         return lines
 
     def _root(self, v) -> str:
-        n = self.cell.node(v)
         if v not in self.value:  # a constant read directly
-            return TileExprPrinter({}, self.constant).doprint(sympy.sympify(n.attr("value")))
+            return self._number(self.cell.node(v).attr("value"))
         return self.value[v]
+
+    def _number(self, value) -> str:
+        """A constant's value: a literal, or a constexpr's tile (dims, numbers float32 rounds)."""
+        value = sympy.sympify(value)
+        if value.free_symbols:
+            return self.constant(value)
+        return TileExprPrinter({}, self.constant).doprint(value)
 
     def _next_state(self, k, v) -> str:
         d = self.cell.states[k]
