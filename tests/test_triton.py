@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rcc
-from conftest import cell_inputs, run_with_grads, stdlib
+from conftest import STDLIB_DIMS, cell_inputs, run_with_grads, stdlib
 
 
 @pytest.mark.parametrize("name,dims,plan", [
@@ -196,3 +196,39 @@ def test_constants_and_dims_as_whole_values():
     gw, = torch.autograd.grad(want[0][2].sum(), x)
     gg, = torch.autograd.grad(got[0][2].sum(), x)
     torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-12)
+
+
+# ---- what only a GPU compiler would catch ---------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(STDLIB_DIMS))
+def test_every_kernel_declares_every_constexpr_it_is_launched_with(name):
+    """Triton rejects a launch passing a constexpr its kernel does not declare (the interpreter
+    does not): every kernel of a module takes all of its meta's keys."""
+    import inspect
+    modules = [rcc.compile(stdlib(name), backend="triton", plan="sequential")]
+    if "newton" in rcc.analyze(stdlib(name)).plans:
+        modules.append(rcc.compile(stdlib(name), backend="triton", plan="newton"))
+    for cls in modules:
+        m = cls(**STDLIB_DIMS[name])
+        module = sys.modules[type(m).__module__]
+        kernels = [v for k, v in vars(module).items() if k.endswith(("_forward", "_backward", "_jacobian"))]
+        assert kernels
+        for kernel in kernels:
+            params = set(inspect.signature(getattr(kernel, "fn", kernel).fn).parameters)
+            assert set(m._meta) <= params, (kernel, set(m._meta) - params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_compile_for_an_h100_offline(dtype):
+    """Triton's compiler lowers kernels to an sm_90 cubin without a GPU (its wheel carries ptxas):
+    a generated loop, the scans and the chunk kernels on their tl.dot paths (float32 in full
+    precision, bfloat16 operands) compile for the GPU, not only in the interpreter. Run outside
+    the interpreter, in benchmarks/gpu_compile.py."""
+    import os
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "gpu_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, script, "--small", "--dtype", dtype, "--only", "hgrn", "gla",
+                          "plans"], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [ln for ln in run.stdout.splitlines() if ln.startswith("| ") and "kernel" not in ln]
+    assert len(rows) == 11 and all(int(r.split("|")[2]) > 0 for r in rows), run.stdout

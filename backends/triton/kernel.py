@@ -612,6 +612,12 @@ class TileKernelPrinter:
                             "for t in range(T):")
 
     def _kernel(self, name, doc, args, flags, pre, loop, post, loop_head, header_lines=None):
+        """A function printing the kernel's lines: called once every kernel of the module has
+        been printed, so that each declares every constexpr of the module's `meta` (Triton
+        rejects a launch that passes a constexpr its kernel does not declare)."""
+        return lambda: self._render(name, doc, args, flags, pre, loop, post, loop_head, header_lines)
+
+    def _render(self, name, doc, args, flags, pre, loop, post, loop_head, header_lines):
         header = [f'"""{doc}"""'] + (header_lines or
                                      ["n = tl.program_id(0)  # the row (batch x head) this program runs"])
         for e, k in self.extents.items():
@@ -895,7 +901,7 @@ class TileKernelPrinter:
         """The kernels, then `{name}_meta(dims)`: their constexprs for the dims' values."""
         forward = self.forward_source()
         backward = self.backward_source()
-        return "\n".join(forward + ["", ""] + backward) + "\n"
+        return "\n".join(forward() + ["", ""] + backward()) + "\n"
 
     def meta_source(self, name) -> list:
         names = {d.name: f"dims[{d.name!r}]" for d in self.cell.dims}

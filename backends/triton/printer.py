@@ -121,7 +121,7 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
             text,
             "# ---- the Jacobian over all rows: a Triton kernel (backends/triton/kernel.py) " + "-" * 12,
             PRELUDE.strip("\n"), "", "",
-            "\n".join(self.kernel_source), "", "",
+            "\n".join(self.kernel_source()), "", "",
             *self.kernel.meta_source(f"{self.kernel.name}_meta"), ""])
 
 

@@ -1,0 +1,146 @@
+"""Backend triton's kernels compiled for a GPU without one: Triton's compiler runs offline (its
+wheel carries ptxas), so every kernel can be lowered to a cubin for an H100 (sm_90) here, and
+its registers, spills and shared memory read off. That proves the kernels compile for the GPU (the
+interpreter accepts code the compiler would reject) and shows, before any timing, where a kernel
+will spill registers to local memory.
+
+    python benchmarks/gpu_compile.py                    # every table: stdlib cells at the issue's sizes
+    python benchmarks/gpu_compile.py --only lstm gla --arch 90
+    python benchmarks/gpu_compile.py --small --dtype bfloat16     # a quick check (the tests run it)
+
+Columns: registers per thread, local memory per thread (spilled registers and arrays), shared
+memory, warps (the first autotuning config), seconds to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import rcc  # noqa: E402
+
+WIDE = ("h_ptr", "dq_ptr", "dk_ptr", "dg_ptr", "ds0_ptr", "dbeta_ptr", "dsT_ptr", "lam_ptr", "da_ptr")
+
+
+def compile_offline(jit, constexprs: dict, dtype=torch.float32, arch=90, num_warps=4):
+    """`jit` (a @triton.jit function, or an autotuned one) compiled for sm_`arch`: pointers of
+    `dtype` (the float32 work buffers of the chunk kernels stay float32), every other argument
+    an i32, `constexprs` given."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(jit, "fn", jit)  # under @triton.autotune
+    elem = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+            torch.float16: "fp16"}[dtype]
+    signature = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name.startswith("p_") or p.name.endswith("_ptr"):
+            signature[p.name] = "*fp32" if p.name in WIDE else f"*{elem}"
+        else:
+            signature[p.name] = "i32"
+    source = ASTSource(fn, signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def _acc(dtype):
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def sequential_kernels(name, dims, dtype):
+    """(label, jit, constexprs) of a stdlib cell's generated loop kernels."""
+    cls = rcc.compile(os.path.join(REPO, "stdlib", name + ".rnn"), backend="triton", plan="sequential")
+    m = cls(**dims)
+    module = sys.modules[type(m).__module__]
+    kernel = next(k for k in dir(module) if k.endswith("_forward"))[:-len("_forward")]
+    meta = dict(m._meta, ACC=_acc(dtype))
+    return [(f"{name} sequential forward", getattr(module, kernel + "_forward"), dict(meta, SAVE=True)),
+            (f"{name} sequential backward", getattr(module, kernel + "_backward"), meta)]
+
+
+def plan_kernels(dtype, K=128, V=128):
+    """The plans' library kernels at flash-linear-attention's head sizes."""
+    from rcc.runtime.triton import chunk, scan
+    acc = _acc(dtype)
+    mode = 0 if dtype == torch.float64 else (2 if dtype in (torch.bfloat16, torch.float16) else 1)
+    block = dict(scan.CONFIGS[0].kwargs)
+    gla = dict(ACC=acc, MODE=mode, C=16, PK=K, BV=64)
+    delta = dict(ACC=acc, MODE=mode, C=16, NH=1, PL=16, PK=K, BV=64)
+    return [
+        ("linear scan forward", scan._linear_scan_forward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
+        ("linear scan backward", scan._linear_scan_backward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
+        ("block scan k=2 forward", scan._block_kernel(2), dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
+        (f"chunk GLA forward K=V={K}", chunk._gla_forward, dict(gla, SAVE=True)),
+        (f"chunk GLA backward K=V={K}", chunk._gla_backward, gla),
+        (f"chunk delta rule forward K=V={K}", chunk._delta_forward, dict(delta, SAVE=True, HAS_GATE=True)),
+        (f"chunk delta rule backward K=V={K}", chunk._delta_backward, dict(delta, HAS_GATE=True)),
+    ]
+
+
+CELLS = {  # the benchmark's sizes (benchmarks/gpu.py)
+    "lstm": {"d_in": 256, "d": 256}, "gru": {"d_in": 256, "d": 256}, "gla": {"K": 128, "V": 128},
+    "deltanet": {"K": 128, "V": 128}, "hgrn": {"d": 2048}, "slstm": {"d_in": 64, "d": 64},
+    "mingru": {"d_in": 256, "d": 256},
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", default=list(CELLS) + ["plans"])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--small", action="store_true", help="small sizes (K=V=16, d=16): a quick check")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("benchmarks/gpu_compile.py compiles for a GPU: unset TRITON_INTERPRET")
+    dtype = getattr(torch, args.dtype)
+    import triton
+    print(f"Triton {triton.__version__}, compiled offline for sm_{args.arch}, {dtype} pointers")
+    print(f"| {'kernel':<44} | regs | local B | shared B | warps | compile s |")
+    print(f"|{'-' * 46}|-----:|--------:|---------:|------:|----------:|")
+    for name in args.only:
+        if name == "plans":
+            kernels = plan_kernels(dtype, *((16, 16) if args.small else ()))
+        else:
+            dims = {k: 16 for k in CELLS[name]} if args.small else CELLS[name]
+            kernels = sequential_kernels(name, dims, dtype)
+        for label, jit, constexprs in kernels:
+            start = time.perf_counter()
+            k = compile_offline(jit, constexprs, dtype, args.arch)
+            took = time.perf_counter() - start
+            regs, spills = _resources(k)
+            print(f"| {label:<44} | {regs:>4} | {spills:>7} | {k.metadata.shared:>8} |"
+                  f" {k.metadata.num_warps:>5} | {took:>9.1f} |")
+
+
+def _resources(k):
+    """Registers per thread and local memory (spills) per thread, from cuobjdump's report of the
+    cubin (both tools come with Triton's wheel)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return (int(regs.group(1)) if regs else -1), (int(local.group(1)) if local else -1)
+
+
+if __name__ == "__main__":
+    main()
