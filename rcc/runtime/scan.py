@@ -131,16 +131,17 @@ def _linear_forward(a, b, s0):
     return _scan_core(a, B, _lin_a, _lin_b)
 
 
+def next_reversed(a):
+    """The coefficients of the adjoint's scan: reversed time u = T-1-t uses a_{t+1} = a_{T-u}; the
+    coefficient at u = 0 multiplies the zero initial adjoint, so any value works there (a_0 is
+    reused to avoid allocating). A time extent of 1 (constant in time) stays as it is."""
+    return a if a.shape[0] == 1 else torch.cat((a[:1], a[1:].flip(0)))
+
+
 def _linear_adjoint(a, g):
     """lam_t = g_t + a_{t+1} lam_{t+1}, lam_{T-1} = g_{T-1}: one scan over time reversed."""
-    if a.shape[0] == 1:
-        a_next_rev = a
-    else:
-        # Reversed time u = T-1-t uses a_{t+1} = a_{T-u}; the coefficient at u = 0 multiplies the zero
-        # initial adjoint, so any value works there (a_0 is reused to avoid allocating).
-        a_next_rev = torch.cat((a[:1], a[1:].flip(0)))
     lam_rev = g.flip(0).to(_promoted_dtype(a, g))
-    return _scan_core(a_next_rev, lam_rev, _lin_a, _lin_b).flip(0)
+    return _scan_core(next_reversed(a), lam_rev, _lin_a, _lin_b).flip(0)
 
 
 class _LinearScan(torch.autograd.Function):
@@ -222,10 +223,8 @@ def _block_forward(A, b, s0):
 
 def _block_adjoint(A, g):
     """lam_t = g_t + A_{t+1}^T lam_{t+1}: one reversed block scan with transposed blocks."""
-    At = A.transpose(-1, -2)
-    At_next_rev = At if At.shape[0] == 1 else torch.cat((At[:1], At[1:].flip(0)))
     lam_rev = g.flip(0).to(_promoted_dtype(A, g))
-    return _scan_core(At_next_rev, lam_rev, _matmul, _blk_b).flip(0)
+    return _scan_core(next_reversed(A.transpose(-1, -2)), lam_rev, _matmul, _blk_b).flip(0)
 
 
 class _BlockScan(torch.autograd.Function):

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..scan import _sum_to, _time_leading, next_reversed
 from .common import accumulator, check, tuned
 
 BLOCK_T = 32  # steps per chunk (the tests' T=40 crosses a chunk edge)
@@ -80,19 +81,10 @@ def _grid(M):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
 
 
-def _sum_to(x, shape):
-    """Sum a broadcast result back down to `shape` (right-aligned)."""
-    lead = x.dim() - len(shape)
-    if lead:
-        x = x.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(dim=dims, keepdim=True) if dims else x
-
-
 def _columns(a, b):
     """a as [Ta, M] rows over b's M = N * prod(state) columns (Ta = T, or 1 with stride 0)."""
     T = b.shape[0]
-    a = a.reshape((1,) * (b.dim() - a.dim()) + tuple(a.shape))
+    a = _time_leading(a, b.dim())
     rows = a.shape[0]
     a = a.expand(rows, *b.shape[1:]).reshape(rows, -1)  # a copy only where a broadcasts
     return a.contiguous(), (0 if rows == 1 and T > 1 else a.shape[1])
@@ -148,8 +140,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Ten
 def linear_adjoint(a, g):
     """lam_t = g_t + a_{t+1} lam_{t+1} (time-major, a broadcasting to g): the scan over reversed
     time. Not differentiable (newton_solve's backward calls it under no_grad)."""
-    a = a.reshape((1,) * (g.dim() - a.dim()) + tuple(a.shape))
-    a_next_rev = a if a.shape[0] == 1 else torch.cat((a[:1], a[1:].flip(0)))
+    a_next_rev = next_reversed(_time_leading(a, g.dim()))
     with torch.no_grad():
         return linear_scan(a_next_rev, g.flip(0).contiguous(), torch.zeros_like(g[0])).flip(0)
 
@@ -256,7 +247,7 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
     if T == 0:
         return b.clone()
     dtype = b.dtype
-    A = A.to(dtype).reshape((1,) * (b.dim() + 1 - A.dim()) + tuple(A.shape))
+    A = _time_leading(A.to(dtype), b.dim() + 1)
     rows = A.shape[0]
     Ac = A.expand(rows, *b.shape[1:], k).reshape(rows, -1).contiguous()
     bc = b.contiguous()
@@ -270,8 +261,6 @@ def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tens
 
 def block_adjoint(A, g):
     """lam_t = g_t + A_{t+1}^T lam_{t+1}: the block scan over reversed time, transposed blocks."""
-    A = A.reshape((1,) * (g.dim() + 1 - A.dim()) + tuple(A.shape))
-    At = A.transpose(-1, -2)
-    At_next_rev = At if At.shape[0] == 1 else torch.cat((At[:1], At[1:].flip(0)))
+    At_next_rev = next_reversed(_time_leading(A, g.dim() + 1).transpose(-1, -2))
     with torch.no_grad():
         return block_scan(At_next_rev, g.flip(0).contiguous(), torch.zeros_like(g[0])).flip(0)
