@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import rcc  # noqa: E402
+from rcc.runtime.triton.common import accumulator  # noqa: E402
 
 WIDE = ("h_ptr", "dq_ptr", "dk_ptr", "dg_ptr", "ds0_ptr", "dbeta_ptr", "dsT_ptr", "lam_ptr", "da_ptr")
 
@@ -52,18 +53,13 @@ def compile_offline(jit, constexprs: dict, dtype=torch.float32, arch=90, num_war
                           options={"num_warps": num_warps})
 
 
-def _acc(dtype):
-    import triton.language as tl
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def sequential_kernels(name, dims, dtype):
     """(label, jit, constexprs) of a stdlib cell's generated loop kernels."""
     cls = rcc.compile(os.path.join(REPO, "stdlib", name + ".rnn"), backend="triton", plan="sequential")
     m = cls(**dims)
     module = sys.modules[type(m).__module__]
     kernel = next(k for k in dir(module) if k.endswith("_forward"))[:-len("_forward")]
-    meta = dict(m._meta, ACC=_acc(dtype))
+    meta = dict(m._meta, ACC=accumulator(dtype))
     return [(f"{name} sequential forward", getattr(module, kernel + "_forward"), dict(meta, SAVE=True)),
             (f"{name} sequential backward", getattr(module, kernel + "_backward"), meta)]
 
@@ -71,11 +67,11 @@ def sequential_kernels(name, dims, dtype):
 def plan_kernels(dtype, K=128, V=128):
     """The plans' library kernels at flash-linear-attention's head sizes."""
     from rcc.runtime.triton import chunk, scan
-    acc = _acc(dtype)
-    mode = 0 if dtype == torch.float64 else (2 if dtype in (torch.bfloat16, torch.float16) else 1)
+    acc = accumulator(dtype)
     block = dict(scan.CONFIGS[0].kwargs)
-    gla = dict(ACC=acc, MODE=mode, C=16, PK=K, BV=64)
-    delta = dict(ACC=acc, MODE=mode, C=16, NH=1, PL=16, PK=K, BV=64)
+    BV = min(V, 64)
+    gla = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, PK=K, BV=BV)
+    delta = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, NH=1, PL=16, PK=K, BV=BV)
     return [
         ("linear scan forward", scan._linear_scan_forward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("linear scan backward", scan._linear_scan_backward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),

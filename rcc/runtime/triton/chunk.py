@@ -155,12 +155,21 @@ def _setup(q, v, chunk_size):
     V = v.shape[-1]
     C = pad(max(1, min(int(chunk_size), T, MAX_CHUNK)))
     PK, BV = pad(K), min(pad(V), 64)
-    dtype = q.dtype
-    if interpreted() or dtype == torch.float64 or min(C, PK, BV) < 16:
-        mode = 0
-    else:
-        mode = 2 if dtype in (torch.bfloat16, torch.float16) else 1
-    return N, T, K, V, dict(ACC=accumulator(dtype), MODE=mode, C=C, PK=PK, BV=BV), (N, triton.cdiv(V, BV))
+    meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, C, PK, BV), C=C, PK=PK, BV=BV)
+    return N, T, K, V, meta, (N, triton.cdiv(V, BV))
+
+
+def dot_mode(dtype, *sizes) -> int:
+    """_mm's MODE: tl.dot where the GPU compiler takes it (every size at least 16, not float64),
+    on bfloat16 operands for half-precision inputs; else products and sums (the interpreter)."""
+    if interpreted() or dtype == torch.float64 or min(sizes) < 16:
+        return 0
+    return 2 if dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def _wide(dtype):
+    """The float type of the kernels' work buffers (saved chunk states, partial gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _ChunkGLA(torch.autograd.Function):
@@ -173,8 +182,7 @@ class _ChunkGLA(torch.autograd.Function):
         o = torch.empty(N, T, V, dtype=q.dtype, device=q.device)
         S_T = torch.empty(N, K, V, dtype=S0.dtype, device=q.device)
         n_chunks = triton.cdiv(T, meta["C"])
-        h = torch.empty(N, n_chunks, K, V, dtype=torch.float64 if q.dtype == torch.float64
-                        else torch.float32, device=q.device)
+        h = torch.empty(N, n_chunks, K, V, dtype=_wide(q.dtype), device=q.device)
         _gla_forward[grid](q, k, v, g, S0, o, S_T, h, T, K, V, G, 0 if G == 1 else 1,
                            SAVE=True, **meta)
         ctx.save_for_backward(q, k, v, g, h)
@@ -430,21 +438,13 @@ class _ChunkDelta(torch.autograd.Function):
                 dS0.to(ctx.S0_dtype), None)
 
 
-def _wide(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _delta_setup(q, NH, V, K, T, chunk_size):
     """Constexprs and grid: C tokens per chunk (a power of two, at most MAX_CHUNK micro-steps
     where it can), PL micro-steps padded, value blocks of BV."""
     C = pad(max(1, min(int(chunk_size), T, max(1, MAX_CHUNK // NH))))
     PL, PK, BV = pad(C * NH), pad(K), min(pad(V), 64)
-    dtype = q.dtype
-    if interpreted() or dtype == torch.float64 or min(PL, PK, BV) < 16:
-        mode = 0
-    else:
-        mode = 2 if dtype in (torch.bfloat16, torch.float16) else 1
-    meta = dict(ACC=accumulator(dtype), MODE=mode, C=C, NH=NH, PL=PL, PK=PK, BV=BV)
+    meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, PL, PK, BV), C=C, NH=NH, PL=PL, PK=PK,
+                BV=BV)
     return meta, (q.shape[0], triton.cdiv(V, BV))
 
 
