@@ -911,7 +911,7 @@ class TileKernelPrinter:
         lines += [f"        {k}: {dim_expr(e, names)},  # {e}" for e, k in self.extents.items()]
         lines.append("    }")
         lines.append("    meta = {f'E{k}': e for k, e in E.items()}")
-        lines.append("    meta.update({f'P{k}': _rtt.pad(e) for k, e in E.items()})")
+        lines.append("    meta.update({f'P{k}': triton.next_power_of_2(e) for k, e in E.items()})  # tiles")
         for value, k in self.constants.items():
             lines.append(f"    meta['K{k}'] = float({dim_expr(value, names) if value.free_symbols else repr(float(value))})")
         lines.append("    return meta")

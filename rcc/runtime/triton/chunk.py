@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import accumulator, check, interpreted, pad, tuned
+from .common import accumulator, check, interpreted, tuned
 
 MAX_CHUNK = 16  # the pairwise decays are a [C, C, K] tile
 
@@ -153,8 +153,8 @@ def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk
 def _setup(q, v, chunk_size):
     N, T, K = q.shape
     V = v.shape[-1]
-    C = pad(max(1, min(int(chunk_size), T, MAX_CHUNK)))
-    PK, BV = pad(K), min(pad(V), 64)
+    C = triton.next_power_of_2(max(1, min(int(chunk_size), T, MAX_CHUNK)))
+    PK, BV = triton.next_power_of_2(K), min(triton.next_power_of_2(V), 64)
     meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, C, PK, BV), C=C, PK=PK, BV=BV)
     return N, T, K, V, meta, (N, triton.cdiv(V, BV))
 
@@ -441,8 +441,8 @@ class _ChunkDelta(torch.autograd.Function):
 def _delta_setup(q, NH, V, K, T, chunk_size):
     """Constexprs and grid: C tokens per chunk (a power of two, at most MAX_CHUNK micro-steps
     where it can), PL micro-steps padded, value blocks of BV."""
-    C = pad(max(1, min(int(chunk_size), T, max(1, MAX_CHUNK // NH))))
-    PL, PK, BV = pad(C * NH), pad(K), min(pad(V), 64)
+    C = triton.next_power_of_2(max(1, min(int(chunk_size), T, max(1, MAX_CHUNK // NH))))
+    PL, PK, BV = triton.next_power_of_2(C * NH), triton.next_power_of_2(K), min(triton.next_power_of_2(V), 64)
     meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, PL, PK, BV), C=C, NH=NH, PL=PL, PK=PK,
                 BV=BV)
     return meta, (q.shape[0], triton.cdiv(V, BV))

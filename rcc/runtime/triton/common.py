@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the devices and dtypes they run, tile sizes, autotuning.
+"""What the Triton kernels share: the devices and dtypes they run, autotuning.
 
 Kernels run on CUDA tensors; on CPU, Triton's interpreter runs them when TRITON_INTERPRET=1 is set
 before triton is imported (slow: for tests).
@@ -10,11 +10,6 @@ import os
 import torch
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def pad(extent: int) -> int:
-    """The power of two a tile of `extent` entries takes (Triton's tiles are powers of two)."""
-    return 1 << max(0, int(extent) - 1).bit_length()
 
 
 def interpreted() -> bool:
