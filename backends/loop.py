@@ -10,6 +10,7 @@ values per step ("seq" arguments) and the unbatched ones once ("const" arguments
 from __future__ import annotations
 
 from rcc import ir
+from rcc.backends.torch.printer import _tuple
 from rcc.codegen import regions
 
 from .pointwise import POINTWISE
@@ -67,8 +68,6 @@ class FusedLoopPrinter:
         return i not in self.args and super()._only_user_in(i, region)
 
     def _forward(self, body):
-        from rcc.backends.torch.printer import _tuple
-
         c, part = self.cell, self.part
         seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first

@@ -17,6 +17,13 @@ from ..loop import FusedLoopPrinter
 from .kernel import PRELUDE, TileKernelPrinter, t_name
 
 
+def kernels_after(module, what, kernels, meta) -> str:
+    """The module's text, then its Triton kernels: the helpers' prelude, the kernels, their meta."""
+    title = f"# ---- {what}: Triton kernels (backends/triton/kernel.py) "
+    return "\n".join([module, title + "-" * max(4, 100 - len(title)), PRELUDE.strip("\n"), "", "",
+                      kernels.rstrip("\n"), "", "", *meta, ""])
+
+
 class TritonModule:
     """What every module of backend triton has: its imports, and its plans' kernels from
     rcc.runtime.triton."""
@@ -52,12 +59,8 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
         ]
 
     def module(self) -> str:
-        return "\n".join([
-            super().module(),
-            "# ---- the loop over time: Triton kernels (backends/triton/kernel.py) " + "-" * 20,
-            PRELUDE.strip("\n"), "", "",
-            self.kernel_source, "",
-            *self.kernel.meta_source(self.meta), ""])
+        return kernels_after(super().module(), "the loop over time", self.kernel_source,
+                             self.kernel.meta_source(self.meta))
 
     def _run_call(self, args, consts, states, shapes):
         return [
@@ -116,13 +119,9 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
         return super()._solve(lines)
 
     def module(self) -> str:
-        text = super().module()
-        return "\n".join([
-            text,
-            "# ---- the Jacobian over all rows: a Triton kernel (backends/triton/kernel.py) " + "-" * 12,
-            PRELUDE.strip("\n"), "", "",
-            "\n".join(self.kernel_source()), "", "",
-            *self.kernel.meta_source(f"{self.kernel.name}_meta"), ""])
+        text = super().module()  # prints the kernel's body (_solve)
+        return kernels_after(text, "the Jacobian over all rows", "\n".join(self.kernel_source()),
+                             self.kernel.meta_source(f"{self.kernel.name}_meta"))
 
 
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
