@@ -49,6 +49,19 @@ def _check_choice(backend, plan):
     return "torch", plan
 
 
+def _check_graph(cell_ir, backend, plan):
+    """Cells over grid2d and dag run the level schedule (rcc.runtime.graph) of the torch backend;
+    say so, rather than print what does not exist."""
+    where = f"cell '{cell_ir.name}' runs over {cell_ir.topology}"
+    if backend not in ("auto", "torch"):
+        raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; use "
+                         "backend='torch' (level by level, every node of a level at once)")
+    if plan not in ("auto", "sequential"):
+        raise NotImplementedError(f"{where}: plan {plan!r} is not built for graphs yet (pLSTM's "
+                         "log-depth form is planned); plan 'sequential' runs the level schedule "
+                         "(the wavefront on grid2d)")
+
+
 def _triton_plan(cell_ir, plan, analysis=None):
     """Plan 'auto' on backend triton: the chunkwise kernels where they apply (gated linear
     attention, the delta rule: matmuls within chunks, the state passed between them); the scan when the cell is affine in its state
@@ -132,6 +145,10 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
         raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
+    if cell_ir.topology != "seq":
+        from rcc.backends.torch.graph import print_module as print_graph
+        _check_graph(cell_ir, backend, plan)
+        return print_graph(cell_ir)
     if backend == "cpp":
         return _fused_printer(backend)(cell_ir)
     if backend == "triton":
@@ -205,7 +222,11 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     `analysis`: the cell's, when the caller has it (the parallel plans need it)."""
     from rcc.backends.torch.printer import print_module
 
-    if backend == "cpp":
+    if cell_ir.topology != "seq":
+        from rcc.backends.torch.graph import print_module as print_graph
+        _check_graph(cell_ir, backend, plan)
+        code = print_graph(cell_ir, source_name or cell_ir.filename)
+    elif backend == "cpp":
         code = _fused_printer(backend)(cell_ir, source_name or cell_ir.filename)
     elif backend == "triton":
         plan, analysis = _triton_plan(cell_ir, plan, analysis)

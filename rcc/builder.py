@@ -84,7 +84,7 @@ class GraphBuilder:
         args = tuple(args)
         attrs = tuple(sorted(attrs))
         if batched is None:
-            batched = op in ("input", "state") or any(self.nodes[a].type.batched for a in args)
+            batched = op in ("input", "state", "slot", "pred") or any(self.nodes[a].type.batched for a in args)
         key = (op, args, attrs, tuple(shape))
         if key in self.memo:
             return self.memo[key]

@@ -52,7 +52,10 @@ _BINARY_FUNCS = {"max": "maximum", "min": "minimum", "logaddexp": "logaddexp"}
 _REDUCE_FUNCS = set(ir.REDUCE)
 _SHAPE_FUNCS = {"softmax", "dot", "outer", "l2norm", "eye", "zeros", "ones", "concat", "stack",
                 "split", "chunk", "where"}
-BUILTINS = _UNARY_FUNCS | set(_BINARY_FUNCS) | _REDUCE_FUNCS | _SHAPE_FUNCS
+_PRED_FUNCS = {"sum_pred": "sum", "mean_pred": "mean", "max_pred": "max", "pred": "index"}
+BUILTINS = _UNARY_FUNCS | set(_BINARY_FUNCS) | _REDUCE_FUNCS | _SHAPE_FUNCS | set(_PRED_FUNCS)
+# The edge slot of the row, legal only as an index: T[out_slot, in_slot] (LANGUAGE.md section 8)
+SLOT_NAMES = {"in_slot": "in", "out_slot": "out"}
 _COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
 _INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
@@ -60,6 +63,7 @@ _INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
 _RESERVED_DIMS = {"self": "it would clash with the module's own 'self'",
                   "cls": "it would clash with the module class's 'cls'"}
 _RESERVED_INPUTS = {"self": "m(self=x) would clash with the module's own 'self'",
+                    "edge_index": "it is the keyword for a graph: m(x, edge_index=...)",
                     "initial_state": "it is the keyword for the initial states: m(x, initial_state=...)"}
 # Bounds that turn typos (`for j in 0..1000000000`, `split(x, 10**9)`) into errors, not hangs.
 MAX_UNROLL = 16384  # loop iterations unrolled in one cell, and parts of one split()
@@ -84,6 +88,10 @@ class Elaborator(GraphBuilder):
         # (fn name, call span) while inlining; not `call_stack`, which is the stack() builtin
         self.inline_stack: list = []
         self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
+        self.state_leaf: dict = {}  # state name -> the id of its declaration's node
+        # the predecessor forms being elaborated, innermost last: (scope id, agg, k)
+        self.scopes: list = []
+        self.n_scopes = 0
         self.dims = {}
         for d in cell.dims:
             if d.name in self.dims:
@@ -99,10 +107,9 @@ class Elaborator(GraphBuilder):
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> ir.CellIR:
-        if self.cell.topology != "seq":
-            raise CompileError(f"topology '{self.cell.topology}' is not supported yet "
-                               "(only 'seq'; grid2d and dag are planned)",
-                               self.cell.topology_span or self.cell.span)
+        if self.cell.topology not in ir.TOPOLOGIES:
+            raise CompileError(f"unknown topology '{self.cell.topology}' (expected seq, grid2d "
+                               "or dag)", self.cell.topology_span or self.cell.span)
         self.block(self.cell.body)
         kinds = {k: tuple(self.decls[n] for n in self.decl_order if self.decls[n].kind == k)
                  for k in ("input", "param", "state")}
@@ -178,11 +185,30 @@ class Elaborator(GraphBuilder):
         shape = tuple(self.shape_dim(e, f"axis {i} of '{item.name}'")
                       for i, e in enumerate(item.shape))
         init = self.initializer(item, shape)
-        decl = ir.Decl(item.kind, item.name, shape, init, item.span)
+        decl = ir.Decl(item.kind, item.name, shape, init, item.span, self._place(item))
         self.decls[item.name] = decl
         self.decl_order.append(item.name)
         vid = self.emit(item.kind, (), shape, item.span, (("name", item.name),))
         self.env[item.name] = Val(vid)
+        if item.kind == "state":
+            self.state_leaf[item.name] = vid
+
+    def _place(self, item: S.DeclItem) -> str:
+        """Where a state lives over a graph: `state C[...] over edges` puts one on every edge."""
+        if item.over is None:
+            return "nodes"
+        place, where = item.over
+        if item.kind != "state":
+            raise CompileError(f"only states live on edges; {item.kind} '{item.name}' belongs "
+                               "to a node (drop 'over')", where)
+        if place not in ("edges", "nodes"):
+            raise CompileError(f"a state lives over 'edges' or 'nodes', not '{place}'", where)
+        if place == "edges" and self.cell.topology == "seq":
+            raise CompileError(f"state '{item.name}' lives on edges, but cell "
+                               f"'{self.cell.name}' runs over seq, where each step has one "
+                               "edge: declare it without 'over edges', or run the cell over "
+                               "grid2d or dag", where)
+        return place
 
     def shape_dim(self, expr, what) -> sympy.Expr:
         where = _full_span(expr)
@@ -369,8 +395,14 @@ class Elaborator(GraphBuilder):
         return Sym(sympy.Integer(e.value)) if e.is_int else Val(self.const(e.value, e.span))
 
     def ex_Name(self, e: S.Name):
+        if e.id in self.state_leaf and self.env.get(e.id) == Val(self.state_leaf[e.id]) \
+                and self.cell.topology != "seq":
+            return Val(self._predecessor_state(e))
         if e.id in self.env:
             return self.env[e.id]
+        if e.id in SLOT_NAMES:
+            raise CompileError(f"'{e.id}' is an edge slot: use it as an index (M[in_slot], "
+                               "T[out_slot, in_slot])", e.span)
         if e.id == "None":
             raise CompileError("None is only allowed inside an index, as a new axis", e.span)
         if e.id in self.fns or e.id in BUILTINS:
@@ -429,7 +461,42 @@ class Elaborator(GraphBuilder):
             return Val(vid)  # NumPy: .T of a vector or scalar is itself
         return Val(self.emit("transpose", (vid,), tuple(reversed(shape)), e.span))
 
+    def _predecessor_state(self, e: S.Name) -> int:
+        """State `e` over a graph: the one on the edge (or at the predecessor) that the innermost
+        predecessor form binds it to."""
+        topo = self.cell.topology
+        if not self.scopes:
+            raise CompileError(f"over {topo} a node can have several predecessors, so state "
+                               f"'{e.id}' alone is ambiguous: read it inside sum_pred(...), "
+                               f"mean_pred(...), max_pred(...) or pred(..., k)", e.span)
+        scope = self.scopes[-1][0]
+        decl = self.decls[e.id]
+        return self.emit("state", (), decl.shape, e.span, (("name", e.id), ("scope", scope)))
+
+    def _slot_index(self, ix):
+        """in_slot / out_slot in an index: ("k", k) for pred(E, k)'s in_slot, ("take", slot node)
+        for a run-time slot, or None for another index."""
+        if not isinstance(ix, S.Name) or ix.id not in SLOT_NAMES or ix.id in self.env:
+            return None
+        side = SLOT_NAMES[ix.id]
+        if self.cell.topology == "seq":
+            raise CompileError(f"'{ix.id}' is an edge slot over grid2d or dag; over seq each "
+                               "step has one edge", ix.span)
+        if side == "in":
+            if not self.scopes:
+                raise CompileError("in_slot is the slot of an incoming edge: use it inside "
+                                   "sum_pred(...), mean_pred(...), max_pred(...) or pred(..., k)",
+                                   ix.span)
+            scope, agg, k = self.scopes[-1]
+            if agg == "index":
+                return ("k", k)  # pred(E, k) reads the k-th incoming edge
+            return ("take", self.emit("slot", (), (), ix.span, (("scope", scope), ("side", "in"))))
+        return ("take", self.emit("slot", (), (), ix.span, (("scope", 0), ("side", "out"))))
+
     def ex_Subscript(self, e: S.Subscript):
+        slots = [self._slot_index(ix) for ix in e.indices]
+        if any(s is not None for s in slots):
+            return self._slot_subscript(e, slots)
         vid = self.materialize(self.value(e.value), e.span)  # 2.0[None] is no Python
         shape = list(self.shape(vid))
         consumed = sum(1 for ix in e.indices if not _is_none(ix))
@@ -472,6 +539,26 @@ class Elaborator(GraphBuilder):
                for s, sz in zip(spec, shape)) and len(spec) <= len(shape):
             return Val(vid)  # x[:] or x[:, :]
         return Val(self.emit("getitem", (vid,), out, e.span, (("index", tuple(spec)),)))
+
+    def _slot_subscript(self, e: S.Subscript, slots):
+        """x[..., in_slot, ...]: the other indices first (a slot stands as ':'), then one `take`
+        per run-time slot, left to right; pred(E, k)'s in_slot is the integer k."""
+        indices = tuple(ix if s is None else S.Num(s[1], True, ix.span) if s[0] == "k" else
+                        S.Slice(None, None, ix.span) for ix, s in zip(e.indices, slots))
+        vid = self.value(S.Subscript(e.value, indices, e.span))
+        axis, taken = 0, 0
+        for ix, s in zip(indices, slots):
+            if _is_none(ix):
+                axis += 1
+            elif isinstance(ix, S.Slice):
+                if s is not None:
+                    shape = self.shape(vid)
+                    out = shape[:axis - taken] + shape[axis - taken + 1:]
+                    vid = self.emit("take", (vid, s[1]), out, _span(ix),
+                                    (("axis", axis - taken),))
+                    taken += 1
+                axis += 1
+        return Val(vid)
 
     def _in_range(self, expr, failure, span):
         """A symbolic bound that must be positive once dims are bound: checked at instantiation
@@ -687,6 +774,29 @@ class Elaborator(GraphBuilder):
         return Multi(tuple(ids))
 
     call_chunk = call_split
+
+    def call_pred(self, e):
+        """sum_pred(E) / mean_pred(E) / max_pred(E): E once per incoming edge, its states bound
+        to that edge's, reduced; pred(E, k): E through the k-th incoming edge (section 8)."""
+        agg = _PRED_FUNCS[e.func]
+        self._args(e, 2, 2) if agg == "index" else self._args(e, 1, 1)
+        k = self.int_value(e.args[1]) if agg == "index" else 0
+        if k < 0:
+            raise CompileError(f"pred(E, k) needs k >= 0, got {k}", _span(e.args[1]))
+        if self.cell.topology == "seq":  # one predecessor: the previous step
+            return Val(self.value(e.args[0]))
+        # every pred(., k) binds the same states, so they share one scope (and values are shared)
+        self.n_scopes += 1
+        scope = -1 - k if agg == "index" else self.n_scopes
+        self.scopes.append((scope, agg, k))
+        try:
+            body = self.materialize(self.value(e.args[0]), e.span)
+        finally:
+            self.scopes.pop()
+        attrs = (("agg", agg), ("k", k), ("scope", scope))
+        return Val(self.emit("pred", (body,), self.shape(body), e.span, attrs))
+
+    call_sum_pred = call_mean_pred = call_max_pred = call_pred
 
 def _axis_once(e: S.Call, kw: dict, positional: int):
     """The axis of sum(x, 0) / split(x, 2, 0) comes by position or by keyword, not both."""

@@ -26,7 +26,9 @@ REDUCE = ("sum", "mean", "amax", "logsumexp")
 
 # op -> (arity or None for variadic, attribute names)
 OPS: dict[str, tuple[Optional[int], tuple[str, ...]]] = {
-    "input": (0, ("name",)), "param": (0, ("name",)), "state": (0, ("name",)),
+    "input": (0, ("name",)), "param": (0, ("name",)),
+    # a state; over a graph, `scope` names the predecessor form (`pred`) it is read through
+    "state": (0, ("name", "scope")),
     "const": (0, ("value",)),          # a scalar: sympy number or expression of dims
     "eye": (0, ("n",)), "zeros": (0, ()), "ones": (0, ()),
     **{op: (1, ()) for op in UNARY},
@@ -38,7 +40,17 @@ OPS: dict[str, tuple[Optional[int], tuple[str, ...]]] = {
     "concat": (None, ("axis",)), "stack": (None, ("axis",)),
     "getitem": (1, ("index",)),        # index: tuple of ('int', e) | ('slice', a, b) | ('new',)
     "transpose": (1, ()),
+    # Topologies (LANGUAGE.md section 8). pred: its argument evaluated once per incoming edge,
+    # the states of scope `scope` bound to that edge's, then reduced by `agg` (sum, mean, max), or
+    # (agg "index") through the k-th incoming edge only. slot: the row's incoming (side "in", of
+    # a pred's scope) or outgoing (side "out") edge slot, an integer; take: x[..., slot, ...] at
+    # declared axis `axis`.
+    "pred": (1, ("agg", "k", "scope")),
+    "slot": (0, ("side", "scope")),
+    "take": (2, ("axis",)),
 }
+TOPOLOGIES = ("seq", "grid2d", "dag")
+PRED_AGGS = ("sum", "mean", "max", "index")
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class Decl:
     shape: tuple
     init: Init
     span: Span
+    over: str = "nodes"  # a state's place over a graph: "nodes", or "edges" (one per edge)
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,7 @@ def verify(cell: CellIR) -> None:
         assert arity is None or len(n.args) == arity, f"{n.op} takes {arity} args: {n}"
         assert all(0 <= a < i for a in n.args), f"node {i} uses a later value: {n}"
         assert {k for k, _ in n.attrs} <= set(attr_names), f"bad attrs on {n}"
-        want_batched = n.op in ("input", "state") or any(cell.nodes[a].type.batched for a in n.args)
+        want_batched = n.op in ("input", "state", "slot", "pred") or any(cell.nodes[a].type.batched for a in n.args)
         assert n.type.batched == want_batched, f"batched flag wrong on {n}"
     names = {d.name for d in cell.states}
     for s, v in cell.updates:

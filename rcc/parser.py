@@ -226,12 +226,13 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def decl(self, meta, children):
         kind, *items = children
-        items = tuple(S.DeclItem(str(kind), it[0], it[1], it[2], it[3]) for it in items)
+        items = tuple(S.DeclItem(str(kind), *it) for it in items)
         return S.Decl(str(kind), items, self._span(meta))
 
     def declitem(self, children):
-        name, shape, init = children
-        return (str(name), tuple(shape) if shape is not None else (), init, self._span(name))
+        name, shape, init, where = children
+        over = (str(where), self._span(where)) if where is not None else None
+        return (str(name), tuple(shape) if shape is not None else (), init, self._span(name), over)
 
     def shape(self, children):
         return tuple(c for c in children if c is not None)

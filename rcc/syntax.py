@@ -84,6 +84,7 @@ class DeclItem:
     shape: tuple  # of Expr; () for scalars
     init: Optional[Expr]
     span: Span
+    over: Optional[tuple] = None  # ("edges" | "nodes", span) from `state C[...] over edges`
 
 
 @dataclass(frozen=True)

@@ -434,10 +434,17 @@ def test_non_utf8_file(tmp_path):
 
 
 # ---- topology --------------------------------------------------------------------------------
+def test_unknown_topology():
+    src = cell_text("input x[d]\noutput o = x", header="cell C(d) over tree {")
+    expect_error(src, 1, 16, "unknown topology 'tree' (expected seq, grid2d or dag)", width=4)
+
+
 @pytest.mark.parametrize("topology", ["grid2d", "dag"])
-def test_unsupported_topology(topology):
-    src = cell_text("input x[d]\noutput o = x", header=f"cell C(d) over {topology} {{")
-    expect_error(src, 1, 16, f"topology '{topology}' is not supported yet", width=len(topology))
+def test_bare_state_over_a_graph_is_ambiguous(topology):
+    src = cell_text("input x[d]\nstate h[d]\nh' = h + x\noutput h'",
+                    header=f"cell C(d) over {topology} {{")
+    expect_error(src, 4, 10, f"over {topology} a node can have several predecessors, so state "
+                 "'h' alone is ambiguous")
 
 
 # ---- names: Python keywords, builtins, module attributes -------------------------------------

@@ -21,6 +21,7 @@ class TorchPrinter(ExprPrinter):
     needs = "torch and rcc.runtime only"
     imports = ()  # lines before `from rcc import runtime`
     runtime_imports = ()  # and after it
+    base_class = "_rt.CellModule"
 
     def __init__(self, cell: ir.CellIR, source_name: str = "", plan: str = "sequential"):
         self.cell = cell
@@ -82,7 +83,7 @@ class TorchPrinter(ExprPrinter):
             *self.runtime_imports,
             "",
             "",
-            f"class {self.class_name}(_rt.CellModule):",
+            f"class {self.class_name}({self.base_class}):",
             f"    CELL = {c.name!r}",
             "    DIMS = (",
             *[f"        ({d.name!r}, {d.default!r}, {_span(d.span)})," for d in c.dims],
@@ -308,7 +309,7 @@ class TorchPrinter(ExprPrinter):
         but no state: once for all steps, over a batch axis of N * T) and "step" (the loop)."""
         lines = {r: [] for r in set(self.region.values()) | {"const", "seq", "step", "out"}}
         for n in self.cell.nodes:
-            if n.op in ("input", "param", "state"):
+            if n.op in ("input", "param") or n.op == "state" and n.attr("scope") is None:
                 self.var.setdefault(n.id, self.decl_names[n.attr("name")])
                 continue
             if n.op == "const":

@@ -16,7 +16,8 @@ def eliminate_dead_code(cell: ir.CellIR) -> ir.CellIR:
         if i not in live:
             live.add(i)
             work.extend(cell.node(i).args)
-    keep = [n for n in cell.nodes if n.id in live or n.op in _LEAVES]
+    # declarations stay; a state read through a predecessor form (over a graph) is a value
+    keep = [n for n in cell.nodes if n.id in live or n.op in _LEAVES and n.attr("scope") is None]
     if len(keep) == len(cell.nodes):
         return cell
     new_id = {n.id: k for k, n in enumerate(keep)}

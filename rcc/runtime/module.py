@@ -91,10 +91,8 @@ class CellModule(torch.nn.Module):
         return value
 
     # ---- calling --------------------------------------------------------------------------
-    def _inputs(self, args, kwargs):
-        """Match inputs by position or name, check [B, T, *heads, *decl], flatten to [N, T, *decl].
-
-        Returns (tensors, layout) where layout = (B, heads, T)."""
+    def _bind_inputs(self, args, kwargs) -> dict:
+        """Match inputs by position or name: name -> value."""
         if len(args) > len(self.INPUTS):
             raise TypeError(f"{self.CELL} takes {len(self.INPUTS)} inputs, got {len(args)}")
         given = dict(zip(self.INPUTS, args))
@@ -107,6 +105,13 @@ class CellModule(torch.nn.Module):
         missing = [n for n in self.INPUTS if n not in given]
         if missing:
             raise TypeError(f"{self.CELL} is missing input {missing[0]!r}")
+        return given
+
+    def _inputs(self, args, kwargs):
+        """Match inputs by position or name, check [B, T, *heads, *decl], flatten to [N, T, *decl].
+
+        Returns (tensors, layout) where layout = (B, heads, T)."""
+        given = self._bind_inputs(args, kwargs)
         layout = None
         out = []
         for name in self.INPUTS:

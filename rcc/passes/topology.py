@@ -1,0 +1,93 @@
+"""Where each value of a cell over a graph lives (LANGUAGE.md section 8), and the checks on it.
+
+Over grid2d and dag a value is computed per node, per incoming edge (inside sum_pred & co.), per
+outgoing edge (what an edge state's update computes: it reads out_slot) or per (incoming,
+outgoing) pair (an edge state's update reading the incoming edges). `spaces` says which, as:
+
+- "const": params and constants only; "seq": inputs only, computed for every node at once;
+- "node", "in", "out", "pair": computed level by level, one row per node, edge or pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rcc import ir
+from rcc.errors import CompileError
+
+
+@dataclass(frozen=True)
+class Spaces:
+    space: dict  # node id -> "const" | "seq" | "node" | "in" | "out" | "pair"
+    slots: int  # how many pred(E, k) tables are read (the largest k + 1)
+    pairs: bool  # whether a value is computed per (incoming, outgoing) pair
+    take_sizes: tuple  # ((side, axis size, span), ...): slot indices, checked against degrees
+
+
+def spaces(cell: ir.CellIR) -> Spaces:
+    aggs = {n.attr("scope"): (n.attr("agg"), n.attr("k")) for n in cell.nodes if n.op == "pred"}
+    space, scopes, level = {}, {}, {}
+    slots = 0
+    takes = []
+    for n in cell.nodes:
+        axes, used = set(), set()  # {"in", "out"}; the aggregating scopes read
+        for a in n.args:
+            axes |= _axes(space[a])
+            used |= scopes[a]
+        is_level = any(level[a] for a in n.args)
+        if n.op == "state" and n.attr("scope") is not None:
+            agg, k = aggs[n.attr("scope")]
+            is_level = True
+            if agg == "index":
+                slots = max(slots, k + 1)
+            else:
+                axes.add("in")
+                used.add(n.attr("scope"))
+        elif n.op == "slot":
+            is_level = True
+            axes.add(n.attr("side"))
+            if n.attr("side") == "in":
+                used.add(n.attr("scope"))
+        elif n.op == "pred":
+            is_level = True
+            if n.attr("agg") != "index":
+                used.discard(n.attr("scope"))
+                axes.discard("in")
+        elif n.op == "take":
+            slot = cell.node(n.args[1])
+            size = cell.node(n.args[0]).type.shape[n.attr("axis")]
+            takes.append((slot.attr("side"), size, slot.span))
+        if len(used) > 1:
+            raise CompileError("this expression reads the incoming edges of two nested "
+                               "predecessor forms at once; an inner sum_pred(...) sees only its "
+                               "own edges", n.span)
+        level[n.id], scopes[n.id] = is_level, used
+        if not n.type.batched:
+            space[n.id] = "const"
+        elif not is_level:
+            space[n.id] = "seq"
+        else:
+            space[n.id] = {frozenset(): "node", frozenset({"in"}): "in",
+                           frozenset({"out"}): "out"}.get(frozenset(axes), "pair")
+    pairs = any(s == "pair" for s in space.values())
+    _check_uses(cell, space)
+    return Spaces(space, slots, pairs, tuple(takes))
+
+
+def _axes(space) -> set:
+    return {"in": {"in"}, "out": {"out"}, "pair": {"in", "out"}}.get(space, set())
+
+
+def _check_uses(cell, space):
+    """Values per outgoing edge (they read out_slot) may only become an edge state."""
+    place = {d.name: d.over for d in cell.states}
+    for name, v, span in cell.outputs:
+        if space[v] == "out":
+            raise CompileError(f"output '{name}' reads out_slot, so it has one value per "
+                               "outgoing edge; an output has one per node (sum the edges with "
+                               "an edge state and sum_pred)", span)
+    for name, v in cell.updates:
+        if space[v] == "out" and place[name] != "edges":
+            node = cell.node(v)
+            raise CompileError(f"the update of state '{name}' reads out_slot, so it has one "
+                               f"value per outgoing edge; declare it 'state {name}[...] over "
+                               "edges'", node.span)

@@ -1,0 +1,330 @@
+"""Running a cell over a graph (LANGUAGE.md section 8): schedules and the gathers they need.
+
+A `Schedule` splits the nodes of a DAG into levels, networkx's topological generations: every node
+of a level has all its predecessors in earlier levels, so a level runs at once, as a batch of rows.
+On a grid2d the levels are the anti-diagonals i + j = const (the wavefront: X + Y - 1 steps). Per
+level it holds index tensors, built once per graph with numpy (never a Python loop over nodes):
+
+- rows of four kinds: the level's nodes, its incoming edges ("in": one row per edge whose target
+  is in the level, plus one virtual edge carrying the initial state for each node without
+  predecessors), its outgoing edges ("out"), and the (incoming, outgoing) pairs of each node
+  ("pair": where an edge state's update reads the edges coming in);
+- `<from>_<to>` gathers between them ("seq" is every node of the graph, in node order), and
+  `in_src` / `in_edge` (the node and edge an incoming row reads states from: row N / E of a state
+  buffer is the initial state), the slots, and `pred_src[k]` / `pred_edge[k]` for pred(E, k).
+
+Generated modules keep every per-row value flattened as [rows * NB, ...] (rows major, NB = batch
+times heads), as the sequential loop keeps [N, ...], and state buffers as [nodes + 1, NB, ...].
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import torch
+
+from .module import CellModule
+
+_CACHE_SIZE = 16
+_cache: "collections.OrderedDict" = collections.OrderedDict()
+
+
+class Level:
+    """The index tensors of one level (see the module docstring)."""
+
+    def __init__(self, **arrays):
+        for name, a in arrays.items():
+            setattr(self, name, a)
+
+
+class Schedule:
+    """Levels of a graph with `n_nodes` nodes and `n_edges` edges (slots of state buffers)."""
+
+    def __init__(self, levels, n_nodes, n_edges, order, kind):
+        self.levels = levels
+        self.n_nodes = n_nodes
+        self.n_edges = n_edges
+        self.kind = kind  # "grid2d" or "dag"
+        self.inverse = order  # node order -> position in the concatenation of the levels
+
+
+def _segments(keys, n):
+    """For integer keys in [0, n): the order that groups equal keys (stable), and each group's
+    start in it."""
+    order = np.argsort(keys, kind="stable")
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=n), out=starts[1:])
+    return order, starts
+
+
+def _build(src, tgt, in_slot, out_slot, level, n_nodes, n_edges, slots, pairs, kind, device):
+    """A Schedule from edges (src, tgt; tgt -1 for an edge leaving the graph, as a grid's border
+    edges do) with their slots, and each node's level."""
+    n_levels = int(level.max()) + 1
+    node_order, node_start = _segments(level, n_levels)
+    rank = np.empty(n_nodes, dtype=np.int64)  # a node's row within its level
+    rank[node_order] = np.arange(n_nodes) - node_start[level[node_order]]
+    real = tgt >= 0
+    e_real = np.nonzero(real)[0]
+    in_order, in_start = _segments(level[tgt[e_real]], n_levels)
+    in_order = e_real[in_order]
+    out_order, out_start = _segments(level[src], n_levels)
+    indegree = np.bincount(tgt[e_real], minlength=n_nodes)
+
+    def t(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=device)
+
+    levels = []
+    for L in range(n_levels):
+        nodes = node_order[node_start[L]:node_start[L + 1]]
+        n = len(nodes)
+        e_in = in_order[in_start[L]:in_start[L + 1]]
+        sources = nodes[indegree[nodes] == 0]  # they read the initial state through one edge
+        in_node = np.concatenate([rank[tgt[e_in]], rank[sources]])
+        in_src = np.concatenate([src[e_in], np.full(len(sources), n_nodes)])
+        in_edge = np.concatenate([e_in, np.full(len(sources), n_edges)])
+        in_sl = np.concatenate([in_slot[e_in], np.zeros(len(sources), dtype=np.int64)])
+        e_out = out_order[out_start[L]:out_start[L + 1]]
+        out_node = rank[src[e_out]]
+        arrays = dict(
+            n_nodes=n, n_in=len(in_node), n_out=len(e_out),
+            seq_node=t(nodes), seq_in=t(nodes[in_node]), seq_out=t(nodes[out_node]),
+            node_in=t(in_node), node_out=t(out_node),
+            in_src=t(in_src), in_edge=t(in_edge), in_slot=t(in_sl),
+            out_edge=t(e_out), out_slot=t(out_slot[e_out]),
+            in_count=t(np.bincount(in_node, minlength=n)))
+        if pairs:  # every (incoming, outgoing) edge pair of each node
+            in_by_node, in_first = _segments(in_node, n)
+            out_by_node, out_first = _segments(out_node, n)
+            n_out_of = np.diff(out_first)
+            per_in = n_out_of[in_node[in_by_node]]
+            pair_in = np.repeat(in_by_node, per_in)
+            within = np.arange(len(pair_in)) - np.repeat(np.cumsum(per_in) - per_in, per_in)
+            pair_out = out_by_node[out_first[in_node[pair_in]] + within]
+            arrays.update(
+                n_pair=len(pair_in), in_pair=t(pair_in), out_pair=t(pair_out),
+                node_pair=t(in_node[pair_in]), seq_pair=t(nodes[in_node[pair_in]]),
+                pair_in_slot=t(in_sl[pair_in]), pair_out_slot=t(out_slot[e_out][pair_out]),
+                pair_count=t(np.bincount(pair_out, minlength=len(e_out))))
+        pred_src, pred_edge = [], []
+        for k in range(slots):  # pred(E, k): the k-th incoming edge, or the initial state
+            ps, pe = np.full(n, n_nodes), np.full(n, n_edges)
+            hit = in_slot[e_in] == k
+            ps[rank[tgt[e_in[hit]]]] = src[e_in[hit]]
+            pe[rank[tgt[e_in[hit]]]] = e_in[hit]
+            pred_src.append(t(ps))
+            pred_edge.append(t(pe))
+        arrays.update(pred_src=pred_src, pred_edge=pred_edge)
+        levels.append(Level(**arrays))
+    inverse = np.empty(n_nodes, dtype=np.int64)
+    inverse[node_order] = np.arange(n_nodes)
+    return Schedule(levels, n_nodes, n_edges, t(inverse), kind)
+
+
+def _cached(key, make):
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    value = _cache[key] = make()
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return value
+
+
+def grid_schedule(X, Y, slots=0, pairs=False, device="cpu") -> Schedule:
+    """Node (i, j) is i * Y + j; its predecessors (i-1, j) (slot 0) and (i, j-1) (slot 1); its
+    outgoing edges 2 * node + 0 to (i+1, j) and 2 * node + 1 to (i, j+1), border ones included
+    (they lead out of the grid: their states are in the final state, no node reads them)."""
+    def make():
+        i, j = np.divmod(np.arange(X * Y), Y)
+        src = np.repeat(np.arange(X * Y), 2)
+        slot = np.tile(np.array([0, 1]), X * Y)
+        ti, tj = np.repeat(i, 2) + (slot == 0), np.repeat(j, 2) + (slot == 1)
+        tgt = np.where((ti < X) & (tj < Y), ti * Y + tj, -1)
+        return _build(src, tgt, slot, slot, i + j, X * Y, 2 * X * Y, slots, pairs, "grid2d",
+                      device)
+    return _cached(("grid2d", X, Y, slots, pairs, str(device)), make)
+
+
+def dag_schedule(edge_index, n_nodes, slots=0, pairs=False) -> Schedule:
+    """The levels of the DAG `edge_index` [2, E] (source, target) over nodes 0..n_nodes-1; an
+    edge's slot is its rank among its target's incoming (its source's outgoing) edges, in
+    edge_index order. A cycle is a ValueError naming one."""
+    if not isinstance(edge_index, torch.Tensor):
+        raise TypeError(f"edge_index must be a torch.Tensor [2, E], got {type(edge_index).__name__}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index has shape {list(edge_index.shape)}; expected [2, E] "
+                         "(sources, targets) as in PyTorch Geometric")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise TypeError(f"edge_index must hold integers, got {edge_index.dtype}")
+    ei = edge_index.detach().to("cpu", torch.long).numpy()
+    if ei.size and (ei.min() < 0 or ei.max() >= n_nodes):
+        bad = int(ei.min()) if ei.min() < 0 else int(ei.max())
+        raise ValueError(f"edge_index names node {bad}, but the inputs have {n_nodes} nodes "
+                         f"(0 to {n_nodes - 1})")
+
+    def make():
+        import networkx as nx
+
+        src, tgt = ei[0].copy(), ei[1].copy()
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(n_nodes))
+        graph.add_edges_from(zip(src.tolist(), tgt.tolist()))
+        if not nx.is_directed_acyclic_graph(graph):
+            cycle = [u for u, _ in nx.find_cycle(graph)]
+            path = " -> ".join(str(u) for u in cycle + cycle[:1])
+            raise ValueError(f"edge_index has a cycle ({path}); a recurrence runs over a "
+                             "directed acyclic graph")
+        level = np.empty(n_nodes, dtype=np.int64)
+        for L, nodes in enumerate(nx.topological_generations(graph)):
+            level[list(nodes)] = L
+        in_slot, out_slot = _ranks(tgt, n_nodes), _ranks(src, n_nodes)
+        return _build(src, tgt, in_slot, out_slot, level, n_nodes, len(src), slots, pairs, "dag",
+                      edge_index.device)
+    key = ("dag", n_nodes, slots, pairs, str(edge_index.device), ei.tobytes())
+    return _cached(key, make)
+
+
+def _ranks(keys, n):
+    """Each entry's rank among the entries with the same key, in order."""
+    order, starts = _segments(keys, n)
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - starts[keys[order]]
+    return rank
+
+
+class GraphRun:
+    """A schedule and the batch size NB of one call: what generated code calls per level."""
+
+    def __init__(self, schedule: Schedule, nb: int):
+        self.schedule = schedule
+        self.levels = schedule.levels
+        self.nb = nb
+
+    def at(self, v, index):
+        """Rows `index` of a per-row value [R * NB, ...]."""
+        return v.unflatten(0, (-1, self.nb))[index].flatten(0, 1)
+
+    def read(self, buffer, index):
+        """Rows `index` of a state buffer [R, NB, ...], as [len(index) * NB, ...]."""
+        return buffer[index].flatten(0, 1)
+
+    def write(self, buffer, index, v):
+        buffer.index_copy_(0, index, v.unflatten(0, (-1, self.nb)).to(buffer.dtype))
+
+    def sum(self, v, index, n):
+        v = v.unflatten(0, (-1, self.nb))
+        return v.new_zeros(n, *v.shape[1:]).index_add_(0, index, v).flatten(0, 1)
+
+    def mean(self, v, index, n, count):
+        total = self.sum(v, index, n).unflatten(0, (n, self.nb))
+        count = count.to(total.dtype).view(n, *[1] * (total.dim() - 1))
+        return (total / count).flatten(0, 1)
+
+    def max(self, v, index, n):
+        v = v.unflatten(0, (-1, self.nb))
+        where = index.view(-1, *[1] * (v.dim() - 1)).expand_as(v)
+        out = v.new_zeros(n, *v.shape[1:])
+        return out.scatter_reduce(0, where, v, "amax", include_self=False).flatten(0, 1)
+
+    def take(self, x, slot, axis):
+        """x[row, ..., slot[row], ...] at declared axis `axis` (x: [R * NB, *decl])."""
+        x = x.unflatten(0, (-1, self.nb))
+        index = slot.view(-1, *[1] * (x.dim() - 1))
+        return torch.take_along_dim(x, index, dim=axis + 2).squeeze(axis + 2).flatten(0, 1)
+
+    def buffer(self, initial, place):
+        """A state for every node (or edge), all starting at `initial` [NB, *decl], and one row
+        more that keeps `initial`: what a node without predecessors reads."""
+        rows = self.schedule.n_nodes if place == "nodes" else self.schedule.n_edges
+        return initial.unsqueeze(0).expand(rows + 1, *initial.shape).clone()
+
+    def outputs(self, per_level):
+        """Per-level output rows, concatenated and put back in node order: [nodes * NB, ...]."""
+        rows = torch.cat(per_level).unflatten(0, (-1, self.nb))
+        return rows[self.schedule.inverse].flatten(0, 1)
+
+    def check_slots(self, side, size, what):
+        """A slot index must fit the axis it indexes (M[in_slot] with M[P] and a node with more
+        than P incoming edges is a ValueError, not an index error deep in torch)."""
+        most = max(int((lv.in_slot if side == "in" else lv.out_slot).max()) + 1
+                   if (lv.n_in if side == "in" else lv.n_out) else 0 for lv in self.levels)
+        if most > size:
+            where = "incoming" if side == "in" else "outgoing"
+            raise ValueError(f"a node has {most} {where} edges, but {what} has {size} slots "
+                             f"for them")
+
+
+class GraphCellModule(CellModule):
+    """The base of modules generated for cells over grid2d or dag."""
+
+    TOPOLOGY = "dag"
+    SLOTS = 0  # how many pred(E, k) tables the cell reads (the largest k + 1)
+    PAIRS = False  # whether an edge state's update reads incoming edges
+    EDGE_STATES: tuple = ()  # the states that live on edges
+
+    def _graph_inputs(self, args, kwargs, edge_index):
+        """Inputs [B, N, *heads, *decl] (dag) or [B, X, Y, *heads, *decl] (grid2d) as
+        [N * NB, *decl] (node major), the layout (B, heads, node shape) and the GraphRun."""
+        given = self._bind_inputs(args, kwargs)
+        lead = 2 if self.TOPOLOGY == "grid2d" else 1
+        axes = "B, X, Y" if lead == 2 else "B, N"
+        if self.TOPOLOGY == "grid2d" and edge_index is not None:
+            raise TypeError(f"{self.CELL} runs over grid2d, whose edges are fixed: it takes no "
+                            "edge_index")
+        if self.TOPOLOGY == "dag" and edge_index is None:
+            raise TypeError(f"{self.CELL} runs over dag: pass the graph as edge_index=[2, E] "
+                            "(sources, targets)")
+        layout, out = None, []
+        for name in self.INPUTS:
+            x = given[name]
+            decl = tuple(self.shapes[name])
+            nh = x.dim() - 1 - lead - len(decl)
+            if nh < 0 or tuple(x.shape[x.dim() - len(decl):]) != decl:
+                want = f"[{axes}, *heads" + "".join(f", {s}" for s in decl) + "]"
+                raise ValueError(f"input {name!r} has shape {list(x.shape)} but {self.CELL} "
+                                 f"expects {want}")
+            this = (x.shape[0], tuple(x.shape[1 + lead:1 + lead + nh]), tuple(x.shape[1:1 + lead]))
+            if layout is None:
+                layout = this
+            elif this != layout:
+                raise ValueError(f"input {name!r} has shape {list(x.shape)}: its batch, node and "
+                                 f"head sizes differ from the first input's")
+            if x.numel() == 0:
+                raise ValueError(f"input {name!r} is empty (shape {list(x.shape)})")
+            if not x.is_floating_point():
+                raise TypeError(f"input {name!r} must be floating point, got {x.dtype}")
+            n = math.prod(this[2])
+            out.append(x.reshape(x.shape[0], n, -1).transpose(0, 1).reshape(-1, *decl))
+        B, heads, nodes = layout
+        if self.TOPOLOGY == "grid2d":
+            schedule = grid_schedule(*nodes, self.SLOTS, self.PAIRS, out[0].device)
+        else:
+            schedule = dag_schedule(edge_index, nodes[0], self.SLOTS, self.PAIRS)
+            if schedule.levels[0].seq_node.device != out[0].device:
+                raise ValueError(f"edge_index is on {edge_index.device} but the inputs are on "
+                                 f"{out[0].device}")
+        return out, layout, GraphRun(schedule, B * math.prod(heads))
+
+    def _graph_result(self, outputs, states, layout):
+        """Outputs [N * NB, *o] -> [B, *nodes, *heads, *o]; node states likewise; edge states
+        [B, E, *heads, *decl] (dag) or [B, X, Y, 2, *heads, *decl] (grid2d: the edges to (i+1, j)
+        and (i, j+1))."""
+        B, heads, nodes = layout
+
+        def unflatten(v, lead):  # [R, NB, *o] -> [B, *lead, *heads, *o]
+            rows, rest = v.shape[0], v.shape[2:]
+            v = v.reshape(rows, B, -1).transpose(0, 1)
+            return v.reshape(B, *lead, *heads, *rest)
+
+        outs = tuple(unflatten(y.unflatten(0, (-1, B * math.prod(heads))), nodes)
+                     for y in outputs)
+        final = {}
+        for name, buf in zip(self.STATES, states):
+            if name in self.EDGE_STATES:
+                lead = (*nodes, 2) if self.TOPOLOGY == "grid2d" else (buf.shape[0] - 1,)
+            else:
+                lead = nodes
+            final[name] = unflatten(buf[:-1], lead).contiguous()
+        return (outs[0] if len(outs) == 1 else outs), final
