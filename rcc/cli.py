@@ -1,5 +1,5 @@
 """The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`,
-`rcc explain FILE.rnn [--device cpu|cuda]`.
+`rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`.
 
 Exit status: 0 ok, 1 compile error (printed as FILE:LINE:COL: error: ...), 2 usage.
 """
@@ -20,6 +20,33 @@ def _dims(items):
             raise argparse.ArgumentTypeError(f"--dims expects NAME=INT, got {item!r}")
         out[name.strip()] = int(value)
     return out
+
+
+def _grid(text):
+    if text is None:
+        return None
+    x, sep, y = text.lower().partition("x")
+    if not (sep and x.isdigit() and y.isdigit() and int(x) > 0 and int(y) > 0):
+        raise ValueError(f"--grid expects XxY (positive integers, as 8x8), got {text!r}")
+    return int(x), int(y)
+
+
+def _edge_index(path):
+    """A graph [2, E] from a .pt / .npy file or a text file of 'source target' lines."""
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    if path.endswith(".pt"):
+        return torch.as_tensor(torch.load(path, weights_only=True))
+    if path.endswith(".npy"):
+        return torch.as_tensor(np.load(path))
+    pairs = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    if pairs.size and pairs.shape[1] != 2:
+        raise ValueError(f"{path}: expected lines of 'source target', got {pairs.shape[1]} "
+                         "columns")
+    return torch.as_tensor(pairs.reshape(-1, 2).T.copy())
 
 
 def _parser():
@@ -45,6 +72,12 @@ def _parser():
     e.add_argument("--T", type=int, nargs="*", metavar="T", dest="lengths",
                    help="sequence lengths to estimate (default 256 4096 65536)")
     e.add_argument("--batch", type=int, default=8, help="sequences per call, B x heads")
+    e.add_argument("--graph", metavar="OUT.png",
+                   help="draw the schedule of a cell over grid2d or dag on a graph")
+    e.add_argument("--grid", metavar="XxY", help="the grid to draw (grid2d; default 8x8)")
+    e.add_argument("--edge-index", metavar="FILE",
+                   help="the DAG to draw: a torch .pt or numpy .npy [2, E], or a text file of "
+                        "'source target' lines")
     k = sub.add_parser("check", help="parse and type-check a .rnn file")
     k.add_argument("file")
     k.add_argument("--cell")
@@ -67,7 +100,9 @@ def main(argv=None) -> int:
         if args.command == "explain":
             from .api import explain
             print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
-                          lengths=args.lengths or (256, 4096, 65536), batch=args.batch))
+                          lengths=args.lengths or (256, 4096, 65536), batch=args.batch,
+                          graph=args.graph, grid=_grid(args.grid),
+                          edge_index=_edge_index(args.edge_index)))
             return 0
         from .api import generate
         code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims,
@@ -75,7 +110,7 @@ def main(argv=None) -> int:
     except CompileError as e:
         print(e.render(), file=sys.stderr)
         return 1
-    except NotImplementedError as e:
+    except (NotImplementedError, ValueError, OSError) as e:
         print(f"rcc: error: {e}", file=sys.stderr)
         return 2
     out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".py"

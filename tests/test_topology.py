@@ -529,3 +529,36 @@ def test_graph_cells_refuse_other_backends_and_plans():
         rcc.compile(stdlib("mdrnn.rnn"), backend="cpp")
     with pytest.raises(NotImplementedError, match="plan 'scan' is not built for graphs yet"):
         rcc.compile(stdlib("mdrnn.rnn"), plan="scan")
+
+
+# ---- rcc explain ------------------------------------------------------------------------------
+def test_explain_says_which_schedule_and_why():
+    from rcc.api import explain
+
+    text = explain(stdlib("mdrnn.rnn"))
+    assert "cell MDRNN over grid2d: states h on nodes" in text
+    assert "schedule: the wavefront" in text and "X + Y - 1 anti-diagonals" in text
+    text = explain(stdlib("plstm.rnn"), cell="PLSTMGraphP")
+    assert "states C on edges" in text and "sum_pred(.)" in text
+    assert "networkx's topological generations" in text
+
+
+def test_explain_graph_draws_the_schedule(tmp_path):
+    from test_cli import rcc_cli
+
+    png = tmp_path / "grid.png"
+    r = rcc_cli("explain", stdlib("mdrnn.rnn"), "--graph", str(png), "--grid", "5x7")
+    assert r.returncode == 0, r.stderr
+    assert "drew the 11 steps on the 5 x 7 grid" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    edges = tmp_path / "edges.txt"
+    edges.write_text("0 3\n1 3\n2 4\n3 5\n4 5\n")
+    png = tmp_path / "dag.png"
+    r = rcc_cli("explain", stdlib("treelstm.rnn"), "--cell", "ChildSumTreeLSTM",
+                "--graph", str(png), "--edge-index", str(edges))
+    assert r.returncode == 0, r.stderr
+    assert "drew the 3 steps on the DAG of 6 nodes, 5 edges" in r.stdout and png.stat().st_size
+    edges.write_text("0 1\n1 0\n")
+    r = rcc_cli("explain", stdlib("treelstm.rnn"), "--cell", "ChildSumTreeLSTM",
+                "--graph", str(png), "--edge-index", str(edges))
+    assert r.returncode == 2 and "edge_index has a cycle (0 -> 1 -> 0)" in r.stderr
