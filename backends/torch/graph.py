@@ -153,7 +153,7 @@ class GraphPrinter(TorchPrinter):
             lines.append(f"            _g.write({self.decl_names[s]}, {rows}, {self._batched_ref(v)})")
         self.at = None
         outs = _tuple(f"_g.outputs({v})" for v in out_levels.values())
-        lines.append(f"        return self._graph_result({outs}, {_tuple(states)}, _layout)")
+        lines.append(f"        return self._graph_result({outs}, {_tuple(states)}, _layout, _g)")
         return lines
 
 

@@ -194,6 +194,67 @@ def _ranks(keys, n):
     return rank
 
 
+class Store:
+    """Every node's (or edge's) state, and one row more with the initial state, as a plain tensor
+    [rows + 1, NB, *decl] written level by level. Autograd sees reads and writes through a token
+    that each write replaces: a read depends on the writes before it, so backward meets the reads
+    of a row before the write that filled it, whose gradient they have accumulated by then. (An
+    in-place index_copy_ on one big tensor would make backward copy the whole buffer's gradient
+    once per level.)"""
+
+    def __init__(self, initial, rows):
+        self.buf = initial.detach().unsqueeze(0).expand(rows + 1, *initial.shape).clone()
+        self.grad = None
+        self.token = _Fill.apply(initial, self)
+
+    def grad_buffer(self):
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.buf)
+        return self.grad
+
+
+class _Fill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, initial, store):
+        ctx.store = store
+        return initial.new_zeros(())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _):
+        # rows never overwritten still hold the initial state: their gradients are its gradient
+        return ctx.store.grad_buffer().sum(0), None
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, values, store, index):
+        store.buf[index] = values.detach().to(store.buf.dtype)
+        ctx.store, ctx.index = store, index
+        return token.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_token):
+        grad = ctx.store.grad_buffer()
+        g_values = grad[ctx.index]
+        grad[ctx.index] = 0  # what was read before this write came from an earlier value
+        return g_token, g_values, None, None
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, store, index):
+        ctx.store, ctx.index = store, index
+        return store.buf[index]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        ctx.store.grad_buffer().index_add_(0, ctx.index, g)
+        return torch.zeros((), dtype=g.dtype, device=g.device), None, None
+
+
 class GraphRun:
     """A schedule and the batch size NB of one call: what generated code calls per level."""
 
@@ -206,12 +267,12 @@ class GraphRun:
         """Rows `index` of a per-row value [R * NB, ...]."""
         return v.unflatten(0, (-1, self.nb))[index].flatten(0, 1)
 
-    def read(self, buffer, index):
-        """Rows `index` of a state buffer [R, NB, ...], as [len(index) * NB, ...]."""
-        return buffer[index].flatten(0, 1)
+    def read(self, store, index):
+        """Rows `index` of a state Store, as [len(index) * NB, ...]."""
+        return _Read.apply(store.token, store, index).flatten(0, 1)
 
-    def write(self, buffer, index, v):
-        buffer.index_copy_(0, index, v.unflatten(0, (-1, self.nb)).to(buffer.dtype))
+    def write(self, store, index, v):
+        store.token = _Write.apply(store.token, v.unflatten(0, (-1, self.nb)), store, index)
 
     def sum(self, v, index, n):
         v = v.unflatten(0, (-1, self.nb))
@@ -238,7 +299,12 @@ class GraphRun:
         """A state for every node (or edge), all starting at `initial` [NB, *decl], and one row
         more that keeps `initial`: what a node without predecessors reads."""
         rows = self.schedule.n_nodes if place == "nodes" else self.schedule.n_edges
-        return initial.unsqueeze(0).expand(rows + 1, *initial.shape).clone()
+        return Store(initial, rows)
+
+    def final(self, store):
+        """Every row of a Store but the initial one: [rows, NB, *decl]."""
+        rows = torch.arange(store.buf.shape[0] - 1, device=store.buf.device)
+        return _Read.apply(store.token, store, rows)
 
     def outputs(self, per_level):
         """Per-level output rows, concatenated and put back in node order: [nodes * NB, ...]."""
@@ -307,7 +373,7 @@ class GraphCellModule(CellModule):
                                  f"{out[0].device}")
         return out, layout, GraphRun(schedule, B * math.prod(heads))
 
-    def _graph_result(self, outputs, states, layout):
+    def _graph_result(self, outputs, states, layout, run):
         """Outputs [N * NB, *o] -> [B, *nodes, *heads, *o]; node states likewise; edge states
         [B, E, *heads, *decl] (dag) or [B, X, Y, 2, *heads, *decl] (grid2d: the edges to (i+1, j)
         and (i, j+1))."""
@@ -321,10 +387,11 @@ class GraphCellModule(CellModule):
         outs = tuple(unflatten(y.unflatten(0, (-1, B * math.prod(heads))), nodes)
                      for y in outputs)
         final = {}
-        for name, buf in zip(self.STATES, states):
+        for name, store in zip(self.STATES, states):
+            values = run.final(store)
             if name in self.EDGE_STATES:
-                lead = (*nodes, 2) if self.TOPOLOGY == "grid2d" else (buf.shape[0] - 1,)
+                lead = (*nodes, 2) if self.TOPOLOGY == "grid2d" else (values.shape[0],)
             else:
                 lead = nodes
-            final[name] = unflatten(buf[:-1], lead).contiguous()
+            final[name] = unflatten(values, lead).contiguous()
         return (outs[0] if len(outs) == 1 else outs), final
