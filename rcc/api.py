@@ -50,16 +50,23 @@ def _check_choice(backend, plan):
 
 
 def _check_graph(cell_ir, backend, plan):
-    """Cells over grid2d and dag run the level schedule (rcc.runtime.graph) of the torch backend;
-    say so, rather than print what does not exist."""
+    """The plan a cell over grid2d or dag runs: the level schedule (rcc.runtime.graph) of the
+    torch backend, or plan 'chunk' where it applies; else say why not."""
     where = f"cell '{cell_ir.name}' runs over {cell_ir.topology}"
     if backend not in ("auto", "torch"):
         raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; use "
                          "backend='torch' (level by level, every node of a level at once)")
-    if plan not in ("auto", "sequential"):
-        raise NotImplementedError(f"{where}: plan {plan!r} is not built for graphs yet (pLSTM's "
-                         "log-depth form is planned); plan 'sequential' runs the level schedule "
-                         "(the wavefront on grid2d)")
+    if plan in ("auto", "sequential"):
+        return "sequential"
+    if plan == "chunk":
+        from .passes.topology import affine_grid
+        why = affine_grid(cell_ir)
+        if why:
+            raise NotImplementedError(f"{where}: plan 'chunk' cannot run it: {why}")
+        return plan
+    raise NotImplementedError(f"{where}: plan {plan!r} has no graph form; plan 'sequential' "
+                              "runs the level schedule (the wavefront on grid2d), plan 'chunk' "
+                              "pLSTM's parallel form (grid2d, cells affine in their states)")
 
 
 def _triton_plan(cell_ir, plan, analysis=None):
@@ -197,8 +204,7 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
                            f"{need.names[0]}=N", need.span) from None
     if cell_ir.topology != "seq":
         from rcc.backends.torch.graph import print_module as print_graph
-        _check_graph(cell_ir, backend, plan)
-        return print_graph(cell_ir)
+        return print_graph(cell_ir, plan=_check_graph(cell_ir, backend, plan))
     if backend == "cpp":
         return _fused_printer(backend)(cell_ir)
     if backend == "triton":
@@ -274,8 +280,8 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
 
     if cell_ir.topology != "seq":
         from rcc.backends.torch.graph import print_module as print_graph
-        _check_graph(cell_ir, backend, plan)
-        code = print_graph(cell_ir, source_name or cell_ir.filename)
+        code = print_graph(cell_ir, source_name or cell_ir.filename,
+                           _check_graph(cell_ir, backend, plan))
     elif backend == "cpp":
         code = _fused_printer(backend)(cell_ir, source_name or cell_ir.filename)
     elif backend == "triton":

@@ -527,7 +527,7 @@ def test_edge_state_over_seq_is_an_error():
 def test_graph_cells_refuse_other_backends_and_plans():
     with pytest.raises(NotImplementedError, match="backend 'cpp' has no graph schedules yet"):
         rcc.compile(stdlib("mdrnn.rnn"), backend="cpp")
-    with pytest.raises(NotImplementedError, match="plan 'scan' is not built for graphs yet"):
+    with pytest.raises(NotImplementedError, match="plan 'scan' has no graph form"):
         rcc.compile(stdlib("mdrnn.rnn"), plan="scan")
 
 
@@ -562,3 +562,79 @@ def test_explain_graph_draws_the_schedule(tmp_path):
     r = rcc_cli("explain", stdlib("treelstm.rnn"), "--cell", "ChildSumTreeLSTM",
                 "--graph", str(png), "--edge-index", str(edges))
     assert r.returncode == 2 and "edge_index has a cycle (0 -> 1 -> 0)" in r.stderr
+
+
+# ---- plan chunk: pLSTM's parallel form on grids -----------------------------------------------
+AFFINE_NODES = """cell Lin(d) over grid2d {
+    input x[d], a, b
+    state h[d] = 0.3
+    h' = sigmoid(a) * pred(h, 0) + tanh(b) * pred(h, 1) - 0.5 * mean_pred(h) / 2 + x * x
+    output y = tanh(h') + sum_pred(h * h)
+}"""
+
+
+@pytest.mark.parametrize("cell, dims", [("PLSTM2DP", dict(d_in=3, K=2, V=3)),
+                                        ("PLSTM2DD", dict(d_in=3, K=3, V=2)),
+                                        (AFFINE_NODES, dict(d=3)),
+                                        ("GRID_CORE", {})])  # a scalar state
+@pytest.mark.parametrize("X, Y, chunk", [(1, 1, 4), (5, 7, 4), (9, 6, 2), (8, 8, 8), (3, 2, 1)])
+def test_plan_chunk_equals_the_wavefront(cell, dims, X, Y, chunk):
+    """Chunks that divide the grid or not, chunk 1 (every node its own chunk), the whole grid one
+    chunk: outputs, final states and gradients (inputs, params, initial state) as the levels."""
+    torch.manual_seed(12)
+    source, name = (stdlib("plstm.rnn"), cell) if cell.startswith("PLSTM") else (cell, None)
+    if cell == "GRID_CORE":
+        source = GRID_CORE.format(topology="grid2d")
+    seq = rcc.compile(source, cell=name)(**dims)
+    par = rcc.compile(source, cell=name, plan="chunk")(**dims)
+    randomize(seq)
+    par.load_state_dict(seq.state_dict())
+    par.chunk_size = chunk
+    decl = [tuple(v) for v in seq.shapes.values()][:len(seq.INPUTS)]
+    xs = [torch.randn(2, X, Y, 2, *s, requires_grad=True) for s in decl]  # 2 heads
+    state = {seq.STATES[0]: torch.randn(2, 2, *seq.shapes[seq.STATES[0]], requires_grad=True)}
+    y, final = seq(*xs, initial_state=state)
+    y_par, final_par = par(*xs, initial_state=state)
+    torch.testing.assert_close(y_par, y, rtol=1e-10, atol=1e-10)
+    for k in final:
+        torch.testing.assert_close(final_par[k], final[k], rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(y)
+    leaves = xs + [state[seq.STATES[0]]]
+    g_seq = grads((y * w).sum() + final[seq.STATES[0]].sum(), leaves + list(seq.parameters()))
+    g_par = grads((y_par * w).sum() + final_par[seq.STATES[0]].sum(), leaves + list(par.parameters()))
+    for a, b in zip(g_par, g_seq):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("source, cell, words", [
+    (stdlib("mdrnn.rnn"), None, "the update of 'h' multiplies its state by a matrix (line 11)"),
+    ("cell N(d) over grid2d {\n input x[d]\n state h[d]\n h' = tanh(sum_pred(h)) + x\n output h'\n}",
+     None, "the update of 'h' is not affine in its state: tanh at line 4"),
+    ("cell V(d) over grid2d {\n input x[d]\n state h[d]\n h' = x * sum_pred(h)\n output h'\n}",
+     None, "scales a state by a value of shape [d] (line 4)"),
+    (stdlib("treelstm.rnn"), "ChildSumTreeLSTM", "plan 'chunk' runs cells over grid2d"),
+    ("cell W(d) over grid2d {\n input x[d]\n state h[d], g[d]\n h' = sum_pred(g) + x\n"
+     " g' = sum_pred(h)\n output h'\n}", None, "the update of 'h' reads state 'g'"),
+])
+def test_plan_chunk_says_why_it_does_not_apply(source, cell, words):
+    with pytest.raises(NotImplementedError) as info:
+        rcc.compile(source, cell=cell, plan="chunk")
+    assert "plan 'chunk' cannot run it: " in str(info.value) and words in str(info.value)
+
+
+def test_grid_linear_solve_against_the_recurrence():
+    """rcc.runtime.grid_chunk.solve alone, on an odd grid, against the recurrence it solves."""
+    from rcc.runtime.grid_chunk import solve
+
+    torch.manual_seed(13)
+    T, b = torch.randn(3, 7, 5, 2, 2), torch.randn(3, 7, 5, 2, 4)
+    C = solve(T, b, 3)
+    ref = torch.zeros_like(b)
+    for x in range(7):
+        for y in range(5):
+            up = ref[:, x - 1, y, 0] if x else torch.zeros(3, 4)
+            left = ref[:, x, y - 1, 1] if y else torch.zeros(3, 4)
+            for o in range(2):
+                ref[:, x, y, o] = (T[:, x, y, o, 0, None] * up + T[:, x, y, o, 1, None] * left
+                                   + b[:, x, y, o])
+    torch.testing.assert_close(C, ref)

@@ -21,9 +21,9 @@ _ROWS = {"node": "n_nodes", "in": "n_in", "out": "n_out", "pair": "n_pair"}
 class GraphPrinter(TorchPrinter):
     base_class = "_rt.GraphCellModule"
 
-    def __init__(self, cell: ir.CellIR, source_name: str = ""):
+    def __init__(self, cell: ir.CellIR, source_name: str = "", plan: str = "sequential"):
         self.at = None  # the kind of row being printed ("node", "in", ...); None outside levels
-        super().__init__(cell, source_name, "sequential")
+        super().__init__(cell, source_name, plan)
         self.aggs = {n.attr("scope"): (n.attr("agg"), n.attr("k"))
                      for n in cell.nodes if n.op == "pred"}
         self.region_batch = {"const": "_N", "seq": "_N"}
@@ -32,7 +32,8 @@ class GraphPrinter(TorchPrinter):
         self.class_attrs = [f"    TOPOLOGY = {cell.topology!r}",
                             f"    SLOTS = {self.info.slots}",
                             f"    PAIRS = {self.info.pairs}",
-                            f"    EDGE_STATES = {edge_states!r}"]
+                            f"    EDGE_STATES = {edge_states!r}",
+                            f"    PLAN = {plan!r}"]
 
     def _body(self):
         for n in self.cell.nodes:
@@ -157,5 +158,7 @@ class GraphPrinter(TorchPrinter):
         return lines
 
 
-def print_module(cell: ir.CellIR, source_name: str = "") -> str:
-    return GraphPrinter(cell, source_name).module()
+def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential") -> str:
+    """plan 'sequential' runs the levels; 'chunk' (grid2d, cells rcc.passes.topology.affine_grid
+    accepts) the same body through rcc.runtime.grid_chunk, which solves the states in chunks."""
+    return GraphPrinter(cell, source_name, plan).module()

@@ -91,3 +91,47 @@ def _check_uses(cell, space):
             raise CompileError(f"the update of state '{name}' reads out_slot, so it has one "
                                f"value per outgoing edge; declare it 'state {name}[...] over "
                                "edges'", node.span)
+
+
+_LINEAR = ("add", "sub", "neg")
+
+
+def affine_grid(cell: ir.CellIR):
+    """Why plan 'chunk' cannot run this cell over grid2d, or None when it can: every state's next
+    value must be affine in the states its predecessors bring, each scaled by a scalar per node
+    (pLSTM's transitions): C' = sum_pred(T[out_slot, in_slot] * C) + b, a * pred(h, 0) + ..."""
+    if cell.topology != "grid2d":
+        return f"plan 'chunk' runs cells over grid2d; this one runs over {cell.topology}"
+    if not cell.updates:
+        return "the cell updates no state"
+    for name, root in cell.updates:
+        kind = {}  # node id -> "free" | "affine"
+        needed = ir.cone(cell.nodes, [root])
+        for n in cell.nodes:
+            if n.id not in needed:
+                continue
+            args = [kind[a] for a in n.args]
+            if n.op == "state" and n.attr("scope") is not None:
+                if n.attr("name") != name:
+                    return (f"the update of '{name}' reads state '{n.attr('name')}': each state's "
+                            "update may read only itself")
+                kind[n.id] = "affine"
+            elif "affine" not in args:
+                kind[n.id] = "free"
+            elif n.op in _LINEAR or n.op == "pred" and n.attr("agg") in ("sum", "mean", "index"):
+                kind[n.id] = "affine"
+            elif n.op in ("mul", "div") and args.count("affine") == 1 and \
+                    (n.op == "mul" or args[0] == "affine"):
+                factor = cell.node(n.args[1] if args[0] == "affine" else n.args[0])
+                if factor.type.rank != 0:
+                    return (f"the update of '{name}' scales a state by a value of shape "
+                            f"{list(factor.type.shape)} (line {n.span.line}); plan 'chunk' takes "
+                            "one scalar per node and edge pair")
+                kind[n.id] = "affine"
+            elif n.op in ("matmul", "outer"):
+                return (f"the update of '{name}' multiplies its state by a matrix (line "
+                        f"{n.span.line}); plan 'chunk' takes one scalar per node and edge pair")
+            else:
+                return (f"the update of '{name}' is not affine in its state: {n.op} at line "
+                        f"{n.span.line}")
+    return None

@@ -203,6 +203,7 @@ class Store:
     once per level.)"""
 
     def __init__(self, initial, rows):
+        self.initial = initial  # [NB, *decl], what sources read (plan chunk reads it directly)
         self.buf = initial.detach().unsqueeze(0).expand(rows + 1, *initial.shape).clone()
         self.grad = None
         self.token = _Fill.apply(initial, self)
@@ -315,7 +316,8 @@ class GraphRun:
         """A slot index must fit the axis it indexes (M[in_slot] with M[P] and a node with more
         than P incoming edges is a ValueError, not an index error deep in torch)."""
         most = max(int((lv.in_slot if side == "in" else lv.out_slot).max()) + 1
-                   if (lv.n_in if side == "in" else lv.n_out) else 0 for lv in self.levels)
+                   if (lv.n_in if side == "in" else lv.n_out) else 0
+                   for lv in self.schedule.levels)
         if most > size:
             where = "incoming" if side == "in" else "outgoing"
             raise ValueError(f"a node has {most} {where} edges, but {what} has {size} slots "
@@ -329,6 +331,8 @@ class GraphCellModule(CellModule):
     SLOTS = 0  # how many pred(E, k) tables the cell reads (the largest k + 1)
     PAIRS = False  # whether an edge state's update reads incoming edges
     EDGE_STATES: tuple = ()  # the states that live on edges
+    PLAN = "sequential"  # or "chunk" (grid2d, cells affine in their states: rcc.runtime.grid_chunk)
+    chunk_size = 4  # plan chunk's chunks are chunk_size x chunk_size nodes
 
     def _graph_inputs(self, args, kwargs, edge_index):
         """Inputs [B, N, *heads, *decl] (dag) or [B, X, Y, *heads, *decl] (grid2d) as
@@ -366,6 +370,10 @@ class GraphCellModule(CellModule):
         B, heads, nodes = layout
         if self.TOPOLOGY == "grid2d":
             schedule = grid_schedule(*nodes, self.SLOTS, self.PAIRS, out[0].device)
+            if self.PLAN == "chunk":
+                from .grid_chunk import ChunkRun
+                return out, layout, ChunkRun(schedule, B * math.prod(heads), nodes,
+                                             self.chunk_size)
         else:
             schedule = dag_schedule(edge_index, nodes[0], self.SLOTS, self.PAIRS)
             if schedule.levels[0].seq_node.device != out[0].device:
