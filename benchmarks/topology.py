@@ -1,7 +1,8 @@
-"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids) against a Python loop
-over the nodes, the way one writes a Tree-LSTM or an MDRNN by hand, measured side by side.
+"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids) and plan chunk
+(pLSTM's parallel form) against a Python loop over the nodes, the way one writes a Tree-LSTM or
+an MDRNN by hand, measured side by side.
 
-    python benchmarks/topology.py                # about 2 minutes on 2 idle cores
+    python benchmarks/topology.py                # about 3 minutes on 2 idle cores
     python benchmarks/topology.py --quick        # smaller sizes, a smoke run
 
 Each rcc module is first checked against its loop (outputs, float32 tolerance). Printed: the
@@ -129,6 +130,14 @@ def main():
     x = torch.randn(4, n_grid, n_grid, 32, requires_grad=True)
     bench(f"pLSTM 2D P-mode {n_grid}x{n_grid}, B=4, K=V=16", lambda: plstm(x)[0],
           lambda: plstm2d_loop(plstm, x), steps, args)
+    chunked = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", plan="chunk")(
+        d_in=32, K=16, V=16)
+    chunked.load_state_dict(plstm.state_dict())
+    for c in (4, 8):
+        chunked.chunk_size = c
+        n_chunks = -(-n_grid // c)
+        bench(f"the same, plan chunk, {c}x{c} chunks", lambda: chunked(x)[0],
+              lambda: plstm2d_loop(plstm, x), f"{2 * n_chunks - 1} / {n_grid * n_grid}", args)
 
     tree = rcc.compile(os.path.join(STDLIB, "treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=32, d=32)
     ei = random_dag(n_dag, 2, seed=1)

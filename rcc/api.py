@@ -167,9 +167,14 @@ def explain_graph(cell_ir, graph=None, grid=None, edge_index=None) -> str:
                      "generations of edge_index: each step runs every node whose predecessors "
                      "are done, at once (gathers and scatter-adds over its edges); a DAG of "
                      "depth L takes L steps")
-    lines.append("plans: 'sequential' (this schedule) on backend torch. pLSTM's log-depth "
-                 "parallel form for cells affine in their states, and the cpp and triton "
-                 "backends for graphs, are not built yet")
+    from .passes.topology import affine_grid
+    why = affine_grid(cell_ir)
+    chunk = ("plan 'chunk' (pLSTM's parallel form: c x c chunks solved with log-depth products, "
+             "a wavefront over chunks) also applies: the states are affine with scalar "
+             "transitions" if why is None else f"plan 'chunk' does not apply: {why}")
+    lines.append(f"plans: 'sequential' (this schedule; what 'auto' runs: on CPU it is faster "
+                 f"than 'chunk', see BENCHMARKS.md); {chunk}. Backends cpp and triton have no "
+                 "graph schedules yet")
     if graph is not None:
         if topo == "grid2d":
             X, Y = grid or (8, 8)

@@ -538,6 +538,8 @@ def test_explain_says_which_schedule_and_why():
     text = explain(stdlib("mdrnn.rnn"))
     assert "cell MDRNN over grid2d: states h on nodes" in text
     assert "schedule: the wavefront" in text and "X + Y - 1 anti-diagonals" in text
+    assert "plan 'chunk' does not apply: the update of 'h' multiplies its state by a matrix" in text
+    assert "plan 'chunk' (pLSTM's parallel form" in explain(stdlib("plstm.rnn"), cell="PLSTM2DD")
     text = explain(stdlib("plstm.rnn"), cell="PLSTMGraphP")
     assert "states C on edges" in text and "sum_pred(.)" in text
     assert "networkx's topological generations" in text
