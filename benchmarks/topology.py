@@ -31,10 +31,12 @@ STDLIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "stdlib"
 def mdrnn_loop(m, x):
     B, X, Y, _ = x.shape
     h, zero = {}, x.new_zeros(B, m.b.shape[0])
-    wx = x @ m.W.T + m.b  # the input projection once, as the level schedule does
+    # the input projection once, as the level schedule does; unbound per pixel, since indexing
+    # wx[:, i, j] in the loop would make backward write a zero tensor of wx's size per pixel
+    wx = [row.unbind(1) for row in (x @ m.W.T + m.b).unbind(1)]
     for i in range(X):
         for j in range(Y):
-            h[i, j] = torch.tanh(wx[:, i, j] + h.get((i - 1, j), zero) @ m.U_0.T
+            h[i, j] = torch.tanh(wx[i][j] + h.get((i - 1, j), zero) @ m.U_0.T
                                  + h.get((i, j - 1), zero) @ m.U_1.T)
     return torch.stack([torch.stack([h[i, j] for j in range(Y)], 1) for i in range(X)], 1)
 
@@ -51,27 +53,30 @@ def plstm2d_loop(m, x):
     direct = torch.sigmoid(x @ m.w_d + m.b_d)[..., None]
     kv = k[..., :, None] * v[..., None, :]
     zero = x.new_zeros(B, K, V)
+    # per pixel, unbound once (indexing in the loop would cost backward a full-size zero each)
+    q, k, v, a, s, mark, direct, kv = ([row.unbind(1) for row in t.unbind(1)]
+                                       for t in (q, k, v, a, s, mark, direct, kv))
     Cr, Cd, out = {}, {}, {}
     for i in range(X):
         for j in range(Y):
             cin = Cr.get((i - 1, j), zero) + Cd.get((i, j - 1), zero)
-            Cr[i, j] = a[:, i, j] * cin + s[:, i, j] * kv[:, i, j]
-            Cd[i, j] = (1 - a[:, i, j]) * cin + (1 - s[:, i, j]) * kv[:, i, j]
-            out[i, j] = (mark[:, i, j] * torch.einsum("bk,bkv->bv", q[:, i, j], cin) + direct[:, i, j]
-                         * (q[:, i, j] * k[:, i, j]).sum(-1, keepdim=True) * v[:, i, j]) / K ** 0.5
+            Cr[i, j] = a[i][j] * cin + s[i][j] * kv[i][j]
+            Cd[i, j] = (1 - a[i][j]) * cin + (1 - s[i][j]) * kv[i][j]
+            out[i, j] = (mark[i][j] * torch.einsum("bk,bkv->bv", q[i][j], cin) + direct[i][j]
+                         * (q[i][j] * k[i][j]).sum(-1, keepdim=True) * v[i][j]) / K ** 0.5
     return torch.stack([torch.stack([out[i, j] for j in range(Y)], 1) for i in range(X)], 1)
 
 
 def child_sum_loop(m, x, order, preds):
     B, N, _ = x.shape
     d = m.U_f.shape[0]
-    wx = x @ m.W.T + m.b
+    wx = (x @ m.W.T + m.b).unbind(1)  # per node, once (see mdrnn_loop)
     h, c, zero = [None] * N, [None] * N, x.new_zeros(B, 1, d)
     for v in order:
         ps = preds[v]
         hp = torch.stack([h[u] for u in ps], 1) if ps else zero
         cp = torch.stack([c[u] for u in ps], 1) if ps else zero
-        wi, wo, wu, wf = wx[:, v].split(d, -1)
+        wi, wo, wu, wf = wx[v].split(d, -1)
         ui, uo, uu = (hp.sum(1) @ m.U.T).split(d, -1)
         f = torch.sigmoid(wf[:, None] + hp @ m.U_f.T)
         c[v] = torch.sigmoid(wi + ui) * torch.tanh(wu + uu) + (f * cp).sum(1)

@@ -270,10 +270,16 @@ class GraphRun:
 
     def read(self, store, index):
         """Rows `index` of a state Store, as [len(index) * NB, ...]."""
+        if not store.token.requires_grad:  # no gradient to route: skip autograd's bookkeeping
+            return store.buf[index].flatten(0, 1)
         return _Read.apply(store.token, store, index).flatten(0, 1)
 
     def write(self, store, index, v):
-        store.token = _Write.apply(store.token, v.unflatten(0, (-1, self.nb)), store, index)
+        v = v.unflatten(0, (-1, self.nb))
+        if torch.is_grad_enabled() and (v.requires_grad or store.token.requires_grad):
+            store.token = _Write.apply(store.token, v, store, index)
+        else:
+            store.buf[index] = v.to(store.buf.dtype)
 
     def sum(self, v, index, n):
         v = v.unflatten(0, (-1, self.nb))
