@@ -7,8 +7,15 @@ import torch
 import rcc
 from conftest import stdlib
 
-torch.set_default_dtype(torch.float64)
-F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor and module of these tests in float64 (restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def grads(y, leaves):

@@ -116,24 +116,12 @@ class GraphPrinter(TorchPrinter):
             f"        _N = {first}.shape[0]  # nodes * _NB",
             f"        _dtype, _device = {first}.dtype, {first}.device",
         ]
-        defaults = [self._state_default(s) for s in c.states]  # before the dims they use
-        lines += self._dims_prelude("        ")
-        for p in c.params:
-            if self._is_live(self._leaf_id("param", p.name)) or \
-                    any(s.init.param == p.name for s in c.states):
-                lines.append(f"        {self.decl_names[p.name]} = self.{p.name}")
+        lines += self._values_once(body, f"{first}[:_NB]")
         if states:
-            lines.append(f"        {_tuple(states) if len(states) == 1 else ', '.join(states)} = "
-                         f"self._initial_states(initial_state, _layout, {first}[:_NB], (")
-            lines += [f"            lambda: {d},  # {s.name}" for d, s in zip(defaults, c.states)]
-            lines.append("        ))")
             lines.append("        # every node's (edge's) state, and one more row: the initial state")
             lines += [f"        {self.decl_names[s.name]} = _g.buffer({self.decl_names[s.name]}, "
                       f"{s.over!r})" for s in c.states]
         lines += checks.values()
-        if body["const"]:
-            lines.append("        # depends on params and constants only: computed once")
-            lines += ["        " + s for s in body["const"]]
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
             lines += ["        " + s for s in body["seq"]]

@@ -160,25 +160,30 @@ class TorchPrinter(ExprPrinter):
     # ---- forward --------------------------------------------------------------------------
     def _forward_head(self, body, seq):
         """forward() up to the values computed once: inputs, dims, params, initial states."""
-        c = self.cell
-        first = seq[c.inputs[0].name]
-        states = [self.decl_names[s.name] for s in c.states]
-        params = [p for p in c.params if self._is_live(self._leaf_id("param", p.name))
-                  or any(s.init.param == p.name for s in c.states)]
+        first = seq[self.cell.inputs[0].name]
         lines = [
             "    def forward(self, *args, initial_state=None, **kwargs):",
             f"        {_tuple(seq.values())}, _layout = self._inputs(args, kwargs)",
             f"        _N, _T = {first}.shape[0], {first}.shape[1]",
             f"        _dtype, _device = {first}.dtype, {first}.device",
         ]
-        defaults = [self._state_default(s) for s in c.states]
-        lines += self._dims_prelude("        ")
+        return lines + self._values_once(body, first)
+
+    def _values_once(self, body, like):
+        """forward()'s dims, params, initial states (`like`: a value whose first axis is the
+        states' batch) and the values of params and constants."""
+        c = self.cell
+        states = [self.decl_names[s.name] for s in c.states]
+        params = [p for p in c.params if self._is_live(self._leaf_id("param", p.name))
+                  or any(s.init.param == p.name for s in c.states)]
+        defaults = [self._state_default(s) for s in c.states]  # before the dims they use
+        lines = self._dims_prelude("        ")
         for p in params:
             lines.append(f"        {self.decl_names[p.name]} = self.{p.name}")
         if states:
             # the declared initial values, used for the states that initial_state leaves out
             lines.append(f"        {_tuple(states) if len(states) == 1 else ', '.join(states)} = "
-                         f"self._initial_states(initial_state, _layout, {first}, (")
+                         f"self._initial_states(initial_state, _layout, {like}, (")
             lines += [f"            lambda: {d},  # {s.name}" for d, s in zip(defaults, c.states)]
             lines.append("        ))")
         if body["const"]:
