@@ -531,6 +531,11 @@ def test_edge_state_over_seq_is_an_error():
         rcc.compile("cell C() {\n    input x\n    state h over edges\n    output y = x\n}\n")
 
 
+def test_analyze_says_it_covers_seq_cells():
+    with pytest.raises(NotImplementedError, match="cell 'MDRNN' runs over grid2d"):
+        rcc.analyze(stdlib("mdrnn.rnn"))
+
+
 def test_graph_cells_refuse_other_backends_and_plans():
     with pytest.raises(NotImplementedError, match="backend 'cpp' has no graph schedules yet"):
         rcc.compile(stdlib("mdrnn.rnn"), backend="cpp")

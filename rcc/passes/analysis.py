@@ -61,6 +61,11 @@ class Analysis:
 
 
 def analyze_ir(cell: ir.CellIR) -> Analysis:
+    if cell.topology != "seq":
+        raise NotImplementedError(
+            f"the state-transition analysis covers cells over seq; cell '{cell.name}' runs over "
+            f"{cell.topology} (rcc explain says what it runs, and whether plan 'chunk' applies: "
+            "rcc.passes.topology.affine_grid)")
     probes = [Probe(cell, probe_dims(cell, 0)), Probe(cell, probe_dims(cell, 1))]
     small = probes[0]
     states = [d.name for d in cell.states]
