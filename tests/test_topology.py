@@ -652,3 +652,17 @@ def test_grid_linear_solve_against_the_recurrence():
                 ref[:, x, y, o] = (T[:, x, y, o, 0, None] * up + T[:, x, y, o, 1, None] * left
                                    + b[:, x, y, o])
     torch.testing.assert_close(C, ref)
+
+
+def test_equal_predecessor_forms_are_computed_once():
+    """pLSTM 2D reads sum_pred(C) in its update and in its output: one scatter-add per level."""
+    code = rcc.generate(stdlib("plstm.rnn"), cell="PLSTM2DP")
+    assert code.count("_g.sum(") == 1
+    # different bodies stay apart: the Child-Sum Tree-LSTM sums h, and f * c
+    code = rcc.generate(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM")
+    assert code.count("_g.sum(") == 2
+
+
+def test_param_named_like_a_graph_module_attribute_is_an_error():
+    with pytest.raises(rcc.CompileError, match="param 'PLAN' clashes with an attribute"):
+        rcc.compile("cell C() over dag {\n    input x\n    param PLAN\n    output y = x * PLAN\n}\n")

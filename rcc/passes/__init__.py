@@ -4,8 +4,9 @@ from __future__ import annotations
 from .. import ir
 from .checks import check_names
 from .dead_code import eliminate_dead_code
+from .topology import merge_predecessor_forms
 
-PIPELINE = (check_names, eliminate_dead_code)
+PIPELINE = (check_names, merge_predecessor_forms, eliminate_dead_code)
 
 
 def run_pipeline(cell: ir.CellIR) -> ir.CellIR:

@@ -8,7 +8,10 @@ from ..errors import CompileError
 
 # an instance's dir, so attributes set in __init__ (`training`) count too
 _MODULE_ATTRS = set(dir(torch.nn.Module())) | {"dims", "shapes", "CELL", "DIMS", "STATIC_DIMS",
-                                                "INPUTS", "STATES", "OUTPUTS", "reset_parameters"}
+                                                "INPUTS", "STATES", "OUTPUTS", "reset_parameters",
+                                                # a graph cell's (rcc.runtime.graph)
+                                                "TOPOLOGY", "SLOTS", "PAIRS", "EDGE_STATES",
+                                                "PLAN", "chunk_size"}
 
 
 def check_names(cell: ir.CellIR) -> ir.CellIR:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rcc import ir
+from rcc.builder import GraphBuilder
 from rcc.errors import CompileError
 
 
@@ -135,3 +136,42 @@ def affine_grid(cell: ir.CellIR):
                 return (f"the update of '{name}' is not affine in its state: {n.op} at line "
                         f"{n.span.line}")
     return None
+
+
+def merge_predecessor_forms(cell: ir.CellIR) -> ir.CellIR:
+    """One scope for equal predecessor forms: `sum_pred(C)` written twice (in an update and in an
+    output, say) is then computed once. Forms are equal when their bodies are, up to the names of
+    their own scopes (inner forms already merged)."""
+    if cell.topology == "seq":
+        return cell
+    nodes = cell.nodes
+    canon, seen = {}, {}  # scope -> its representative; (agg, body signature) -> scope
+    memo = {}
+
+    def sig(i, own):
+        key = (i, own)
+        if key not in memo:
+            n = nodes[i]
+            attrs = tuple((k, "own" if k == "scope" and v == own else canon.get(v, v) if
+                           k == "scope" else v) for k, v in n.attrs)
+            value = (n.op, attrs, n.type.shape, tuple(sig(a, own) for a in n.args))
+            memo[key] = value
+        return memo[key]
+
+    for n in nodes:
+        if n.op == "pred" and n.attr("agg") != "index":
+            scope = n.attr("scope")
+            canon[scope] = seen.setdefault((n.attr("agg"), sig(n.args[0], scope)), scope)
+    if all(k == v for k, v in canon.items()):
+        return cell
+    builder, new = GraphBuilder(), {}
+    for n in nodes:
+        attrs = tuple((k, canon.get(v, v) if k == "scope" else v) for k, v in n.attrs)
+        new[n.id] = builder.emit(n.op, tuple(new[a] for a in n.args), n.type.shape, n.span,
+                                 attrs, batched=n.type.batched)
+        kept = builder.nodes[new[n.id]]
+        if n.name and not kept.name:
+            builder.nodes[kept.id] = ir.Node(kept.id, kept.op, kept.args, kept.attrs, kept.type,
+                                             kept.span, n.name)
+    return cell.with_nodes(builder.nodes, updates=[(s, new[v]) for s, v in cell.updates],
+                           outputs=[(o, new[v], sp) for o, v, sp in cell.outputs])
