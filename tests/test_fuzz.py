@@ -158,8 +158,8 @@ def _identifiers(toks):
 
 
 @st.composite
-def mutated_cell(draw):
-    toks = tokens_of(draw(st.sampled_from(SEEDS)))
+def mutated_cell(draw, seeds=SEEDS):
+    toks = tokens_of(draw(st.sampled_from(seeds)))
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "number", "rename",
                                      "rename_one", "char", "operator"]))
@@ -213,18 +213,21 @@ def run_tiny(cls):
     """Instantiate with small dims and run on a [B=1, T=2] input. Allowed failures are the clear
     ones: CompileError (a dim value the cell cannot take), ValueError, TypeError."""
     dims = {name: 3 for name, default, _ in cls.DIMS if default is None}
+    topology = getattr(cls, "TOPOLOGY", "seq")
+    lead = {"seq": (2,), "dag": (4,), "grid2d": (2, 3)}[topology]
+    graph = {"edge_index": torch.tensor([[0, 1, 0], [2, 2, 3]])} if topology == "dag" else {}
     try:
         m = cls(**dims)
-        inputs = [torch.randn(1, 2, *m.shapes[n], dtype=torch.float64) for n in cls.INPUTS]
-        out, final = m.double()(*inputs)
+        inputs = [torch.randn(1, *lead, *m.shapes[n], dtype=torch.float64) for n in cls.INPUTS]
+        out, final = m.double()(*inputs, **graph)
     except rcc.CompileError as e:
         assert e.message
         return
     except (ValueError, TypeError) as e:
         # only rcc's own checks of dims and inputs may raise these, not torch deep inside
         frames = traceback.extract_tb(e.__traceback__)
-        assert frames[-1].filename.replace("\\", "/").endswith("rcc/runtime/module.py"), \
-            "".join(traceback.format_exception(e))
+        assert frames[-1].filename.replace("\\", "/").endswith(
+            ("rcc/runtime/module.py", "rcc/runtime/graph.py")), "".join(traceback.format_exception(e))
         return
     outs = out if isinstance(out, tuple) else (out,)
     assert len(outs) == len(cls.OUTPUTS)
@@ -235,6 +238,39 @@ def run_tiny(cls):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutated_cell())
 def test_mutated_cells_compile_or_fail_clearly_and_run(text):
+    cls = compile_or_error(text)
+    if cls is not None and _small_enough(text):
+        run_tiny(cls)
+
+
+GRAPH_SEEDS = [
+    """cell Tree(d_in, d) over dag {
+    input x[d_in]
+    param W[4 * d, d_in], U[3 * d, d], U_f[d, d], b[4 * d] = 0
+    state h[d], c[d]
+    w_i, w_o, w_u, w_f = split(W @ x + b, 4)
+    u_i, u_o, u_u = split(U @ sum_pred(h), 3)
+    c' = sigmoid(w_i + u_i) * tanh(w_u + u_u) + sum_pred(sigmoid(w_f + U_f @ h) * c)
+    h' = sigmoid(w_o + u_o) * tanh(c') + mean_pred(h) - max_pred(c)
+    output h'
+}
+""",
+    """cell Plstm(K, V, P = 2) over grid2d {
+    input q[K], k[K], v[V], source[P], transition[P, P], mark[P]
+    state C[K, V] over edges, h[K] = 0.5
+    T = transition / (0.5 + sum(abs(transition), 0))
+    C' = sum_pred(T[out_slot, in_slot] * C) + sigmoid(source)[out_slot] * outer(k, v)
+    h' = tanh(pred(h, 0) + pred(h, 1) * q)
+    output y = sum_pred(sigmoid(mark)[in_slot] * (q @ C)) + dot(q, k) * v
+}
+""",
+]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutated_cell(GRAPH_SEEDS))
+def test_mutated_graph_cells_compile_or_fail_clearly_and_run(text):
     cls = compile_or_error(text)
     if cls is not None and _small_enough(text):
         run_tiny(cls)
@@ -291,6 +327,14 @@ def test_random_expressions_compile_or_fail_clearly_and_run(a, b, c):
 @pytest.mark.parametrize("seed", SEEDS, ids=["mingru", "lstm", "delta", "misc", "lsrl"])
 def test_seeds_compile_and_run(seed):
     run_tiny(rcc.compile(seed))
+
+
+def test_graph_seeds_run():
+    tree, grid = (rcc.compile(s)(3, 3) for s in GRAPH_SEEDS)
+    y, final = tree(torch.randn(1, 4, 3), edge_index=torch.tensor([[0, 1, 0], [2, 2, 3]]))
+    assert y.shape == (1, 4, 3) and final["c"].shape == (1, 4, 3)
+    y, final = grid(*(torch.randn(1, 2, 3, *s) for s in ((3,), (3,), (3,), (2,), (2, 2), (2,))))
+    assert y.shape == (1, 2, 3, 3) and final["C"].shape == (1, 2, 3, 2, 3, 3)
 
 
 # ---- regressions: inputs that crashed the compiler or the generated code before ------------
