@@ -14,7 +14,7 @@ level it holds index tensors, built once per graph with numpy (never a Python lo
   buffer is the initial state), the slots, and `pred_src[k]` / `pred_edge[k]` for pred(E, k).
 
 Generated modules keep every per-row value flattened as [rows * NB, ...] (rows major, NB = batch
-times heads), as the sequential loop keeps [N, ...], and state buffers as [nodes + 1, NB, ...].
+times heads), as the sequential loop keeps [N, ...], and states in a `Store` ([nodes + 1, NB, ...]).
 """
 from __future__ import annotations
 
