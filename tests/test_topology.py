@@ -666,3 +666,12 @@ def test_equal_predecessor_forms_are_computed_once():
 def test_param_named_like_a_graph_module_attribute_is_an_error():
     with pytest.raises(rcc.CompileError, match="param 'PLAN' clashes with an attribute"):
         rcc.compile("cell C() over dag {\n    input x\n    param PLAN\n    output y = x * PLAN\n}\n")
+
+
+def test_sum_pred_of_a_constant_counts_incoming_edges():
+    """sum_pred(1) is the in-degree (a source counts its one virtual edge); mean_pred(2) is 2."""
+    m = rcc.compile("cell D() over dag {\n    input x\n    output n = x * 0 + sum_pred(1)\n"
+                    "    output m = mean_pred(2.0) + x * 0\n}\n")()
+    (n, mean), _ = m(torch.zeros(2, 5), edge_index=torch.tensor([[0, 1, 2, 0], [3, 3, 3, 4]]))
+    torch.testing.assert_close(n, torch.tensor([[1.0, 1, 1, 3, 1]] * 2))
+    torch.testing.assert_close(mean, torch.full((2, 5), 2.0))
