@@ -150,7 +150,7 @@ def explain_graph(cell_ir, graph=None, grid=None, edge_index=None) -> str:
     """What a cell over grid2d or dag runs: its states' places, how it reads its predecessors,
     the schedule and why; with `graph` (a .png path), a drawing of the schedule on the grid
     `grid` = (X, Y) or the DAG `edge_index` [2, E]."""
-    from .runtime.graph import dag_schedule, grid_schedule
+    from .runtime.graph import dag_schedule, grid_edges, grid_schedule
 
     topo = cell_ir.topology
     states = ", ".join(f"{d.name} on {d.over}" for d in cell_ir.states) or "none"
@@ -179,8 +179,8 @@ def explain_graph(cell_ir, graph=None, grid=None, edge_index=None) -> str:
         if topo == "grid2d":
             X, Y = grid or (8, 8)
             schedule = grid_schedule(X, Y)
-            edges = [(v, v + Y) for v in range(X * Y) if v // Y + 1 < X] + \
-                    [(v, v + 1) for v in range(X * Y) if v % Y + 1 < Y]
+            src, tgt, _ = grid_edges(X, Y)
+            edges = [(int(u), int(w)) for u, w in zip(src, tgt) if w >= 0]
             shape = f"{X} x {Y} grid"
         else:
             if edge_index is None:

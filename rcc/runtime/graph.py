@@ -41,12 +41,13 @@ class Level:
 class Schedule:
     """Levels of a graph with `n_nodes` nodes and `n_edges` edges (slots of state buffers)."""
 
-    def __init__(self, levels, n_nodes, n_edges, order, kind):
+    def __init__(self, levels, n_nodes, n_edges, inverse, slots):
         self.levels = levels
         self.n_nodes = n_nodes
         self.n_edges = n_edges
-        self.kind = kind  # "grid2d" or "dag"
-        self.inverse = order  # node order -> position in the concatenation of the levels
+        self.inverse = inverse  # node order -> position in the concatenation of the levels
+        self.slots = slots  # {"in": most incoming edges of a node (a source's virtual one
+        # counts), "out": most outgoing}
 
 
 def _segments(keys, n):
@@ -58,7 +59,7 @@ def _segments(keys, n):
     return order, starts
 
 
-def _build(src, tgt, in_slot, out_slot, level, n_nodes, n_edges, slots, pairs, kind, device):
+def _build(src, tgt, in_slot, out_slot, level, n_nodes, n_edges, slots, pairs, device):
     """A Schedule from edges (src, tgt; tgt -1 for an edge leaving the graph, as a grid's border
     edges do) with their slots, and each node's level."""
     n_levels = int(level.max()) + 1
@@ -119,7 +120,9 @@ def _build(src, tgt, in_slot, out_slot, level, n_nodes, n_edges, slots, pairs, k
         levels.append(Level(**arrays))
     inverse = np.empty(n_nodes, dtype=np.int64)
     inverse[node_order] = np.arange(n_nodes)
-    return Schedule(levels, n_nodes, n_edges, t(inverse), kind)
+    slots_used = {"in": max(1, int(in_slot[e_real].max()) + 1 if len(e_real) else 1),
+                  "out": int(out_slot.max()) + 1 if len(src) else 0}
+    return Schedule(levels, n_nodes, n_edges, t(inverse), slots_used)
 
 
 def _cached(key, make):
@@ -132,19 +135,27 @@ def _cached(key, make):
     return value
 
 
-def grid_schedule(X, Y, slots=0, pairs=False, device="cpu") -> Schedule:
-    """Node (i, j) is i * Y + j; its predecessors (i-1, j) (slot 0) and (i, j-1) (slot 1); its
-    outgoing edges 2 * node + 0 to (i+1, j) and 2 * node + 1 to (i, j+1), border ones included
-    (they lead out of the grid: their states are in the final state, no node reads them)."""
+def grid_edges(X, Y):
+    """The edges of an X x Y grid as (src, tgt, slot): node (i, j) is i * Y + j; its outgoing
+    edges 2 * node + 0 to (i+1, j) (slot 0) and 2 * node + 1 to (i, j+1) (slot 1), border ones
+    included with target -1 (they lead out of the grid: their states are in the final state, no
+    node reads them). An edge's slot is the same at both ends."""
+    i, j = np.divmod(np.arange(X * Y), Y)
+    src = np.repeat(np.arange(X * Y), 2)
+    slot = np.tile(np.array([0, 1]), X * Y)
+    ti, tj = np.repeat(i, 2) + (slot == 0), np.repeat(j, 2) + (slot == 1)
+    return src, np.where((ti < X) & (tj < Y), ti * Y + tj, -1), slot
+
+
+def grid_schedule(X, Y, slots=0, pairs=False, device="cpu", whole=False) -> Schedule:
+    """The wavefront of an X x Y grid (grid_edges): level i + j holds node (i, j); or, with
+    `whole`, one level of every node (plan chunk's runs over all nodes at once)."""
     def make():
+        src, tgt, slot = grid_edges(X, Y)
         i, j = np.divmod(np.arange(X * Y), Y)
-        src = np.repeat(np.arange(X * Y), 2)
-        slot = np.tile(np.array([0, 1]), X * Y)
-        ti, tj = np.repeat(i, 2) + (slot == 0), np.repeat(j, 2) + (slot == 1)
-        tgt = np.where((ti < X) & (tj < Y), ti * Y + tj, -1)
-        return _build(src, tgt, slot, slot, i + j, X * Y, 2 * X * Y, slots, pairs, "grid2d",
-                      device)
-    return _cached(("grid2d", X, Y, slots, pairs, str(device)), make)
+        level = np.zeros(X * Y, dtype=np.int64) if whole else i + j
+        return _build(src, tgt, slot, slot, level, X * Y, 2 * X * Y, slots, pairs, device)
+    return _cached(("grid2d", X, Y, slots, pairs, str(device), whole), make)
 
 
 def dag_schedule(edge_index, n_nodes, slots=0, pairs=False) -> Schedule:
@@ -180,7 +191,7 @@ def dag_schedule(edge_index, n_nodes, slots=0, pairs=False) -> Schedule:
         for L, nodes in enumerate(nx.topological_generations(graph)):
             level[list(nodes)] = L
         in_slot, out_slot = _ranks(tgt, n_nodes), _ranks(src, n_nodes)
-        return _build(src, tgt, in_slot, out_slot, level, n_nodes, len(src), slots, pairs, "dag",
+        return _build(src, tgt, in_slot, out_slot, level, n_nodes, len(src), slots, pairs,
                       edge_index.device)
     key = ("dag", n_nodes, slots, pairs, str(edge_index.device), ei.tobytes())
     return _cached(key, make)
@@ -321,9 +332,7 @@ class GraphRun:
     def check_slots(self, side, size, what):
         """A slot index must fit the axis it indexes (M[in_slot] with M[P] and a node with more
         than P incoming edges is a ValueError, not an index error deep in torch)."""
-        most = max(int((lv.in_slot if side == "in" else lv.out_slot).max()) + 1
-                   if (lv.n_in if side == "in" else lv.n_out) else 0
-                   for lv in self.schedule.levels)
+        most = self.schedule.slots[side]
         if most > size:
             where = "incoming" if side == "in" else "outgoing"
             raise ValueError(f"a node has {most} {where} edges, but {what} has {size} slots "

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from .graph import GraphRun, Level, _build, _Write
+from .graph import GraphRun, Level, _Write, grid_schedule
 
 
 def _chunk_indices(c):
@@ -94,42 +93,39 @@ def solve(T, b, c):
     return C.reshape(NB, nx * c, ny * c, 2, D)[:, :X, :Y]
 
 
+def _probe_level(lv, n_edges):
+    """`lv` reading probe rows: incoming row r reads probe row r; the virtual rows and missing
+    pred(., k) edges read the initial state (row n_in)."""
+    n_in = lv.n_in
+    real = lv.in_edge < n_edges
+    rows = torch.arange(n_in, device=real.device)
+    probe_rows = torch.where(real, rows, n_in)
+    row_of_edge = torch.full((n_edges + 1,), n_in, device=real.device)
+    row_of_edge[lv.in_edge[real]] = rows[real]
+    pred_rows = [row_of_edge[table] for table in lv.pred_edge]
+    return Level(**{**vars(lv), "in_src": probe_rows, "in_edge": probe_rows,
+                    "pred_src": pred_rows, "pred_edge": pred_rows})
+
+
 class ChunkRun(GraphRun):
     """A GraphRun whose `levels` reads the cell's b and T, solves, then runs all nodes once."""
 
     def __init__(self, schedule, nb, grid, chunk):
         self.schedule, self.nb = schedule, nb
         self.grid, self.chunk = grid, chunk
-        X, Y = grid
-        n = X * Y
-        src = np.repeat(np.arange(n), 2)
-        slot = np.tile(np.array([0, 1]), n)
-        i, j = np.divmod(np.arange(n), Y)
-        ti, tj = np.repeat(i, 2) + (slot == 0), np.repeat(j, 2) + (slot == 1)
-        tgt = np.where((ti < X) & (tj < Y), ti * Y + tj, -1)
-        slots = len(schedule.levels[0].pred_src)
-        device = schedule.inverse.device
-        # every node in one level: rows in node order, outgoing rows in edge order
-        self.whole = _build(src, tgt, slot, slot, np.zeros(n, dtype=np.int64), n, 2 * n, slots,
-                            hasattr(schedule.levels[0], "in_pair"), "grid2d", device).levels[0]
+        first = schedule.levels[0]
+        # every node in one level (cached with the schedules): rows in node order, outgoing rows
+        # in edge order
+        self.whole = grid_schedule(*grid, len(first.pred_src), hasattr(first, "in_pair"),
+                                   schedule.inverse.device, whole=True).levels[0]
+        if not hasattr(self.whole, "probe"):  # built once per grid, kept on the cached level
+            self.whole.probe = _probe_level(self.whole, schedule.n_edges)
         self.mode = None
 
     @property
     def levels(self):
-        lv = self.whole
+        lv, probe = self.whole, self.whole.probe
         real = lv.in_edge < self.schedule.n_edges
-        # probe reads: incoming row r reads probe row r, the virtual rows and missing pred(., k)
-        # edges the initial state (row n_in)
-        n_in = lv.n_in
-        rows = torch.arange(n_in, device=real.device)
-        probe_rows = torch.where(real, rows, n_in)
-        pred_rows = []
-        for k, table in enumerate(lv.pred_edge):
-            row_of_edge = torch.full((self.schedule.n_edges + 1,), n_in, device=real.device)
-            row_of_edge[lv.in_edge[real]] = rows[real]
-            pred_rows.append(row_of_edge[table])
-        probe = Level(**{**vars(lv), "in_src": probe_rows, "in_edge": probe_rows,
-                         "pred_src": pred_rows, "pred_edge": pred_rows})
         self.captured = {}
         # "b": every incoming state 0 but the initial state; "T": plus, on the edges of slot i,
         # a state that is 1 at element i (0 elsewhere); "T1" (for scalar states): slot 1's edges
