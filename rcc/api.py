@@ -54,8 +54,9 @@ def _check_graph(cell_ir, backend, plan):
     torch backend, or plan 'chunk' where it applies; else say why not."""
     where = f"cell '{cell_ir.name}' runs over {cell_ir.topology}"
     if backend not in ("auto", "torch"):
-        raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; use "
-                         "backend='torch' (level by level, every node of a level at once)")
+        raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; "
+                                  "use backend='torch' (level by level, every node of a level "
+                                  "at once)")
     if plan in ("auto", "sequential"):
         return "sequential"
     if plan == "chunk":
@@ -71,10 +72,11 @@ def _check_graph(cell_ir, backend, plan):
 
 def _triton_plan(cell_ir, plan, analysis=None):
     """Plan 'auto' on backend triton: the chunkwise kernels where they apply (gated linear
-    attention, the delta rule: matmuls within chunks, the state passed between them); the scan when the cell is affine in its state
-    with a diagonal transition and its states are vectors (log depth in T; a matrix state would
-    be written out for every step); else the fused sequential kernel (one launch, the state on
-    chip; Newton stays opt-in). Returns (plan, analysis)."""
+    attention, the delta rule: matmuls within chunks, the state passed between them); the scan
+    when the cell is affine in its state with a diagonal transition and its states are vectors
+    (log depth in T; a matrix state would be written out for every step); else the fused
+    sequential kernel (one launch, the state on chip; Newton stays opt-in). Returns
+    (plan, analysis)."""
     if plan == "sequential":
         return plan, analysis
     if analysis is None:
