@@ -6,6 +6,10 @@ inputs those read (computed per step, in cache or registers: materializing exp(g
 first would cost a pass over memory). What needs a GEMM or a reduction and reads no state
 (W @ x) stays outside, for torch to compute for all steps at once; the kernel receives those
 values per step ("seq" arguments) and the unbatched ones once ("const" arguments).
+
+Built with hoist=False, the kernel computes every batched value, the projections of the inputs
+too, and receives the inputs themselves: one call does a whole step, which is what a few rows
+without gradients (decoding one token) want; a GEMM only pays for itself over many rows.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ VIEWS = ("getitem", "transpose")
 
 
 class LoopPartition:
-    def __init__(self, cell: ir.CellIR):
+    def __init__(self, cell: ir.CellIR, hoist: bool = True):
         self.cell = cell
+        self.hoist = hoist
         self.region = regions(cell)
         self.users = cell.users()
         self.roots = [v for _, v in cell.updates] + [v for _, v, _ in cell.outputs]
@@ -46,7 +51,9 @@ class LoopPartition:
         while work:
             i = work.pop()
             n = cell.node(i)
-            if i not in inside and self.region[i] == "seq" and n.op in POINTWISE | set(VIEWS):
+            if i in inside or self.region[i] != "seq" or n.op == "input":
+                continue
+            if not self.hoist or n.op in POINTWISE | set(VIEWS):
                 inside.add(i)
                 work.extend(n.args)
         return sorted(inside)
@@ -57,10 +64,11 @@ class FusedLoopPrinter:
     computes what the kernel reads and does not compute itself (the partition's seq and const
     values), then `_run_call` runs every step. Subclasses set `self.part` before __init__ ends."""
 
-    def _fused_init(self, part: LoopPartition):
+    def _fused_init(self, part: LoopPartition, more_consts=()):
         self.part = part
-        # torch computes what the kernel reads and does not compute itself
-        self.args = set(part.seq + part.const)
+        # torch computes what the kernel reads and does not compute itself (`more_consts`: what
+        # another entry point of it reads)
+        self.args = set(part.seq + part.const) | set(more_consts)
         self.live = ir.cone(self.cell.nodes, self.args)
 
     def _only_user_in(self, i, region) -> bool:
@@ -72,16 +80,17 @@ class FusedLoopPrinter:
         seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first
         lines = self._forward_head(body, seq)
+        lines += self._whole_step_call(seq)
         # batch-major (no copy of the inputs): the kernel reads any strides
         self._seq_values(body["seq"], seq, lines, time_major=False)
         args = []
-        for i in part.seq:  # [T, N, ...] views
+        for i in part.seq:  # [N, T, ...] views
             n = c.node(i)
             if n.op == "input":
-                args.append(f"{seq[n.attr('name')]}.transpose(0, 1)")
+                args.append(seq[n.attr('name')])
             else:
                 ref = self._ref(i)
-                args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:]).transpose(0, 1)")
+                args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:])")
         consts = [self._ref(i) for i in part.const]
         states = [self.decl_names[s.name] for s in c.states]
         lines += self._run_call(_tuple(args), _tuple(consts), _tuple(states), _tuple(shapes))
@@ -90,3 +99,8 @@ class FusedLoopPrinter:
 
     def _run_call(self, args, consts, states, shapes) -> list:
         raise NotImplementedError
+
+    def _whole_step_call(self, seq) -> list:
+        """Lines before the hoisted values: a call of a kernel computing them too, for the calls
+        that gain by it (none by default)."""
+        return []

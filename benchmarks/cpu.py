@@ -11,6 +11,9 @@
   torch.nn.LSTMCell / GRUCell;
 - deltanet, gla: B=8, H=4, T=1024, K=V=64 against a naive torch recurrence written the way
   flash-linear-attention's reference implementations are (a Python loop over time on [B, H, T, K]);
+- decode: calls of a few rows (B x T up to 64) without gradients, through the kernel's
+  whole-step entry (input projections in the loop) and its hoisted one, against torch.nn.LSTM:
+  where rcc.runtime.cpp.FEW_ROWS should sit;
 - compile: the first build of the LSTM kernel in an empty cache (cold) and the next instance in
   a fresh process state (warm: found on disk).
 
@@ -127,6 +130,34 @@ def bench_torch_rnn(args, kind):
     row("rcc cpp", l_rcc, l_peer)
 
 
+# ---- decode: few rows, the kernel's two entry points ------------------------------------------
+def bench_decode(args):
+    """Where the whole-step entry (input projections in the loop) stops paying: calls of B x T
+    rows without gradients, each entry forced through rcc.runtime.cpp.FEW_ROWS."""
+    from rcc.runtime import cpp
+    d = 128
+    peer = torch.nn.LSTM(d, d, batch_first=True)
+    m = rcc.from_torch(rcc.compile(stdlib("lstm"), backend="cpp")(d_in=d, d=d), peer)
+    header(f"LSTM, d_in=d={d}, float32, no grad: rows B x T per call (FEW_ROWS = {cpp.FEW_ROWS})")
+    default = cpp.FEW_ROWS
+    try:
+        for B, T in ((1, 1), (1, 2), (1, 4), (2, 4), (1, 8), (4, 4), (1, 16), (8, 8)):
+            x = torch.randn(B, T, d)
+            times = {}
+            with torch.no_grad():
+                want = peer(x)[0]
+                for entry, few in (("whole step", B * T), ("hoisted", 0)):
+                    cpp.FEW_ROWS = few
+                    check(f"decode {entry}", [m(x)[0]], [want], 1e-5)
+                    times[entry] = median_ms(lambda: m(x), CPU, 20, args.repeats * 50)
+                t_peer = median_ms(lambda: peer(x), CPU, 20, args.repeats * 50)
+            row(f"B={B} T={T}: torch.nn.LSTM", t_peer, t_peer)
+            for entry, ms in times.items():
+                row(f"B={B} T={T}: rcc cpp, {entry} entry", ms, t_peer)
+    finally:
+        cpp.FEW_ROWS = default
+
+
 # ---- deltanet / gla --------------------------------------------------------------------------------
 def naive_gla(q, k, v, gk):
     """flash-linear-attention's reference form: [B, H, T, K] and a loop over t."""
@@ -213,7 +244,8 @@ def bench_compile(args):
 BENCHES = {"hgrn": bench_hgrn, "lstm": lambda a: bench_torch_rnn(a, "LSTM"),
            "gru": lambda a: bench_torch_rnn(a, "GRU"),
            "deltanet": lambda a: bench_linear_attention(a, "deltanet"),
-           "gla": lambda a: bench_linear_attention(a, "gla"), "compile": bench_compile}
+           "gla": lambda a: bench_linear_attention(a, "gla"), "decode": bench_decode,
+           "compile": bench_compile}
 
 
 def main():

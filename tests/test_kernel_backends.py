@@ -2,6 +2,8 @@
 final states and gradients (inputs, params, initial states), float64 and float32, T=1 and odd
 T, heads; and on every expression form of the semantics suite. Triton runs in its interpreter on
 CPU (TRITON_INTERPRET=1, set by conftest.py)."""
+import math
+
 import pytest
 import torch
 
@@ -63,6 +65,46 @@ def test_noncontiguous_inputs_and_a_grad_of_the_final_state_only(backend):
     torch.testing.assert_close(gm, gr, **F64)
 
 
+# ---- backend cpp's whole-step entry point ------------------------------------------------------
+# A call of a few rows without gradients (decoding) runs rcc_whole_steps, which computes the input
+# projections in the loop too; every other call runs the hoisted kernel tested above.
+@pytest.mark.parametrize("name", sorted(STDLIB_DIMS))
+def test_cpp_whole_step_entry_equals_torch(name):
+    from rcc.runtime import cpp
+    ref, mod = _pair(name, STDLIB_DIMS[name], torch.float64)
+    for B, T, heads in ((1, 1, ()), (1, 2, (2,))):
+        assert B * T * math.prod(heads) <= cpp.FEW_ROWS
+        xs, init = cell_inputs(ref, B, T, heads, torch.float64)
+        with torch.no_grad():
+            want, got = ref(*xs, initial_state=init), mod(*xs, initial_state=init)
+        for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+            torch.testing.assert_close(g, w, **F64)
+    assert ("whole_steps", torch.float64) in mod._kernel().paths
+
+
+def test_cpp_takes_the_whole_step_entry_for_few_rows_without_gradients_only(monkeypatch):
+    from rcc.runtime import cpp
+    _, mod = _pair("lstm.rnn", {"d_in": 3, "d": 4}, torch.float64)
+    real, taken = cpp._forward, []
+
+    def spy(meta, tensors, save, entry="forward"):
+        taken.append(entry)
+        return real(meta, tensors, save, entry)
+    monkeypatch.setattr(cpp, "_forward", spy)
+    few, many = torch.randn(1, cpp.FEW_ROWS, 3, dtype=torch.float64), \
+        torch.randn(1, cpp.FEW_ROWS + 1, 3, dtype=torch.float64)
+    with torch.no_grad():
+        mod(few), mod(many)
+    mod(few)
+    assert taken == ["whole_steps", "forward", "forward"]
+
+
+@pytest.mark.parametrize("group", ["MATMUL", "REDUCTIONS", "INDEXING", "BUILDERS"])
+def test_cpp_whole_step_entry_expression_forms(group):
+    with torch.no_grad():
+        _expression_forms("cpp", group, B=1, T=1, heads=(2,), grads=False)
+
+
 # ---- every expression form of the semantics suite --------------------------------------------
 # Each group of test_semantics_ops.py's expressions becomes one cell with an output per expression
 # (one build per group), checked against the same per-element reference.
@@ -78,6 +120,10 @@ GROUPS["UNARY"] = ops._unary_cases()
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_expression_forms(backend, group):
+    _expression_forms(backend, group)
+
+
+def _expression_forms(backend, group, **sizes):
     config = "d3e2"
     cases = {}
     for param in GROUPS[group]:
@@ -88,6 +134,7 @@ def test_expression_forms(backend, group):
     outputs = "\n".join(f"    output y{k} = {e}" for k, e in enumerate(exprs[1:], 1))
     source = ops.ZOO.format(lines="", expr=exprs[0] + "\n" + outputs)
     dims, B, T, heads = ops.CONFIGS[config]
+    sizes = {"B": B, "T": T, "heads": heads, **sizes}
     m = instantiate(source, backend=backend, **dims)
 
     def step(v):
@@ -96,7 +143,7 @@ def test_expression_forms(backend, group):
             ref = cases[e]
             out["y" if k == 0 else f"y{k}"] = ref(v) if ref else run_python("", vars(v), e)
         return out
-    run_and_compare(m, step, B=B, T=T, heads=heads)
+    run_and_compare(m, step, **sizes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ built for the dims of each instance (rcc.runtime.cpp).
 from __future__ import annotations
 
 from rcc import ir
-from rcc.backends.torch.printer import TorchPrinter
+from rcc.backends.torch.printer import TorchPrinter, _tuple
 
 from ..loop import FusedLoopPrinter, LoopPartition
 from .kernel import KernelPrinter
@@ -20,7 +20,9 @@ class CppPrinter(FusedLoopPrinter, TorchPrinter):
 
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "sequential")
-        self._fused_init(LoopPartition(cell))
+        # a second entry point computes everything per step, for a few rows without gradients
+        self.whole_step = LoopPartition(cell, hoist=False)
+        self._fused_init(LoopPartition(cell), self.whole_step.const)
         self.kernel = KernelPrinter(cell)
         dims = ", ".join(f"self.dims[{d.name!r}]" for d in cell.dims)
         self.class_attrs = [
@@ -35,11 +37,29 @@ class CppPrinter(FusedLoopPrinter, TorchPrinter):
         ]
 
     def module(self) -> str:
-        source = self.kernel.source()
+        source = self.kernel.source(KernelPrinter(self.cell, hoist=False))
         assert '"""' not in source and "\\" not in source  # held in a raw string below
         return (super().module() + "\n\n# The loop over time, built by rcc.runtime.cpp with the "
                 "dims as RCC_DIM0, RCC_DIM1, ... (in DIMS order).\n"
                 f'CPP_SOURCE = r"""{source}"""\n')
+
+    def _whole_step_call(self, seq):
+        c, part = self.cell, self.whole_step
+        assert all(c.node(i).op == "input" for i in part.seq)  # the kernel computes the rest
+        args = [seq[c.node(i).attr("name")] for i in part.seq]
+        consts = [self._ref(i) for i in part.const]
+        states = [self.decl_names[s.name] for s in c.states]
+        shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]
+        return [
+            "        if _N * _T <= _rt.cpp.FEW_ROWS and not torch.is_grad_enabled():",
+            "            # a few rows without gradients (decoding): one call computes everything,",
+            "            # the projections of the inputs too (a GEMM would cost more than it saves)",
+            "            _outs, _finals = _rt.cpp.whole_steps(self._kernel(), _T, _N,",
+            f"                {_tuple(args)},",
+            f"                {_tuple(consts)},",
+            f"                {_tuple(states)}, {_tuple(shapes)})",
+            "            return self._result(_outs, _finals, _layout)",
+        ]
 
     def _run_call(self, args, consts, states, shapes):
         return [

@@ -66,7 +66,11 @@ def _identity(cxx: str) -> str:
     return _IDENTITY[cxx]
 
 
-PARTS = {"forward": 1, "backward": 2}  # RCC_PART of each direction's build
+PARTS = {"forward": 1, "backward": 2, "whole_steps": 3}  # RCC_PART of each entry point's build
+# Calls of at most this many rows (batch x steps) without gradients run the kernel's whole-step
+# entry point (nothing hoisted: the input projections in the loop too); measured in
+# benchmarks/cpu.py's decode table
+FEW_ROWS = 8
 
 
 class Kernel:
@@ -194,20 +198,10 @@ def _build(cxx: str, text: str, key: str) -> None:
 
 
 def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
-    """Run the loop over time. seq: tensors [T, N, *shape] (any strides); consts: tensors;
+    """Run the loop over time. seq: tensors [N, T, *shape] (any strides); consts: tensors;
     states: initial states [N, *shape]; out_shapes: each output's declared shape. Returns
     (outputs [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
-    dtype = tensors[0].dtype
-    for t in tensors:
-        if not t.is_cpu:
-            raise RuntimeError(f"backend 'cpp' runs on CPU tensors; got one on {t.device} "
-                               "(use backend='torch' on a GPU)")
-        if t.dtype != dtype:
-            raise TypeError(f"backend 'cpp' needs one float dtype for inputs, params and states; "
-                            f"got {dtype} and {t.dtype}")
-    if dtype not in _REAL:
-        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
     meta = (kern, T, N, len(seq), len(consts), out_shapes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(meta, *tensors)
@@ -217,27 +211,51 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
     return list(results[:n_out]), list(results[n_out:])
 
 
-def _forward(meta, tensors, save):
-    """Outputs [N, T, ...] and final states; and what backward needs when `save`."""
+def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes):
+    """As `run`, without gradients, on the kernel's entry point that computes everything per
+    step (rcc_whole_steps): `inputs` are the cell's inputs, not their projections."""
+    results = _forward((kern, T, N, len(inputs), len(consts), out_shapes),
+                       (*inputs, *consts, *states), False, "whole_steps")[0]
+    n_out = len(out_shapes)
+    return list(results[:n_out]), list(results[n_out:])
+
+
+def _forward(meta, tensors, save, entry="forward"):
+    """Outputs [N, T, ...] and final states; and what backward needs when `save`. One pass over
+    the tensors checks and lays them out: a call should cost little beside one step of a small
+    cell (decoding)."""
     kern, T, N, n_seq, n_const, out_shapes = meta
     dtype = tensors[0].dtype
-    seq = [rows(x, 2) for x in tensors[:n_seq]]
-    consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
-    states = [rows(s, 1) for s in tensors[n_seq + n_const:]]
-    states = [s if s.is_contiguous() else s.contiguous() for s in states]
-    outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
-    finals = [torch.empty_like(s) for s in states]
-    saved = [torch.empty(T, *s.shape, dtype=dtype) if save else None for s in states]
+    if dtype not in _REAL:
+        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            _refuse(t, dtype)
     sizes = [N, T, torch.get_num_threads(), int(save)]
-    for x in seq:
-        sizes += [x.stride(0), x.stride(1)]
+    seq = []
+    for x in tensors[:n_seq]:
+        x = rows(x, 2)
+        seq.append(x)
+        sizes += [x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
     for shape in out_shapes:
         row = math.prod(shape)
-        sizes += [row, T * row]  # [N, T, ...] read as [T, N, ...]
-    kern("forward", dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
-    finals = [f if f.dim() == s.dim() else f.view(s.shape)
-              for f, s in zip(finals, tensors[n_seq + n_const:])]
+        sizes += [row, T * row]
+    consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+    given = tensors[n_seq + n_const:]
+    states = [s if s.dim() == 2 and s.is_contiguous() else rows(s, 1).contiguous() for s in given]
+    outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
+    finals = [torch.empty(s.shape, dtype=dtype) for s in given]  # [N, *decl], row-major
+    saved = [torch.empty(T, *s.shape, dtype=dtype) for s in states] if save else [None] * len(states)
+    kern(entry, dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
     return (*outs, *finals), (seq, consts, states, saved)
+
+
+def _refuse(t, dtype):
+    if not t.is_cpu:
+        raise RuntimeError(f"backend 'cpp' runs on CPU tensors; got one on {t.device} "
+                           "(use backend='torch' on a GPU)")
+    raise TypeError(f"backend 'cpp' needs one float dtype for inputs, params and states; "
+                    f"got {dtype} and {t.dtype}")
 
 
 class _Loop(torch.autograd.Function):
@@ -261,12 +279,12 @@ class _Loop(torch.autograd.Function):
         ginit = [torch.empty_like(s) for s in states]
         sizes = [N, T, torch.get_num_threads(), 1]
         for x in seq:
-            sizes += [x.stride(0), x.stride(1)]
+            sizes += [x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
         for g in gouts:
             sizes += [0, 0] if g is None else [g.stride(1), g.stride(0)]  # [N, T, ...]
         kern("backward", dtype, sizes, [*seq, *consts, *states, *saved, *gouts, *gfinals,
                                         *gseq, *gconst, *ginit])
-        grads_in = [g.view(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
+        grads_in = [g.transpose(0, 1).reshape(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
         return (None, *grads_in)

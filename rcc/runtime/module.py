@@ -111,7 +111,9 @@ class CellModule(torch.nn.Module):
         """Match inputs by position or name, check [B, T, *heads, *decl], flatten to [N, T, *decl].
 
         Returns (tensors, layout) where layout = (B, heads, T)."""
-        given = self._bind_inputs(args, kwargs)
+        # positional inputs, all of them: the common call needs no matching
+        given = (dict(zip(self.INPUTS, args)) if len(args) == len(self.INPUTS) and not kwargs
+                 else self._bind_inputs(args, kwargs))
         layout = None
         out = []
         for name in self.INPUTS:
@@ -120,7 +122,7 @@ class CellModule(torch.nn.Module):
                 raise TypeError(f"input {name!r} must be a torch.Tensor, got {type(x).__name__}")
             decl = self.shapes[name]
             nh = x.dim() - 2 - len(decl)
-            if nh < 0 or tuple(x.shape[x.dim() - len(decl):]) != tuple(decl):
+            if nh < 0 or x.shape[2 + nh:] != decl:
                 want = "[B, T, *heads" + "".join(f", {s}" for s in decl) + "]"
                 raise ValueError(f"input {name!r} has shape {list(x.shape)} but {self.CELL} "
                                  f"expects {want}")
@@ -143,25 +145,25 @@ class CellModule(torch.nn.Module):
         (functions making each state's declared initial value, called only when needed)."""
         B, heads, _ = layout
         N = like.shape[0]
-        given = dict(initial_state or {})
-        unknown = set(given) - set(self.STATES)
-        if unknown:
-            raise ValueError(f"initial_state has unknown state {sorted(unknown)[0]!r} "
-                             f"(states: {', '.join(self.STATES)})")
+        given = initial_state or {}
+        for name in given:
+            if name not in self.STATES:
+                raise ValueError(f"initial_state has unknown state {name!r} "
+                                 f"(states: {', '.join(self.STATES)})")
         out = []
         for name, default in zip(self.STATES, defaults):
-            decl = tuple(self.shapes[name])
-            if name in given:
-                s = given[name]
-                want = (B, *heads, *decl)
-                if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
-                    got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                    raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
-                                     f"expects {list(want)}")
-                s = s if s.dtype == like.dtype else s.to(like.dtype)
-                out.append(s.reshape(N, *decl) if heads else s)
-            else:
+            decl = self.shapes[name]
+            s = given.get(name)
+            if s is None:
                 out.append(default().to(dtype=like.dtype, device=like.device).expand(N, *decl))
+                continue
+            want = (B, *heads, *decl)
+            if not isinstance(s, torch.Tensor) or s.shape != want:
+                got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
+                                 f"expects {list(want)}")
+            s = s if s.dtype == like.dtype else s.to(like.dtype)
+            out.append(s.reshape(N, *decl) if heads else s)
         return out
 
     def _result(self, outputs, states, layout):

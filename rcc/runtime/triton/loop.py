@@ -18,7 +18,7 @@ from .common import accumulator, check
 
 def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes):
     """The loop over time. kernels: (forward, backward) Triton kernels; meta: their constexprs;
-    seq: tensors [T, N, *shape] (inner axes contiguous or not); consts: tensors; states:
+    seq: tensors [N, T, *shape] (inner axes contiguous or not); consts: tensors; states:
     initial states [N, *shape]; out_shapes: each output's declared shape. Returns (outputs
     [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
@@ -35,7 +35,7 @@ def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes):
 def _strided(seq):
     out = []
     for x in seq:
-        out += [x, x.stride(0), x.stride(1)]
+        out += [x, x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
     return out
 
 
@@ -90,7 +90,7 @@ class _Loop(torch.autograd.Function):
         else:
             for g, f in zip(ginit, gfinals):
                 g.copy_(f)
-        grads_in = [g.view(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
+        grads_in = [g.transpose(0, 1).reshape(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
         return (None, *grads_in)
