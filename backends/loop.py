@@ -16,17 +16,26 @@ from __future__ import annotations
 from rcc import ir
 from rcc.backends.torch.printer import _tuple
 from rcc.codegen import regions
+from rcc.passes.topology import spaces
 
 from .pointwise import POINTWISE
 
 VIEWS = ("getitem", "transpose")
 
 
+def kernel_regions(cell: ir.CellIR) -> dict:
+    """rcc.codegen.regions; over a graph, "step" is every value computed per node or edge
+    (rcc.passes.topology.spaces), a sum_pred of inputs alone included."""
+    if cell.topology == "seq":
+        return regions(cell)
+    return {i: s if s in ("const", "seq") else "step" for i, s in spaces(cell).space.items()}
+
+
 class LoopPartition:
     def __init__(self, cell: ir.CellIR, hoist: bool = True):
         self.cell = cell
         self.hoist = hoist
-        self.region = regions(cell)
+        self.region = kernel_regions(cell)
         self.users = cell.users()
         self.roots = [v for _, v in cell.updates] + [v for _, v, _ in cell.outputs]
         self.uses = {i: len(u) for i, u in self.users.items()}

@@ -1,6 +1,7 @@
-"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids) and plan chunk
-(pLSTM's parallel form) against a Python loop over the nodes, the way one writes a Tree-LSTM or
-an MDRNN by hand, measured side by side.
+"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids; backend torch, and
+backend cpp where the cell's states live on nodes) and plan chunk (pLSTM's parallel form)
+against a Python loop over the nodes, the way one writes a Tree-LSTM or an MDRNN by hand,
+measured side by side.
 
     python benchmarks/topology.py                # about 3 minutes on 2 idle cores
     python benchmarks/topology.py --quick        # smaller sizes, a smoke run
@@ -130,6 +131,11 @@ def main():
     steps = f"{2 * n_grid - 1} / {n_grid * n_grid}"
     bench(f"MDRNN {n_grid}x{n_grid}, B=8, d=32", lambda: mdrnn(x)[0],
           lambda: mdrnn_loop(mdrnn, x), steps, args)
+    mdrnn_cpp = rcc.compile(os.path.join(STDLIB, "mdrnn.rnn"), backend="cpp")(d_in=32, d=32)
+    mdrnn_cpp.load_state_dict(mdrnn.state_dict())
+    mdrnn_cpp._kernel().wait()  # the backward's build, not timed
+    bench("the same, backend cpp", lambda: mdrnn_cpp(x)[0], lambda: mdrnn_loop(mdrnn, x),
+          steps, args)
 
     plstm = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP")(d_in=32, K=16, V=16)
     x = torch.randn(4, n_grid, n_grid, 32, requires_grad=True)
@@ -159,6 +165,12 @@ def main():
     bench(f"Child-Sum Tree-LSTM, random DAG {n_dag} nodes {ei.shape[1]} edges, B=4, d=32",
           lambda: tree(x, edge_index=ei)[0], lambda: child_sum_loop(tree, x, order, preds),
           f"{len(schedule.levels)} / {n_dag}", args)
+    tree_cpp = rcc.compile(os.path.join(STDLIB, "treelstm.rnn"), cell="ChildSumTreeLSTM",
+                           backend="cpp")(d_in=32, d=32)
+    tree_cpp.load_state_dict(tree.state_dict())
+    tree_cpp._kernel().wait()
+    bench("the same, backend cpp", lambda: tree_cpp(x, edge_index=ei)[0],
+          lambda: child_sum_loop(tree, x, order, preds), f"{len(schedule.levels)} / {n_dag}", args)
     print(f"\nschedule of the {n_dag}-node DAG built in {build_ms:.0f} ms (once per graph; "
           f"cached afterwards)")
 

@@ -53,6 +53,17 @@ def _check_graph(cell_ir, backend, plan):
     """The plan a cell over grid2d or dag runs: the level schedule (rcc.runtime.graph) of the
     torch backend, or plan 'chunk' where it applies; else say why not."""
     where = f"cell '{cell_ir.name}' runs over {cell_ir.topology}"
+    if backend == "cpp":
+        from rcc.backends.cpp.graph import unsupported
+        why = unsupported(cell_ir)
+        if why:
+            raise NotImplementedError(f"{where}: backend 'cpp' runs cells whose states live on "
+                                      f"nodes, read through sum_pred, mean_pred or pred(E, k); "
+                                      f"{why} is not built in it yet: use backend='torch'")
+        if plan not in ("auto", "sequential"):
+            raise NotImplementedError(f"{where}: backend 'cpp' runs plan 'sequential' (the level "
+                                      f"schedule), not {plan!r}")
+        return "sequential"
     if backend not in ("auto", "torch"):
         raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; "
                                   "use backend='torch' (level by level, every node of a level "
@@ -210,8 +221,7 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
     if cell_ir.topology != "seq":
-        from rcc.backends.torch.graph import print_module as print_graph
-        return print_graph(cell_ir, plan=_check_graph(cell_ir, backend, plan))
+        return _graph_module(cell_ir, backend, plan)
     if backend == "cpp":
         return _fused_printer(backend)(cell_ir)
     if backend == "triton":
@@ -286,9 +296,7 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     from rcc.backends.torch.printer import print_module
 
     if cell_ir.topology != "seq":
-        from rcc.backends.torch.graph import print_module as print_graph
-        code = print_graph(cell_ir, source_name or cell_ir.filename,
-                           _check_graph(cell_ir, backend, plan))
+        code = _graph_module(cell_ir, backend, plan, source_name or cell_ir.filename)
     elif backend == "cpp":
         code = _fused_printer(backend)(cell_ir, source_name or cell_ir.filename)
     elif backend == "triton":
@@ -302,6 +310,16 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
     if key not in _CLASSES:
         _CLASSES[key] = _load_class(code, key)
     return _CLASSES[key]
+
+
+def _graph_module(cell_ir, backend, plan, source_name=""):
+    """The module of a cell over grid2d or dag (the plan checked by _check_graph)."""
+    plan = _check_graph(cell_ir, backend, plan)
+    if backend == "cpp":
+        from rcc.backends.cpp.graph import print_module as print_graph
+        return print_graph(cell_ir, source_name)
+    from rcc.backends.torch.graph import print_module as print_graph
+    return print_graph(cell_ir, source_name, plan)
 
 
 def _fused_printer(backend):

@@ -82,8 +82,12 @@ def child_sum_loop(m, x, edges):
     return torch.stack([h[v] for v in range(N)], 1), torch.stack([c[v] for v in range(N)], 1)
 
 
+BACKENDS = ["torch", "cpp"]  # cpp: the level schedule in one C++ kernel (backends/cpp/graph.py)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("graph", ["tree", "random_dag", "no_edges", "one_node"])
-def test_child_sum_tree_lstm_matches_node_loop(graph):
+def test_child_sum_tree_lstm_matches_node_loop(graph, backend):
     torch.manual_seed(0)
     if graph == "tree":  # children -> parent; node 0 the root
         edges, N = [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (7, 6)], 8
@@ -96,7 +100,8 @@ def test_child_sum_tree_lstm_matches_node_loop(graph):
         edges, N = [], 4
     else:
         edges, N = [], 1
-    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=3, d=5).double()
+    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM", backend=backend)(
+        d_in=3, d=5).double()
     with torch.no_grad():
         m.b.normal_()
     x = torch.randn(2, N, 3, requires_grad=True)
@@ -108,11 +113,13 @@ def test_child_sum_tree_lstm_matches_node_loop(graph):
     torch.testing.assert_close(final["h"], h)
 
 
-def test_heads_and_batch_of_one_shared_graph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heads_and_batch_of_one_shared_graph(backend):
     """[B, N, *heads, d_in]: the heads are independent rows over the same graph."""
     torch.manual_seed(1)
     edges = random_dag(9, 0.3, seed=5)
-    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=2, d=3).double()
+    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM", backend=backend)(
+        d_in=2, d=3).double()
     x = torch.randn(2, 9, 3, 2, requires_grad=True)  # 3 heads
     y, final = m(x, edge_index=torch.tensor(edges).T)
     assert y.shape == (2, 9, 3, 3) and final["c"].shape == (2, 9, 3, 3)
@@ -121,10 +128,12 @@ def test_heads_and_batch_of_one_shared_graph():
         assert_same(y[:, :, head], ref, [x, m.W])
 
 
-def test_disjoint_union_of_graphs_equals_separate_runs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disjoint_union_of_graphs_equals_separate_runs(backend):
     """B = 1 with the nodes of two graphs concatenated (as PyTorch Geometric batches graphs)."""
     torch.manual_seed(2)
-    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=2, d=3).double()
+    m = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM", backend=backend)(
+        d_in=2, d=3).double()
     e1, e2 = random_dag(6, 0.4, seed=1), random_dag(5, 0.5, seed=2)
     x1, x2 = torch.randn(1, 6, 2), torch.randn(1, 5, 2)
     union = e1 + [(u + 6, w + 6) for u, w in e2]
@@ -154,11 +163,13 @@ def nary_loop(m, x, edges, n_ary=2):
     return torch.stack([h[v] for v in range(N)], 1)
 
 
-def test_nary_tree_lstm_matches_node_loop():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nary_tree_lstm_matches_node_loop(backend):
     """A binary tree; node 4 has one child (its second slot reads zeros), leaves none."""
     torch.manual_seed(3)
     edges = [(1, 0), (2, 0), (3, 1), (5, 1), (6, 4), (4, 2), (7, 3), (8, 3)]
-    m = rcc.compile(stdlib("treelstm.rnn"), cell="NaryTreeLSTM")(d_in=3, d=4).double()
+    m = rcc.compile(stdlib("treelstm.rnn"), cell="NaryTreeLSTM", backend=backend)(
+        d_in=3, d=4).double()
     x = torch.randn(2, 9, 3, requires_grad=True)
     y, _ = m(x, edge_index=torch.tensor(edges).T)
     assert_same(y, nary_loop(m, x, edges), [x, m.W, m.U, m.U_f])
@@ -177,10 +188,11 @@ def mdrnn_loop(m, x):
     return torch.stack([torch.stack([h[i, j] for j in range(Y)], 1) for i in range(X)], 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("X, Y", [(1, 1), (3, 5), (4, 1), (1, 6), (7, 6)])
-def test_mdrnn_matches_node_loop_on_odd_grids(X, Y):
+def test_mdrnn_matches_node_loop_on_odd_grids(X, Y, backend):
     torch.manual_seed(4)
-    m = rcc.compile(stdlib("mdrnn.rnn"))(d_in=3, d=4).double()
+    m = rcc.compile(stdlib("mdrnn.rnn"), backend=backend)(d_in=3, d=4).double()
     with torch.no_grad():
         m.b.normal_()
     x = torch.randn(2, X, Y, 3, requires_grad=True)
@@ -190,7 +202,8 @@ def test_mdrnn_matches_node_loop_on_odd_grids(X, Y):
     torch.testing.assert_close(final["h"], ref)
 
 
-def test_grid_equals_the_same_cell_over_the_grid_dag():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grid_equals_the_same_cell_over_the_grid_dag(backend):
     """A cell that reads its predecessors symmetrically gives the same numbers over grid2d and
     over dag with the grid's edges."""
     body = """
@@ -200,8 +213,8 @@ def test_grid_equals_the_same_cell_over_the_grid_dag():
         h' = tanh(x + sum_pred(U @ h) + max_pred(h) - mean_pred(sigmoid(h)))
         output h'
     }"""
-    grid = rcc.compile("cell G(d) over grid2d {" + body)(d=3).double()
-    dag = rcc.compile("cell G(d) over dag {" + body)(d=3).double()
+    grid = rcc.compile("cell G(d) over grid2d {" + body, backend=backend)(d=3).double()
+    dag = rcc.compile("cell G(d) over dag {" + body, backend=backend)(d=3).double()
     dag.load_state_dict(grid.state_dict())
     x = torch.randn(2, 5, 4, 3, requires_grad=True)
     y, _ = grid(x)
@@ -212,24 +225,29 @@ def test_grid_equals_the_same_cell_over_the_grid_dag():
                                grads((y_dag * w).sum(), [dag.U])[0])
 
 
-def test_mean_and_max_pred_match_node_loop():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_and_max_pred_match_node_loop(backend):
     src = """cell Agg(d) over dag {
         input x[d]
         state h[d] = 0.5
         h' = tanh(x + mean_pred(h * x) - max_pred(h))
         output h'
     }"""
-    m = rcc.compile(src)(d=3)
-    edges = random_dag(10, 0.3, seed=7)
-    x = torch.randn(2, 10, 3, requires_grad=True)
+    m = rcc.compile(src, backend=backend)(d=3)
+    # nodes 0 and 1 have equal inputs, hence equal states: node 10's max_pred has a tie, whose
+    # gradient splits evenly between the two (as torch's amax)
+    edges = random_dag(10, 0.3, seed=7) + [(0, 10), (1, 10)]
+    x = torch.randn(2, 11, 3)
+    x[:, 1] = x[:, 0]
+    x.requires_grad_()
     h0 = torch.randn(2, 3, requires_grad=True)
     y, _ = m(x, edge_index=torch.tensor(edges).T, initial_state={"h": h0})
     h = {}
-    for v in topo_order(10, edges):
+    for v in topo_order(11, edges):
         hp = [h[u] for u in predecessors(v, edges)] or [h0]  # no predecessor: the initial state
         mean = sum(a * x[:, v] for a in hp) / len(hp)
         h[v] = torch.tanh(x[:, v] + mean - torch.stack(hp).amax(0))
-    assert_same(y, torch.stack([h[v] for v in range(10)], 1), [x, h0])
+    assert_same(y, torch.stack([h[v] for v in range(11)], 1), [x, h0])
 
 
 # ---- pLSTM (Poeppel et al. 2025) -------------------------------------------------------------
@@ -531,14 +549,38 @@ def test_edge_state_over_seq_is_an_error():
         rcc.compile("cell C() {\n    input x\n    state h over edges\n    output y = x\n}\n")
 
 
+def test_cpp_levels_in_float32_and_without_gradients():
+    """backend cpp in float32 against the torch levels, with and without autograd recording,
+    on a batch of 3 (blocks of rows) over a random DAG."""
+    torch.manual_seed(6)
+    edges = torch.tensor(random_dag(12, 0.3, seed=3)).T
+    ref = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=4, d=8).float()
+    mod = rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM", backend="cpp")(
+        d_in=4, d=8).float()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 12, 4, dtype=torch.float32, requires_grad=True)
+    (y, fr), (ym, fm) = ref(x, edge_index=edges), mod(x, edge_index=edges)
+    torch.testing.assert_close(ym, y)
+    torch.testing.assert_close(fm["c"], fr["c"])
+    gr, = torch.autograd.grad(y.sum() + fr["c"].sum(), x)
+    gm, = torch.autograd.grad(ym.sum() + fm["c"].sum(), x)
+    torch.testing.assert_close(gm, gr)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x, edge_index=edges)[0], y)
+
+
 def test_analyze_says_it_covers_seq_cells():
     with pytest.raises(NotImplementedError, match="cell 'MDRNN' runs over grid2d"):
         rcc.analyze(stdlib("mdrnn.rnn"))
 
 
 def test_graph_cells_refuse_other_backends_and_plans():
-    with pytest.raises(NotImplementedError, match="backend 'cpp' has no graph schedules yet"):
-        rcc.compile(stdlib("mdrnn.rnn"), backend="cpp")
+    with pytest.raises(NotImplementedError, match="state 'C' lives on edges is not built in it"):
+        rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DP", backend="cpp")
+    with pytest.raises(NotImplementedError, match="backend 'cpp' runs plan 'sequential'"):
+        rcc.compile(stdlib("mdrnn.rnn"), backend="cpp", plan="chunk")
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no graph schedules yet"):
+        rcc.compile(stdlib("mdrnn.rnn"), backend="triton")
     with pytest.raises(NotImplementedError, match="plan 'scan' has no graph form"):
         rcc.compile(stdlib("mdrnn.rnn"), plan="scan")
 

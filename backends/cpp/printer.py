@@ -14,7 +14,32 @@ from ..loop import FusedLoopPrinter, LoopPartition
 from .kernel import KernelPrinter
 
 
-class CppPrinter(FusedLoopPrinter, TorchPrinter):
+class CppKernelMethods:
+    """What a module whose kernel is C++ adds to the printed module: building the kernel when
+    the module is made, `_kernel()`, and the source (`_kernel_source()`) as CPP_SOURCE."""
+
+    def _kernel_methods(self) -> list:
+        dims = ", ".join(f"self.dims[{d.name!r}]" for d in self.cell.dims)
+        return [
+            "",
+            "    def __init__(self, *args, **kwargs):",
+            "        super().__init__(*args, **kwargs)",
+            "        # built now for these dims and the default dtype (a second), or found in the cache",
+            "        self._kernel().build(torch.get_default_dtype())",
+            "",
+            "    def _kernel(self):",
+            f"        return _rt.cpp.kernel(CPP_SOURCE, ({dims}{',' if len(self.cell.dims) == 1 else ''}))",
+        ]
+
+    def module(self) -> str:
+        source = self._kernel_source()
+        assert '"""' not in source and "\\" not in source  # held in a raw string below
+        return (super().module() + "\n\n# The kernel, built by rcc.runtime.cpp with the dims as "
+                "RCC_DIM0, RCC_DIM1, ... (in DIMS order).\n"
+                f'CPP_SOURCE = r"""{source}"""\n')
+
+
+class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
     backend = "cpp"
     needs = "torch and rcc.runtime only (and a C++ compiler)"
 
@@ -24,24 +49,10 @@ class CppPrinter(FusedLoopPrinter, TorchPrinter):
         self.whole_step = LoopPartition(cell, hoist=False)
         self._fused_init(LoopPartition(cell), self.whole_step.const)
         self.kernel = KernelPrinter(cell)
-        dims = ", ".join(f"self.dims[{d.name!r}]" for d in cell.dims)
-        self.class_attrs = [
-            "",
-            "    def __init__(self, *args, **kwargs):",
-            "        super().__init__(*args, **kwargs)",
-            "        # built now for these dims and the default dtype (a second), or found in the cache",
-            "        self._kernel().build(torch.get_default_dtype())",
-            "",
-            "    def _kernel(self):",
-            f"        return _rt.cpp.kernel(CPP_SOURCE, ({dims}{',' if len(cell.dims) == 1 else ''}))",
-        ]
+        self.class_attrs = self._kernel_methods()
 
-    def module(self) -> str:
-        source = self.kernel.source(KernelPrinter(self.cell, hoist=False))
-        assert '"""' not in source and "\\" not in source  # held in a raw string below
-        return (super().module() + "\n\n# The loop over time, built by rcc.runtime.cpp with the "
-                "dims as RCC_DIM0, RCC_DIM1, ... (in DIMS order).\n"
-                f'CPP_SOURCE = r"""{source}"""\n')
+    def _kernel_source(self) -> str:
+        return self.kernel.source(KernelPrinter(self.cell, hoist=False))
 
     def _whole_step_call(self, seq):
         c, part = self.cell, self.whole_step

@@ -288,3 +288,127 @@ class _Loop(torch.autograd.Function):
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
         return (None, *grads_in)
+
+
+# ---- cells over graphs: the levels of a schedule in one kernel (backends/cpp/graph.py) ----------
+class GraphIndex:
+    """A Schedule as the graph kernel reads it: int64 arrays, in backends/cpp/graph.py's
+    GRAPH_ARRAYS order. Nodes in level order (`order`, a level's nodes from level_ptr[L]); each
+    node's incoming edges (CSR `in_ptr`, in edge_index order, or one virtual edge from the
+    initial state: store row `nodes`, edge id edges + node) with the node each comes from and
+    the edge's id; its outgoing edges (`out_ptr`, `out_edge`); and pred(E, k)'s k-th incoming
+    edge of each node (`pred_src`, `pred_edge` [slots, nodes], the virtual one where none)."""
+
+    def __init__(self, schedule):
+        nodes, edges = schedule.n_nodes, schedule.n_edges
+        levels = schedule.levels
+        sizes = torch.tensor([lv.n_nodes for lv in levels], dtype=torch.long)
+        order = torch.cat([lv.seq_node.cpu() for lv in levels])
+        tgt = torch.cat([lv.seq_node.cpu()[lv.node_in.cpu()] for lv in levels])
+        src = torch.cat([lv.in_src.cpu() for lv in levels])
+        edge = torch.cat([lv.in_edge.cpu() for lv in levels])
+        edge = torch.where(edge == edges, edges + tgt, edge)
+        by_target = torch.sort(tgt, stable=True).indices
+        out_src = torch.cat([lv.seq_node.cpu()[lv.node_out.cpu()] for lv in levels])
+        out_edge = torch.cat([lv.out_edge.cpu() for lv in levels])
+        by_source = torch.sort(out_src, stable=True).indices
+        slots = len(levels[0].pred_src)
+        pred_src = torch.full((max(slots, 1), nodes), nodes, dtype=torch.long)
+        pred_edge = (edges + torch.arange(nodes)).repeat(max(slots, 1), 1)
+        for lv in levels:
+            at = lv.seq_node.cpu()
+            for k in range(slots):
+                pred_src[k, at] = lv.pred_src[k].cpu()
+                pred_edge[k, at] = torch.where(lv.pred_edge[k].cpu() == edges, edges + at,
+                                               lv.pred_edge[k].cpu())
+        self.nodes, self.edges, self.levels = nodes, edges, len(levels)
+        self.arrays = [_starts(sizes), order, _starts(torch.bincount(tgt, minlength=nodes)),
+                       src[by_target], edge[by_target],
+                       _starts(torch.bincount(out_src, minlength=nodes)), out_edge[by_source],
+                       pred_src, pred_edge]
+        self.arrays = [a.contiguous() for a in self.arrays]
+
+
+def _starts(counts):
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+
+
+def graph_index(schedule) -> GraphIndex:
+    """The schedule's GraphIndex, built once (schedules are cached per graph)."""
+    found = getattr(schedule, "cpp_index", None)
+    if found is None:
+        found = schedule.cpp_index = GraphIndex(schedule)
+    return found
+
+
+def graph(kern: Kernel, run, seq, consts, states, out_shapes):
+    """Run a cell over the levels of `run` (rcc.runtime.graph.GraphRun: its schedule and nb, the
+    rows of a node). seq: per-node values [nodes * nb, ...]; states: initial states [nb, *decl].
+    Returns (outputs [nodes * nb, *shape], every node's state [nodes, nb, *decl]),
+    differentiable by every tensor."""
+    tensors = (*seq, *consts, *states)
+    meta = (kern, graph_index(run.schedule), run.nb, len(seq), len(consts), out_shapes)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        results = _Levels.apply(meta, *tensors)
+    else:
+        results = _levels_forward(meta, tensors)[0]
+    n_out = len(out_shapes)
+    return list(results[:n_out]), list(results[n_out:])
+
+
+def _levels_forward(meta, tensors):
+    kern, index, nb, n_seq, n_const, out_shapes = meta
+    dtype = tensors[0].dtype
+    if dtype not in _REAL:
+        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            _refuse(t, dtype)
+    nodes = index.nodes
+    seq = [rows(x, 1).contiguous() for x in tensors[:n_seq]]
+    consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+    given = tensors[n_seq + n_const:]
+    stores = []
+    for s in given:
+        store = torch.empty(nodes + 1, nb, math.prod(s.shape[1:]), dtype=dtype)
+        store[nodes] = s.reshape(nb, -1)  # what nodes without predecessors read
+        stores.append(store)
+    outs = [torch.empty(nodes * nb, *shape, dtype=dtype) for shape in out_shapes]
+    sizes = [nb, nodes, index.edges, torch.get_num_threads(), index.levels]
+    kern("forward", dtype, sizes, [*seq, *consts, *stores, *outs, *index.arrays])
+    finals = [st[:nodes].view(nodes, *s.shape) for st, s in zip(stores, given)]
+    return (*outs, *finals), (seq, consts, stores)
+
+
+class _Levels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        results, kept = _levels_forward(meta, tensors)
+        ctx.meta, ctx.kept, ctx.float_type = meta, kept, tensors[0].dtype
+        ctx.shapes = [t.shape for t in tensors]
+        n_out = len(meta[-1])
+        # the stores are what backward reads: hand out copies of the final states
+        return (*results[:n_out], *[f.clone() for f in results[n_out:]])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        kern, index, nb, n_seq, n_const, out_shapes = ctx.meta
+        seq, consts, stores = ctx.kept
+        dtype, nodes = ctx.float_type, index.nodes
+        n_out = len(out_shapes)
+        threads = torch.get_num_threads()
+        gouts = [None if g is None else g.contiguous() for g in grads[:n_out]]
+        gfinals = [None if g is None else g.reshape(nodes, nb, -1).contiguous()
+                   for g in grads[n_out:]]
+        gseq = [torch.empty_like(x) for x in seq]
+        gconst = [torch.zeros(threads, c.numel(), dtype=dtype) for c in consts]
+        gedge = [torch.zeros(index.edges + nodes, nb, st.shape[2], dtype=dtype) for st in stores]
+        sizes = [nb, nodes, index.edges, threads, index.levels]
+        kern("backward", dtype, sizes, [*seq, *consts, *stores, *gouts, *gfinals, *gseq, *gconst,
+                                        *gedge, *index.arrays])
+        grads_in = [g.view(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
+        grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
+        # what nodes without predecessors (or without a k-th edge) read: the initial state
+        grads_in += [g[index.edges:].sum(0).view(s)
+                     for g, s in zip(gedge, ctx.shapes[n_seq + n_const:])]
+        return (None, *grads_in)

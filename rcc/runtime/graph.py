@@ -411,7 +411,8 @@ class GraphCellModule(CellModule):
                      for y in outputs)
         final = {}
         for name, store in zip(self.STATES, states):
-            values = run.final(store)
+            # a Store, or (backend cpp) every node's state already, [nodes, NB, *decl]
+            values = store if isinstance(store, torch.Tensor) else run.final(store)
             if name in self.EDGE_STATES:
                 lead = (*nodes, 2) if self.TOPOLOGY == "grid2d" else (values.shape[0],)
             else:
