@@ -57,9 +57,9 @@ def _check_graph(cell_ir, backend, plan):
         from rcc.backends.cpp.graph import unsupported
         why = unsupported(cell_ir)
         if why:
-            raise NotImplementedError(f"{where}: backend 'cpp' runs cells whose states live on "
-                                      f"nodes, read through sum_pred, mean_pred or pred(E, k); "
-                                      f"{why} is not built in it yet: use backend='torch'")
+            raise NotImplementedError(f"{where}: backend 'cpp' runs cells over graphs whose "
+                                      f"states are all updated; {why} is not built in it yet: "
+                                      "use backend='torch'")
         if plan not in ("auto", "sequential"):
             raise NotImplementedError(f"{where}: backend 'cpp' runs plan 'sequential' (the level "
                                       f"schedule), not {plan!r}")

@@ -12,8 +12,10 @@ from what its successors left on its outgoing edges (one adjoint row per edge, a
 for the initial state it read: tasks never write to the same place), and leaves the adjoint of
 each state it read on the edge it read it through.
 
-Not built yet (a NotImplementedError says so, see `unsupported`): states on edges (pLSTM),
-values per outgoing edge or (incoming, outgoing) pair, in_slot/out_slot.
+A state on edges (pLSTM) lives in a store with a row per edge (and one per node for the initial
+state, what a source's virtual edge reads); its update is computed per outgoing edge of the node
+(out_slot its slot there), sum_pred inside it per (incoming, outgoing) pair. Its adjoint, like a
+node state's, is what the edge's reader left on the edge's row.
 """
 from __future__ import annotations
 
@@ -26,24 +28,17 @@ from ..loop import FusedLoopPrinter, LoopPartition
 from .kernel import PRELUDE, KernelPrinter, _paren, _part, c_name
 from .printer import CppKernelMethods
 
-GRAPH_ARRAYS = ("level_ptr", "order", "in_ptr", "in_src", "in_edge", "out_ptr", "out_edge",
-                "pred_src", "pred_edge")  # rcc.runtime.cpp.GraphIndex, in this order
+GRAPH_ARRAYS = ("level_ptr", "order", "in_ptr", "in_src", "in_edge", "in_slot", "out_ptr",
+                "out_edge", "out_slot", "pred_src", "pred_edge")  # rcc.runtime.cpp.GraphIndex
 
 
 def unsupported(cell: ir.CellIR):
-    """What of this graph cell backend 'cpp' cannot run yet, or None."""
-    space = spaces(cell).space
+    """What of this graph cell backend 'cpp' cannot run yet, or None: a state no update writes
+    (its rows would have to keep the initial state, and their adjoints flow to it)."""
     updated = dict(cell.updates)
     for d in cell.states:
-        if d.over == "edges":
-            return f"state '{d.name}' lives on edges"
         if d.name not in updated:
             return f"state '{d.name}' is never updated"
-    for n in cell.nodes:
-        if n.op in ("slot", "take"):
-            return "in_slot / out_slot"
-        if space[n.id] in ("out", "pair"):
-            return "a value per outgoing edge"
     return None
 
 
@@ -56,58 +51,78 @@ class GraphKernelPrinter(KernelPrinter):
     def __init__(self, cell: ir.CellIR):
         super().__init__(cell)
         space = spaces(cell).space
+        self.on_edges = {d.name for d in cell.states if d.over == "edges"}
         preds = [n for n in cell.nodes if n.op == "pred"]
-        # pred(E, k) is E read through one edge: an alias, without an array or an adjoint
+        # index maps without an array or an adjoint of their own: pred(E, k) is E read through
+        # one edge, x[in_slot] an element of x; a slot is an integer of the edge loop
         self.index_preds = {n.id for n in preds if n.attr("agg") == "index"}
-        self.stored -= self.index_preds
-        self.adjoint = [i for i in self.adjoint if i not in self.index_preds]
+        self.aliases = self.index_preds | {n.id for n in cell.nodes if n.op in ("take", "slot")}
+        self.stored -= self.aliases
+        self.adjoint = [i for i in self.adjoint if i not in self.aliases]
         self.index_scopes = {n.attr("scope"): n.attr("k") for n in preds
                              if n.attr("agg") == "index"}
-        scope_of = {}  # value per incoming edge -> the scope of the pred form it is inside
+        scope_of = {}  # value per incoming edge (or pair) -> the scope of its pred form
         for n in cell.nodes:
-            if space[n.id] == "in":
-                scope_of[n.id] = (n.attr("scope") if n.op == "state" else
+            if space[n.id] in ("in", "pair"):
+                scope_of[n.id] = (n.attr("scope") if n.op in ("state", "slot") else
                                   next(scope_of[a] for a in n.args if a in scope_of))
+        # per outgoing edge: what an edge state's update computes (a pair's sum_pred included)
+        self.out_values = [i for i in self.step if space[i] == "out"]
         # per node: the rest (pointwise values of the inputs the kernel computes included)
-        self.node_values = [i for i in self.step if i not in scope_of]
+        self.node_values = [i for i in self.step if i not in scope_of and space[i] != "out"]
         self.edge_values = {}
         for i in self.step:
             if i in scope_of:
                 self.edge_values.setdefault(scope_of[i], []).append(i)
 
     # ---- states through edges ---------------------------------------------------------------
-    def _state_row(self, store, n, row) -> str:
-        """Element `row` (lane b) of the state node n reads, in `store` (S: values, gE: adjoints)
-        at the row its scope's edge gives (src<t>: a node, edge<t>: an edge)."""
+    def _state_base(self, store, n) -> str:
+        """Where lane 0 of the state node n reads starts in `store` (S: values, gE: adjoints):
+        at the row its scope's edge gives (src<t>: the node it comes from, for a node state's
+        value; edge<t>: the edge)."""
         j = self.state_index[n.attr("name")]
-        where = "src" if store == "S" else "edge"
-        return f"{store}{j}[({where}{_tag(n.attr('scope'))} * N + n0) * {self.F(n.id)} + {row}]"
+        node_row = store == "S" and n.attr("name") not in self.on_edges
+        return f"({'src' if node_row else 'edge'}{_tag(n.attr('scope'))} * N + n0) * {self.F(n.id)}"
+
+    def _take_index(self, n, idx):
+        """The index of x that element idx of x[slot] (take) reads: the edge loop's slot."""
+        slot = self.cell.node(n.args[1])
+        var = f"islot{_tag(slot.attr('scope'))}" if slot.attr("side") == "in" else "oslot"
+        axis = n.attr("axis")
+        return tuple(idx[:axis]) + (var,) + tuple(idx[axis:])
 
     def access(self, i, idx) -> str:
         n = self.cell.node(i)
         if n.op == "state":
-            return self._state_row("S", n, _paren(self.row(i, idx)))
+            j = self.state_index[n.attr("name")]
+            return f"S{j}[{self._state_base('S', n)} + {_paren(self.row(i, idx))}]"
         if i in self.index_preds:
             return self.access(n.args[0], idx)
+        if n.op == "take":
+            return self.access(n.args[0], self._take_index(n, idx))
         return super().access(i, idx)
 
     def accumulate(self, i, idx, expr) -> list:
         n = self.cell.node(i)
         if i in self.index_preds:
             return self.accumulate(n.args[0], idx, expr)
+        if n.op == "take":
+            return self.accumulate(n.args[0], self._take_index(n, idx), expr)
         if n.op == "state":
-            return [f"{self._state_row('gE', n, _paren(self.row(i, idx)))} += {expr};"]
+            j = self.state_index[n.attr("name")]
+            return [f"gE{j}[{self._state_base('gE', n)} + {_paren(self.row(i, idx))}] += {expr};"]
         return super().accumulate(i, idx, expr)
 
     def plain(self, i, arrays):
         n = self.cell.node(i)
         if i in self.index_preds:
             return self.plain(n.args[0], arrays)
+        if n.op == "take":
+            return None
         if n.op == "state":
             store = arrays["store"]
-            j, where = self.state_index[n.attr("name")], "src" if store == "S" else "edge"
-            return (f"({store}{j} + ({where}{_tag(n.attr('scope'))} * N + n0) * {self.F(i)})",
-                    self.F(i))
+            j = self.state_index[n.attr("name")]
+            return f"({store}{j} + {self._state_base(store, n)})", self.F(i)
         return super().plain(i, arrays)
 
     @property
@@ -124,7 +139,8 @@ class GraphKernelPrinter(KernelPrinter):
         initial state), with `body` (lines) inside, indented."""
         t = _tag(n.attr("scope"))
         return ([f"      for (long e{t} = in_ptr[node]; e{t} < in_ptr[node + 1]; ++e{t}) {{",
-                 f"        const long src{t} = in_src[e{t}], edge{t} = in_edge[e{t}];"]
+                 f"        const long src{t} = in_src[e{t}], edge{t} = in_edge[e{t}], "
+                 f"islot{t} = in_slot[e{t}];"]
                 + ["  " + line for line in body] + ["      }"])
 
     def _count(self):
@@ -221,7 +237,8 @@ class GraphKernelPrinter(KernelPrinter):
     def _graph_args(self, backward) -> list:
         """Unpack the pointer table (rcc.runtime.cpp.graph builds it): size = [N (rows of a
         node: batch x heads), nodes, edges, threads, levels]; p = seq args [nodes, N, ...],
-        const args, state stores [nodes + 1, N, ...], then forward: outputs [nodes, N, ...];
+        const args, state stores ([nodes + 1, N, ...], [edges + nodes, N, ...] on edges: the
+        initial state in the rows past the nodes or edges), then forward: outputs [nodes, N, ...];
         backward: output grads and final-state grads (or null), seq grads, const grads
         [threads, ...], edge adjoints [edges + nodes, N, ...] (zeros); then GRAPH_ARRAYS."""
         c = self.cell
@@ -241,8 +258,9 @@ class GraphKernelPrinter(KernelPrinter):
         for k, i in enumerate(self.const):
             arg(f"const R* c{k}", self.describe(c.node(i)))
         for j, d in enumerate(c.states):
+            rows = "edges + nodes" if d.name in self.on_edges else "nodes + 1"
             arg(f"{'const R*' if backward else 'R*'} S{j}",
-                f"state {c_name(d.name)}, [nodes + 1, N, ...]")
+                f"state {c_name(d.name)}, [{rows}, N, ...]")
         if not backward:
             for k, (name, v, _) in enumerate(c.outputs):
                 arg(f"R* out{k}", f"output {c_name(name)}, [nodes, N, F{v}]")
@@ -250,7 +268,7 @@ class GraphKernelPrinter(KernelPrinter):
             for k, (name, v, _) in enumerate(c.outputs):
                 arg(f"const R* gout{k}", f"[nodes, N, F{v}], or null")
             for j in range(len(c.states)):
-                arg(f"const R* gfinal{j}", "[nodes, N, ...], or null")
+                arg(f"const R* gfinal{j}", "[nodes (or edges), N, ...], or null")
             for k in range(len(self.seq)):
                 arg(f"R* gseq{k}", "[nodes, N, ...]")
             for k in range(len(self.const)):
@@ -273,8 +291,88 @@ class GraphKernelPrinter(KernelPrinter):
                          f"edge{t} = pred_edge[{k} * nodes + node];  // pred(..., {k})")
         return lines
 
-    def _node_values(self) -> list:
-        return [line for i in self.node_values if i in self.stored for line in self.forward(i)]
+    def _values(self, ids) -> list:
+        return [line for i in ids if i in self.stored for line in self.forward(i)]
+
+    def _out_edges(self, body) -> list:
+        """Lines looping over the node's outgoing edges (oslot: the edge's slot at the node)."""
+        return (["      for (long o = out_ptr[node]; o < out_ptr[node + 1]; ++o) {",
+                 "        const long oedge = out_edge[o], oslot = out_slot[o];"]
+                + ["  " + line for line in body] + ["      }"])
+
+    def _row_of(self, sname, v, idx) -> str:
+        """Element idx (lane b) of state `sname`'s row in its store (or final-state gradient):
+        this node's, or the outgoing edge's for a state on edges."""
+        row = "oedge" if sname in self.on_edges else "node"
+        return f"({row} * N + n0) * {self.F(v)} + {_paren(self.row(v, idx))}"
+
+    def _forward_body(self) -> list:
+        c = self.cell
+        body = self._values(self.node_values)
+        for k, (oname, v, _) in enumerate(c.outputs):
+            body.append(f"      // output {c_name(oname)}")
+            body += self.loop(c.node(v).type.shape, lambda idx, ind, k=k, v=v: [
+                f"{ind}out{k}[(node * N + n0) * {self.F(v)} + {_paren(self.row(v, idx))}] = "
+                f"{self.access(v, idx)};"])
+        per_edge = self._values(self.out_values)
+        for sname, v in c.updates:
+            j = self.state_index[sname]
+            lines = self.loop(c.node(v).type.shape, lambda idx, ind, j=j, v=v, sname=sname: [
+                f"{ind}S{j}[{self._row_of(sname, v, idx)}] = {self.access(v, idx)};"])
+            if sname in self.on_edges:
+                per_edge += [f"      // {c_name(sname)}' on this edge"] + lines
+            else:
+                body += [f"      // {c_name(sname)}' (this node's row: no task reads it now)"] + lines
+        if self.on_edges:
+            body += ["      // per outgoing edge: the states on edges"] + self._out_edges(per_edge)
+        return body
+
+    def _state_seed(self, sname, v) -> list:
+        """Lines adding to the adjoint of state `sname`'s next value its final gradient and what
+        its readers left: on the outgoing edges' rows of gE (a node state), or on the edge's."""
+        j, shape = self.state_index[sname], self.cell.node(v).type.shape
+        if sname in self.on_edges:
+            return self.loop(shape, lambda idx, ind: [
+                f"{ind}const long at = {self._row_of(sname, v, idx)};",
+                f"{ind}const R gn = (gfinal{j} ? gfinal{j}[at] : R(0)) + gE{j}[at];",
+                *[ind + s for s in self.accumulate(v, idx, "gn")]])
+        return self.loop(shape, lambda idx, ind: [
+            f"{ind}const long at = {_paren(self.row(v, idx))};",
+            f"{ind}R gn = gfinal{j} ? gfinal{j}[(node * N + n0) * {self.F(v)} + at] : R(0);",
+            f"{ind}for (long o = out_ptr[node]; o < out_ptr[node + 1]; ++o)",
+            f"{ind}  gn += gE{j}[(out_edge[o] * N + n0) * {self.F(v)} + at];",
+            *[ind + s for s in self.accumulate(v, idx, "gn")]])
+
+    def _backward_body(self) -> list:
+        c = self.cell
+        body = ["      // the node again"] + self._values(self.node_values)
+        body += [f"      g{i}.zero();" for i in self.adjoint if i in self.node_values]
+        body += [f"      gx{k}.zero();" for k in range(len(self.seq))]
+        body.append("      // adjoints of this node's outputs and states")
+        for k, (_, v, _) in enumerate(c.outputs):
+            body.append(f"      if (gout{k}) {{")
+            body += self.loop(c.node(v).type.shape, lambda idx, ind, k=k, v=v: [
+                ind + s for s in self.accumulate(
+                    v, idx, f"gout{k}[(node * N + n0) * {self.F(v)} + "
+                            f"{_paren(self.row(v, idx))}]")], indent="        ")
+            body.append("      }")
+        for sname, v in c.updates:
+            if sname not in self.on_edges:
+                body += self._state_seed(sname, v)
+        if self.on_edges:  # each outgoing edge's update again, then its adjoint
+            per_edge = self._values(self.out_values)
+            per_edge += [f"      g{i}.zero();" for i in self.adjoint if i in self.out_values]
+            for sname, v in c.updates:
+                if sname in self.on_edges:
+                    per_edge += self._state_seed(sname, v)
+            per_edge += [line for i in reversed(self.out_values) if i in self.adjoint
+                         for line in self.backward(i)]
+            body += ["      // per outgoing edge: the states on edges"] + self._out_edges(per_edge)
+        body += [line for i in reversed(self.node_values) if i in self.adjoint
+                 for line in self.backward(i)]
+        body += [f"      std::copy(gx{k}.p, gx{k}.p + nb * {self.F(i)}, "
+                 f"gseq{k} + (node * N + n0) * {self.F(i)});" for k, i in enumerate(self.seq)]
+        return body
 
     def _graph_fn(self, backward) -> list:
         c = self.cell
@@ -295,7 +393,8 @@ class GraphKernelPrinter(KernelPrinter):
         if backward:
             lines += [f"    Buffer<R> g{i}(rows * {self.F(i)});" for i in self.adjoint]
             lines += [f"    Buffer<R> gx{k}(rows * {self.F(i)});" for k, i in enumerate(self.seq)]
-            lines += [f"    Buffer<R> ties{i}(rows * {self.F(i)});" for i in self.node_values
+            lines += [f"    Buffer<R> ties{i}(rows * {self.F(i)});"
+                      for i in self.node_values + self.out_values
                       if self.cell.node(i).op == "pred" and self.cell.node(i).attr("agg") == "max"]
         order = "for (long L = levels - 1; L >= 0; --L)" if backward else \
             "for (long L = 0; L < levels; ++L)"
@@ -305,46 +404,7 @@ class GraphKernelPrinter(KernelPrinter):
                   "      #pragma omp for schedule(static)",
                   "      for (long task = 0; task < tasks; ++task) {"]
         lines += self._task_head()
-        body = self._node_values()
-        if not backward:
-            for k, (oname, v, _) in enumerate(c.outputs):
-                body.append(f"      // output {c_name(oname)}")
-                body += self.loop(c.node(v).type.shape, lambda idx, ind, k=k, v=v: [
-                    f"{ind}out{k}[(node * N + n0) * {self.F(v)} + {_paren(self.row(v, idx))}] = "
-                    f"{self.access(v, idx)};"])
-            for sname, v in c.updates:
-                j = self.state_index[sname]
-                body.append(f"      // {c_name(sname)}' (this node's row: no task reads it now)")
-                body += self.loop(c.node(v).type.shape, lambda idx, ind, j=j, v=v: [
-                    f"{ind}S{j}[(node * N + n0) * {self.F(v)} + {_paren(self.row(v, idx))}] = "
-                    f"{self.access(v, idx)};"])
-        else:
-            body = ["      // the node again"] + body
-            body += [f"      g{i}.zero();" for i in self.adjoint if i in self.node_values]
-            body += [f"      gx{k}.zero();" for k in range(len(self.seq))]
-            body.append("      // adjoints of this node's outputs and state")
-            for k, (_, v, _) in enumerate(c.outputs):
-                body.append(f"      if (gout{k}) {{")
-                body += self.loop(c.node(v).type.shape, lambda idx, ind, k=k, v=v: [
-                    ind + s for s in self.accumulate(
-                        v, idx, f"gout{k}[(node * N + n0) * {self.F(v)} + "
-                                f"{_paren(self.row(v, idx))}]")], indent="        ")
-                body.append("      }")
-            for sname, v in c.updates:
-                j = self.state_index[sname]
-                body.append(f"      // {c_name(sname)}': the final state's gradient and what the "
-                            "successors read")
-                body += self.loop(c.node(v).type.shape, lambda idx, ind, j=j, v=v: [
-                    f"{ind}const long at = {_paren(self.row(v, idx))};",
-                    f"{ind}R gn = gfinal{j} ? gfinal{j}[(node * N + n0) * {self.F(v)} + at] "
-                    f": R(0);",
-                    f"{ind}for (long o = out_ptr[node]; o < out_ptr[node + 1]; ++o)",
-                    f"{ind}  gn += gE{j}[(out_edge[o] * N + n0) * {self.F(v)} + at];",
-                    *[ind + s for s in self.accumulate(v, idx, "gn")]])
-            body += [line for i in reversed(self.node_values) if i in self.adjoint
-                     for line in self.backward(i)]
-            body += [f"      std::copy(gx{k}.p, gx{k}.p + nb * {self.F(i)}, "
-                     f"gseq{k} + (node * N + n0) * {self.F(i)});" for k, i in enumerate(self.seq)]
+        body = self._backward_body() if backward else self._forward_body()
         lines += ["  " + line for line in body]
         lines += ["      }", "    }", "  }", "}"]
         return lines
@@ -368,6 +428,7 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
         inputs = [self.decl_names[d.name] for d in c.inputs]
         states = [self.decl_names[s.name] for s in c.states]
         first = inputs[0]
+        checks = self._slot_checks()  # before the prelude: it binds the dims they name
         lines = [
             "    def forward(self, *args, edge_index=None, initial_state=None, **kwargs):",
             f"        {_tuple(inputs)}, _layout, _g = self._graph_inputs(args, kwargs, edge_index)",
@@ -376,16 +437,18 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
             f"        _dtype, _device = {first}.dtype, {first}.device",
         ]
         lines += self._values_once(body, f"{first}[:_NB]")
+        lines += checks  # the kernel indexes with the slots unchecked
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
             lines += ["        " + s for s in body["seq"]]
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]
+        on_edges = [str(d.over == "edges") for d in c.states]
         lines += [
             "        # every level in the C++ kernel (the nodes of a level at once), with gradients",
             "        _outs, _finals = _rt.cpp.graph(self._kernel(), _g,",
             f"            {_tuple(self._ref(i) for i in part.seq)},",
             f"            {_tuple(self._ref(i) for i in part.const)},",
-            f"            {_tuple(states)}, {_tuple(shapes)})",
+            f"            {_tuple(states)}, {_tuple(shapes)}, on_edges={_tuple(on_edges)})",
             "        return self._graph_result(_outs, _finals, _layout, _g)",
         ]
         return lines

@@ -104,11 +104,7 @@ class GraphPrinter(TorchPrinter):
         inputs = [self.decl_names[d.name] for d in c.inputs]
         states = [self.decl_names[s.name] for s in c.states]
         first = inputs[0]
-        checks = {}  # (side, size) -> the line checking it, for the first index that needs it
-        for side, size, span in self.info.take_sizes:
-            what = f"the axis indexed by {side}_slot at line {span.line}"
-            checks.setdefault((side, size), f"        _g.check_slots({side!r}, "
-                              f"{self._dim(size)}, {what!r})")
+        checks = self._slot_checks()  # before the prelude: it binds the dims they name
         lines = [
             "    def forward(self, *args, edge_index=None, initial_state=None, **kwargs):",
             f"        {_tuple(inputs)}, _layout, _g = self._graph_inputs(args, kwargs, edge_index)",
@@ -121,7 +117,7 @@ class GraphPrinter(TorchPrinter):
             lines.append("        # every node's (edge's) state, and one more row: the initial state")
             lines += [f"        {self.decl_names[s.name]} = _g.buffer({self.decl_names[s.name]}, "
                       f"{s.over!r})" for s in c.states]
-        lines += checks.values()
+        lines += checks
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
             lines += ["        " + s for s in body["seq"]]
@@ -144,6 +140,16 @@ class GraphPrinter(TorchPrinter):
         outs = _tuple(f"_g.outputs({v})" for v in out_levels.values())
         lines.append(f"        return self._graph_result({outs}, {_tuple(states)}, _layout, _g)")
         return lines
+
+
+    def _slot_checks(self) -> list:
+        """Lines checking that every node's edges fit the axes in_slot / out_slot index."""
+        checks = {}  # (side, size) -> the line checking it, for the first index that needs it
+        for side, size, span in self.info.take_sizes:
+            what = f"the axis indexed by {side}_slot at line {span.line}"
+            checks.setdefault((side, size), f"        _g.check_slots({side!r}, "
+                              f"{self._dim(size)}, {what!r})")
+        return list(checks.values())
 
 
 def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential") -> str:

@@ -295,9 +295,10 @@ class GraphIndex:
     """A Schedule as the graph kernel reads it: int64 arrays, in backends/cpp/graph.py's
     GRAPH_ARRAYS order. Nodes in level order (`order`, a level's nodes from level_ptr[L]); each
     node's incoming edges (CSR `in_ptr`, in edge_index order, or one virtual edge from the
-    initial state: store row `nodes`, edge id edges + node) with the node each comes from and
-    the edge's id; its outgoing edges (`out_ptr`, `out_edge`); and pred(E, k)'s k-th incoming
-    edge of each node (`pred_src`, `pred_edge` [slots, nodes], the virtual one where none)."""
+    initial state: store row `nodes`, edge id edges + node) with the node each comes from, the
+    edge's id and slot; its outgoing edges (`out_ptr`, `out_edge`, `out_slot`); and pred(E, k)'s
+    k-th incoming edge of each node (`pred_src`, `pred_edge` [slots, nodes], the virtual one
+    where none)."""
 
     def __init__(self, schedule):
         nodes, edges = schedule.n_nodes, schedule.n_edges
@@ -307,10 +308,12 @@ class GraphIndex:
         tgt = torch.cat([lv.seq_node.cpu()[lv.node_in.cpu()] for lv in levels])
         src = torch.cat([lv.in_src.cpu() for lv in levels])
         edge = torch.cat([lv.in_edge.cpu() for lv in levels])
+        in_slot = torch.cat([lv.in_slot.cpu() for lv in levels])
         edge = torch.where(edge == edges, edges + tgt, edge)
         by_target = torch.sort(tgt, stable=True).indices
         out_src = torch.cat([lv.seq_node.cpu()[lv.node_out.cpu()] for lv in levels])
         out_edge = torch.cat([lv.out_edge.cpu() for lv in levels])
+        out_slot = torch.cat([lv.out_slot.cpu() for lv in levels])
         by_source = torch.sort(out_src, stable=True).indices
         slots = len(levels[0].pred_src)
         pred_src = torch.full((max(slots, 1), nodes), nodes, dtype=torch.long)
@@ -323,9 +326,9 @@ class GraphIndex:
                                                lv.pred_edge[k].cpu())
         self.nodes, self.edges, self.levels = nodes, edges, len(levels)
         self.arrays = [_starts(sizes), order, _starts(torch.bincount(tgt, minlength=nodes)),
-                       src[by_target], edge[by_target],
+                       src[by_target], edge[by_target], in_slot[by_target],
                        _starts(torch.bincount(out_src, minlength=nodes)), out_edge[by_source],
-                       pred_src, pred_edge]
+                       out_slot[by_source], pred_src, pred_edge]
         self.arrays = [a.contiguous() for a in self.arrays]
 
 
@@ -341,13 +344,14 @@ def graph_index(schedule) -> GraphIndex:
     return found
 
 
-def graph(kern: Kernel, run, seq, consts, states, out_shapes):
+def graph(kern: Kernel, run, seq, consts, states, out_shapes, on_edges):
     """Run a cell over the levels of `run` (rcc.runtime.graph.GraphRun: its schedule and nb, the
-    rows of a node). seq: per-node values [nodes * nb, ...]; states: initial states [nb, *decl].
-    Returns (outputs [nodes * nb, *shape], every node's state [nodes, nb, *decl]),
-    differentiable by every tensor."""
+    rows of a node). seq: per-node values [nodes * nb, ...]; states: initial states [nb, *decl],
+    `on_edges` saying which live on edges. Returns (outputs [nodes * nb, *shape], every node's
+    (edge's) state [nodes (edges), nb, *decl]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
-    meta = (kern, graph_index(run.schedule), run.nb, len(seq), len(consts), out_shapes)
+    meta = (kern, graph_index(run.schedule), run.nb, len(seq), len(consts), out_shapes,
+            tuple(on_edges))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Levels.apply(meta, *tensors)
     else:
@@ -357,7 +361,7 @@ def graph(kern: Kernel, run, seq, consts, states, out_shapes):
 
 
 def _levels_forward(meta, tensors):
-    kern, index, nb, n_seq, n_const, out_shapes = meta
+    kern, index, nb, n_seq, n_const, out_shapes, on_edges = meta
     dtype = tensors[0].dtype
     if dtype not in _REAL:
         raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
@@ -368,15 +372,18 @@ def _levels_forward(meta, tensors):
     seq = [rows(x, 1).contiguous() for x in tensors[:n_seq]]
     consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
     given = tensors[n_seq + n_const:]
-    stores = []
-    for s in given:
-        store = torch.empty(nodes + 1, nb, math.prod(s.shape[1:]), dtype=dtype)
-        store[nodes] = s.reshape(nb, -1)  # what nodes without predecessors read
+    stores, rows_of = [], []
+    for s, edges in zip(given, on_edges):
+        # a row per node (edge), then what nodes without predecessors read: the initial state
+        n = index.edges if edges else nodes
+        store = torch.empty(n + (nodes if edges else 1), nb, math.prod(s.shape[1:]), dtype=dtype)
+        store[n:] = s.reshape(nb, -1)
         stores.append(store)
+        rows_of.append(n)
     outs = [torch.empty(nodes * nb, *shape, dtype=dtype) for shape in out_shapes]
     sizes = [nb, nodes, index.edges, torch.get_num_threads(), index.levels]
     kern("forward", dtype, sizes, [*seq, *consts, *stores, *outs, *index.arrays])
-    finals = [st[:nodes].view(nodes, *s.shape) for st, s in zip(stores, given)]
+    finals = [st[:n].view(n, *s.shape) for st, s, n in zip(stores, given, rows_of)]
     return (*outs, *finals), (seq, consts, stores)
 
 
@@ -386,19 +393,19 @@ class _Levels(torch.autograd.Function):
         results, kept = _levels_forward(meta, tensors)
         ctx.meta, ctx.kept, ctx.float_type = meta, kept, tensors[0].dtype
         ctx.shapes = [t.shape for t in tensors]
-        n_out = len(meta[-1])
+        n_out = len(meta[5])
         # the stores are what backward reads: hand out copies of the final states
         return (*results[:n_out], *[f.clone() for f in results[n_out:]])
 
     @staticmethod
     def backward(ctx, *grads):
-        kern, index, nb, n_seq, n_const, out_shapes = ctx.meta
+        kern, index, nb, n_seq, n_const, out_shapes, _ = ctx.meta
         seq, consts, stores = ctx.kept
         dtype, nodes = ctx.float_type, index.nodes
         n_out = len(out_shapes)
         threads = torch.get_num_threads()
         gouts = [None if g is None else g.contiguous() for g in grads[:n_out]]
-        gfinals = [None if g is None else g.reshape(nodes, nb, -1).contiguous()
+        gfinals = [None if g is None else g.reshape(g.shape[0], nb, -1).contiguous()
                    for g in grads[n_out:]]
         gseq = [torch.empty_like(x) for x in seq]
         gconst = [torch.zeros(threads, c.numel(), dtype=dtype) for c in consts]
