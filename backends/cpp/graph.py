@@ -80,7 +80,6 @@ class GraphKernelPrinter(KernelPrinter):
         """Where lane 0 of the state node n reads starts in `store` (S: values, gE: adjoints):
         at the row its scope's edge gives (src<t>: the node it comes from, for a node state's
         value; edge<t>: the edge)."""
-        j = self.state_index[n.attr("name")]
         node_row = store == "S" and n.attr("name") not in self.on_edges
         return f"({'src' if node_row else 'edge'}{_tag(n.attr('scope'))} * N + n0) * {self.F(n.id)}"
 
@@ -375,7 +374,6 @@ class GraphKernelPrinter(KernelPrinter):
         return body
 
     def _graph_fn(self, backward) -> list:
-        c = self.cell
         name = "backward" if backward else "forward"
         lines = ["template <typename R>", f"static void {name}(const long* size, void* const* p) {{"]
         lines += self._graph_args(backward)
