@@ -1,5 +1,5 @@
-"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids; backend torch, and
-backend cpp where the cell's states live on nodes) and plan chunk (pLSTM's parallel form)
+"""Cells over grid2d and dag: rcc's level schedule (the wavefront on grids; backends torch and
+cpp) and plan chunk (pLSTM's parallel form)
 against a Python loop over the nodes, the way one writes a Tree-LSTM or an MDRNN by hand,
 measured side by side.
 
@@ -141,6 +141,12 @@ def main():
     x = torch.randn(4, n_grid, n_grid, 32, requires_grad=True)
     bench(f"pLSTM 2D P-mode {n_grid}x{n_grid}, B=4, K=V=16", lambda: plstm(x)[0],
           lambda: plstm2d_loop(plstm, x), steps, args)
+    plstm_cpp = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", backend="cpp")(
+        d_in=32, K=16, V=16)
+    plstm_cpp.load_state_dict(plstm.state_dict())
+    plstm_cpp._kernel().wait()
+    bench("the same, backend cpp", lambda: plstm_cpp(x)[0], lambda: plstm2d_loop(plstm, x),
+          steps, args)
     chunked = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", plan="chunk")(
         d_in=32, K=16, V=16)
     chunked.load_state_dict(plstm.state_dict())
