@@ -1,7 +1,6 @@
 """Cells over grid2d and dag: rcc's level schedule (the wavefront on grids; backends torch and
-cpp) and plan chunk (pLSTM's parallel form)
-against a Python loop over the nodes, the way one writes a Tree-LSTM or an MDRNN by hand,
-measured side by side.
+cpp) and plan chunk (pLSTM's parallel form) against a Python loop over the nodes, the way one
+writes a Tree-LSTM or an MDRNN by hand, measured side by side.
 
     python benchmarks/topology.py                # about 3 minutes on 2 idle cores
     python benchmarks/topology.py --quick        # smaller sizes, a smoke run
