@@ -423,19 +423,8 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
 
     def _forward(self, body):
         c, part = self.cell, self.part
-        inputs = [self.decl_names[d.name] for d in c.inputs]
         states = [self.decl_names[s.name] for s in c.states]
-        first = inputs[0]
-        checks = self._slot_checks()  # before the prelude: it binds the dims they name
-        lines = [
-            "    def forward(self, *args, edge_index=None, initial_state=None, **kwargs):",
-            f"        {_tuple(inputs)}, _layout, _g = self._graph_inputs(args, kwargs, edge_index)",
-            "        _NB = _g.nb  # batch times heads; every value is [nodes * _NB, ...]",
-            f"        _N = {first}.shape[0]  # nodes * _NB",
-            f"        _dtype, _device = {first}.dtype, {first}.device",
-        ]
-        lines += self._values_once(body, f"{first}[:_NB]")
-        lines += checks  # the kernel indexes with the slots unchecked
+        lines = self._graph_head(body)  # with the slot checks: the kernel indexes unchecked
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
             lines += ["        " + s for s in body["seq"]]

@@ -99,25 +99,29 @@ class GraphPrinter(TorchPrinter):
         return f"_g.{agg}({text}, {index}, {rows})"
 
     # ---- forward --------------------------------------------------------------------------
-    def _forward(self, body):
-        c = self.cell
-        inputs = [self.decl_names[d.name] for d in c.inputs]
-        states = [self.decl_names[s.name] for s in c.states]
-        first = inputs[0]
+    def _graph_head(self, body) -> list:
+        """forward() up to the values computed once: the inputs and their GraphRun `_g`, dims,
+        params, initial states and params' values, and the checks of the slots."""
+        first = self.decl_names[self.cell.inputs[0].name]
         checks = self._slot_checks()  # before the prelude: it binds the dims they name
         lines = [
             "    def forward(self, *args, edge_index=None, initial_state=None, **kwargs):",
-            f"        {_tuple(inputs)}, _layout, _g = self._graph_inputs(args, kwargs, edge_index)",
+            f"        {_tuple(self.decl_names[d.name] for d in self.cell.inputs)}, _layout, _g = "
+            "self._graph_inputs(args, kwargs, edge_index)",
             "        _NB = _g.nb  # batch times heads; every value is [rows * _NB, ...]",
             f"        _N = {first}.shape[0]  # nodes * _NB",
             f"        _dtype, _device = {first}.dtype, {first}.device",
         ]
-        lines += self._values_once(body, f"{first}[:_NB]")
+        return lines + self._values_once(body, f"{first}[:_NB]") + checks
+
+    def _forward(self, body):
+        c = self.cell
+        states = [self.decl_names[s.name] for s in c.states]
+        lines = self._graph_head(body)
         if states:
             lines.append("        # every node's (edge's) state, and one more row: the initial state")
             lines += [f"        {self.decl_names[s.name]} = _g.buffer({self.decl_names[s.name]}, "
                       f"{s.over!r})" for s in c.states]
-        lines += checks
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
             lines += ["        " + s for s in body["seq"]]

@@ -225,12 +225,7 @@ def _forward(meta, tensors, save, entry="forward"):
     the tensors checks and lays them out: a call should cost little beside one step of a small
     cell (decoding)."""
     kern, T, N, n_seq, n_const, out_shapes = meta
-    dtype = tensors[0].dtype
-    if dtype not in _REAL:
-        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
-    for t in tensors:
-        if t.dtype != dtype or not t.is_cpu:
-            _refuse(t, dtype)
+    dtype = _one_dtype(tensors)
     sizes = [N, T, torch.get_num_threads(), int(save)]
     seq = []
     for x in tensors[:n_seq]:
@@ -248,6 +243,17 @@ def _forward(meta, tensors, save, entry="forward"):
     saved = [torch.empty(T, *s.shape, dtype=dtype) for s in states] if save else [None] * len(states)
     kern(entry, dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
     return (*outs, *finals), (seq, consts, states, saved)
+
+
+def _one_dtype(tensors):
+    """The float type all `tensors` share (CPU tensors, float32 or float64), or a clear error."""
+    dtype = tensors[0].dtype
+    if dtype not in _REAL:
+        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            _refuse(t, dtype)
+    return dtype
 
 
 def _refuse(t, dtype):
@@ -362,12 +368,7 @@ def graph(kern: Kernel, run, seq, consts, states, out_shapes, on_edges):
 
 def _levels_forward(meta, tensors):
     kern, index, nb, n_seq, n_const, out_shapes, on_edges = meta
-    dtype = tensors[0].dtype
-    if dtype not in _REAL:
-        raise TypeError(f"backend 'cpp' runs float32 and float64, not {dtype}")
-    for t in tensors:
-        if t.dtype != dtype or not t.is_cpu:
-            _refuse(t, dtype)
+    dtype = _one_dtype(tensors)
     nodes = index.nodes
     seq = [rows(x, 1).contiguous() for x in tensors[:n_seq]]
     consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
