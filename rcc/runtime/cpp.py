@@ -207,8 +207,7 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
         results = _Loop.apply(meta, *tensors)
     else:  # no graph to record: skip autograd.Function's bookkeeping (one-step latency)
         results = _forward(meta, tensors, save=False)[0]
-    n_out = len(out_shapes)
-    return list(results[:n_out]), list(results[n_out:])
+    return _split(results, len(out_shapes))
 
 
 def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes):
@@ -216,7 +215,11 @@ def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes
     step (rcc_whole_steps): `inputs` are the cell's inputs, not their projections."""
     results = _forward((kern, T, N, len(inputs), len(consts), out_shapes),
                        (*inputs, *consts, *states), False, "whole_steps")[0]
-    n_out = len(out_shapes)
+    return _split(results, len(out_shapes))
+
+
+def _split(results, n_out):
+    """(outputs, final states) as two lists."""
     return list(results[:n_out]), list(results[n_out:])
 
 
@@ -362,8 +365,7 @@ def graph(kern: Kernel, run, seq, consts, states, out_shapes, on_edges):
         results = _Levels.apply(meta, *tensors)
     else:
         results = _levels_forward(meta, tensors)[0]
-    n_out = len(out_shapes)
-    return list(results[:n_out]), list(results[n_out:])
+    return _split(results, len(out_shapes))
 
 
 def _levels_forward(meta, tensors):
