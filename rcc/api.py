@@ -64,14 +64,19 @@ def _check_graph(cell_ir, backend, plan):
             raise NotImplementedError(f"{where}: backend 'cpp' runs plan 'sequential' (the level "
                                       f"schedule), not {plan!r}")
         return "sequential"
-    if backend not in ("auto", "torch"):
-        raise NotImplementedError(f"{where}: backend {backend!r} has no graph schedules yet; "
-                                  "use backend='torch' (level by level, every node of a level "
-                                  "at once)")
+    from .passes.topology import affine_grid
+    if backend == "triton":
+        # its kernels solve the affine form on grids; the level schedule is torch's or cpp's
+        why = affine_grid(cell_ir)
+        if plan not in ("auto", "chunk") or why:
+            raise NotImplementedError(
+                f"{where}: backend 'triton' runs plan 'chunk' over grid2d only (pLSTM's parallel "
+                f"form, cells affine in their states){'' if why is None else ', and ' + why}; "
+                "the level schedule runs on backend='torch' or 'cpp'")
+        return "chunk"
     if plan in ("auto", "sequential"):
         return "sequential"
     if plan == "chunk":
-        from .passes.topology import affine_grid
         why = affine_grid(cell_ir)
         if why:
             raise NotImplementedError(f"{where}: plan 'chunk' cannot run it: {why}")
@@ -185,9 +190,11 @@ def explain_graph(cell_ir, graph=None, grid=None, edge_index=None) -> str:
     chunk = ("plan 'chunk' (pLSTM's parallel form: c x c chunks solved with log-depth products, "
              "a wavefront over chunks) also applies: the states are affine with scalar "
              "transitions" if why is None else f"plan 'chunk' does not apply: {why}")
+    triton = ("backend triton runs plan 'chunk' (the chunks and the wavefront over them in "
+              "Triton kernels)" if why is None else "backend triton runs plan 'chunk' only")
     lines.append(f"plans: 'sequential' (this schedule; what 'auto' runs: on CPU it is faster "
-                 f"than 'chunk', see BENCHMARKS.md); {chunk}. Backends cpp and triton have no "
-                 "graph schedules yet")
+                 f"than 'chunk', see BENCHMARKS.md); {chunk}. Backend cpp runs the schedule, "
+                 f"one C++ kernel call per step; {triton}")
     if graph is not None:
         if topo == "grid2d":
             X, Y = grid or (8, 8)
@@ -318,6 +325,9 @@ def _graph_module(cell_ir, backend, plan, source_name=""):
     if backend == "cpp":
         from rcc.backends.cpp.graph import print_module as print_graph
         return print_graph(cell_ir, source_name)
+    if backend == "triton":
+        from rcc.backends.triton.printer import GridChunkPrinter
+        return GridChunkPrinter(cell_ir, source_name).module()
     from rcc.backends.torch.graph import print_module as print_graph
     return print_graph(cell_ir, source_name, plan)
 

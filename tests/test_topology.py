@@ -86,6 +86,9 @@ def child_sum_loop(m, x, edges):
 
 
 BACKENDS = ["torch", "cpp"]  # cpp: the level schedule in one C++ kernel (backends/cpp/graph.py)
+# cells over grid2d that are affine in their states also run on backend triton (plan chunk: the
+# solve in Triton kernels, in the interpreter here)
+GRID_BACKENDS = BACKENDS + ["triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -342,7 +345,7 @@ def randomize(m):
             p.normal_(0, 0.7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 @pytest.mark.parametrize("X, Y", [(1, 1), (3, 4), (5, 2)])
 def test_plstm2d_p_mode_matches_paper_loop(X, Y, backend):
     torch.manual_seed(6)
@@ -365,7 +368,7 @@ def test_plstm2d_p_mode_matches_paper_loop(X, Y, backend):
     torch.testing.assert_close(final["C"], C)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 def test_plstm2d_d_mode_matches_paper_loop(backend):
     torch.manual_seed(7)
     K, V, X, Y = 2, 3, 4, 5
@@ -443,7 +446,7 @@ def test_plstm_grid_equals_the_grid_dag_with_its_slots_remapped(backend):
     assert_same(y.reshape(2, n), y_dag, [kv])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 def test_plstm_p_mode_carries_a_source_across_a_64x64_grid(backend):
     """P-mode (each incoming edge passes on exactly what it holds, split by an orientation)
     conserves the mass of a source at (0, 0): the outgoing edges of each of the first 64
@@ -469,7 +472,7 @@ def test_plstm_p_mode_carries_a_source_across_a_64x64_grid(backend):
     assert loose["C"][0, 20, 20].sum() > 1e3  # without the stabilisation: 1.8^40 / C(40, 20)-ish
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 def test_plstm2d_long_range_gradient_on_64x64(backend):
     """The far corner's output depends on the first pixel: the gradient is finite and not
     vanishing (P-mode splits the state over the paths, 2^-126 C(126, 63) ~ 0.07 reach the
@@ -591,8 +594,15 @@ def test_graph_cells_refuse_other_backends_and_plans():
         rcc.compile(never, backend="cpp")
     with pytest.raises(NotImplementedError, match="backend 'cpp' runs plan 'sequential'"):
         rcc.compile(stdlib("mdrnn.rnn"), backend="cpp", plan="chunk")
-    with pytest.raises(NotImplementedError, match="backend 'triton' has no graph schedules yet"):
+    only_chunk = "backend 'triton' runs plan 'chunk' over grid2d only"
+    with pytest.raises(NotImplementedError, match=only_chunk + r".*, and the update of 'h' mul"):
         rcc.compile(stdlib("mdrnn.rnn"), backend="triton")
+    with pytest.raises(NotImplementedError, match=only_chunk + ".*plan 'chunk' runs cells over "
+                                                               "grid2d"):
+        rcc.compile(stdlib("treelstm.rnn"), cell="ChildSumTreeLSTM", backend="triton")
+    with pytest.raises(NotImplementedError, match=only_chunk + r" \(pLSTM's parallel form, cells "
+                                                               r"affine in their states\); the level"):
+        rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DP", backend="triton", plan="sequential")
     with pytest.raises(NotImplementedError, match="plan 'scan' has no graph form"):
         rcc.compile(stdlib("mdrnn.rnn"), plan="scan")
 
@@ -605,7 +615,9 @@ def test_explain_says_which_schedule_and_why():
     assert "cell MDRNN over grid2d: states h on nodes" in text
     assert "schedule: the wavefront" in text and "X + Y - 1 anti-diagonals" in text
     assert "plan 'chunk' does not apply: the update of 'h' multiplies its state by a matrix" in text
-    assert "plan 'chunk' (pLSTM's parallel form" in explain(stdlib("plstm.rnn"), cell="PLSTM2DD")
+    text = explain(stdlib("plstm.rnn"), cell="PLSTM2DD")
+    assert "plan 'chunk' (pLSTM's parallel form" in text
+    assert "Backend cpp runs the schedule" in text and "backend triton runs plan 'chunk' (" in text
     text = explain(stdlib("plstm.rnn"), cell="PLSTMGraphP")
     assert "states C on edges" in text and "sum_pred(.)" in text
     assert "networkx's topological generations" in text
@@ -649,12 +661,27 @@ AFFINE_NODES = """cell Lin(d) over grid2d {
 def test_plan_chunk_equals_the_wavefront(cell, dims, X, Y, chunk):
     """Chunks that divide the grid or not, chunk 1 (every node its own chunk), the whole grid one
     chunk: outputs, final states and gradients (inputs, params, initial state) as the levels."""
+    check_plan_chunk(cell, dims, X, Y, chunk, "torch")
+
+
+@pytest.mark.parametrize("cell, dims", [("PLSTM2DP", dict(d_in=3, K=2, V=3)),
+                                        ("PLSTM2DD", dict(d_in=3, K=3, V=2)),
+                                        (AFFINE_NODES, dict(d=3)),
+                                        ("GRID_CORE", {})])
+@pytest.mark.parametrize("X, Y, chunk", [(1, 1, 4), (5, 7, 3), (9, 6, 2), (4, 4, 4), (3, 2, 1)])
+def test_triton_plan_chunk_equals_the_wavefront(cell, dims, X, Y, chunk):
+    """Backend triton: the cell's body in torch, the solve in Triton kernels (interpreted: chunks
+    of at most 4 a side)."""
+    check_plan_chunk(cell, dims, X, Y, chunk, "triton")
+
+
+def check_plan_chunk(cell, dims, X, Y, chunk, backend):
     torch.manual_seed(12)
     source, name = (stdlib("plstm.rnn"), cell) if cell.startswith("PLSTM") else (cell, None)
     if cell == "GRID_CORE":
         source = GRID_CORE.format(topology="grid2d")
     seq = rcc.compile(source, cell=name)(**dims)
-    par = rcc.compile(source, cell=name, plan="chunk")(**dims)
+    par = rcc.compile(source, cell=name, plan="chunk", backend=backend)(**dims)
     randomize(seq)
     par.load_state_dict(seq.state_dict())
     par.chunk_size = chunk
@@ -706,6 +733,35 @@ def test_grid_linear_solve_against_the_recurrence():
                 ref[:, x, y, o] = (T[:, x, y, o, 0, None] * up + T[:, x, y, o, 1, None] * left
                                    + b[:, x, y, o])
     torch.testing.assert_close(C, ref)
+
+
+@pytest.mark.parametrize("NB, X, Y, D, chunk", [(3, 7, 5, 4, 3), (1, 1, 1, 1, 4), (2, 9, 6, 70, 2),
+                                                 (2, 8, 8, 3, 4), (1, 3, 2, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_grid_solve_equals_the_torch_solve(NB, X, Y, D, chunk, dtype):
+    """rcc.runtime.triton.grid_solve (backend triton's kernels) against the torch solve: the
+    states and the gradients of T and b (its backward is the same kernels on the flipped grid);
+    70 state columns take two blocks of 64."""
+    from rcc.runtime.grid_chunk import solve
+    from rcc.runtime.triton import grid_solve
+
+    torch.manual_seed(14)
+    T = (0.7 * torch.randn(NB, X, Y, 2, 2, dtype=dtype)).requires_grad_()
+    b = torch.randn(NB, X, Y, 2, D, dtype=dtype, requires_grad=True)
+    got, want = grid_solve(T, b, chunk), solve(T, b, chunk)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(got, want, **tol)
+    w = torch.randn_like(got)
+    for a, b_ in zip(grads((got * w).sum(), [T, b]), grads((want * w).sum(), [T, b])):
+        torch.testing.assert_close(a, b_, **tol)
+
+
+def test_triton_grid_solve_refuses_chunks_too_big_for_its_tiles():
+    m = rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DP", backend="triton")(d_in=2, K=2, V=2)
+    m.chunk_size = 8
+    with pytest.raises(ValueError, match="backend 'triton' solves grids in chunks of 1 to 4 nodes "
+                                         "a side in Triton's interpreter; got chunk_size=8"):
+        m(torch.randn(1, 3, 3, 2))
 
 
 def test_equal_predecessor_forms_are_computed_once():

@@ -11,6 +11,7 @@ import re
 
 from rcc import ir
 from rcc.backends.torch import plans as torch_plans
+from rcc.backends.torch.graph import GraphPrinter
 from rcc.backends.torch.printer import TorchPrinter, _tuple
 
 from ..loop import FusedLoopPrinter
@@ -127,6 +128,17 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
     """Plan chunk: the torch plan's module, the chunkwise form a Triton kernel pair
     (rcc/runtime/triton/chunk.py)."""
+
+
+class GridChunkPrinter(TritonModule, GraphPrinter):
+    """Plan chunk over grid2d: the torch graph module (the cell's body over every node at once,
+    torch ops, as the sequence plans' gates), its solve of the affine form (pLSTM's chunks and the
+    wavefront over them) Triton kernels (rcc/runtime/triton/grid.py)."""
+
+    def __init__(self, cell: ir.CellIR, source_name: str = ""):
+        super().__init__(cell, source_name, "chunk")
+        self.class_attrs = self.class_attrs + [
+            "    SOLVE = staticmethod(_rtt.grid_solve)  # the states, chunk by chunk: Triton kernels"]
 
 
 def print_module(cell: ir.CellIR, source_name: str = "", plan: str = "sequential",

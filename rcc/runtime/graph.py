@@ -348,6 +348,7 @@ class GraphCellModule(CellModule):
     EDGE_STATES: tuple = ()  # the states that live on edges
     PLAN = "sequential"  # or "chunk" (grid2d, cells affine in their states: rcc.runtime.grid_chunk)
     chunk_size = 4  # plan chunk's chunks are chunk_size x chunk_size nodes
+    SOLVE = None  # plan chunk's solve of the affine form: rcc.runtime.grid_chunk.solve if None
 
     def _graph_inputs(self, args, kwargs, edge_index):
         """Inputs [B, N, *heads, *decl] (dag) or [B, X, Y, *heads, *decl] (grid2d) as
@@ -388,7 +389,7 @@ class GraphCellModule(CellModule):
             if self.PLAN == "chunk":
                 from .grid_chunk import ChunkRun
                 return out, layout, ChunkRun(schedule, B * math.prod(heads), nodes,
-                                             self.chunk_size)
+                                             self.chunk_size, self.SOLVE)
         else:
             schedule = dag_schedule(edge_index, nodes[0], self.SLOTS, self.PAIRS)
             if schedule.levels[0].seq_node.device != out[0].device:

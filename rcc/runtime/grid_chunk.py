@@ -110,9 +110,10 @@ def _probe_level(lv, n_edges):
 class ChunkRun(GraphRun):
     """A GraphRun whose `levels` reads the cell's b and T, solves, then runs all nodes once."""
 
-    def __init__(self, schedule, nb, grid, chunk):
+    def __init__(self, schedule, nb, grid, chunk, solver=None):
         self.schedule, self.nb = schedule, nb
         self.grid, self.chunk = grid, chunk
+        self.solve = solver or solve  # or backend triton's kernels (rcc.runtime.triton.grid)
         first = schedule.levels[0]
         # every node in one level (cached with the schedules): rows in node order, outgoing rows
         # in edge order
@@ -167,7 +168,7 @@ class ChunkRun(GraphRun):
         else:
             T = torch.cat([with_t, flat(rows("T1") - b)], -1)
         T = T.permute(3, 0, 1, 2, 4)  # [NB, X, Y, 2, 2]
-        C = solve(T, flat(b).permute(3, 0, 1, 2, 4), self.chunk)
+        C = self.solve(T, flat(b).permute(3, 0, 1, 2, 4), self.chunk)
         C = C.permute(1, 2, 3, 0, 4).reshape(X * Y, 2, nb, *decl)
         values = C.reshape(2 * X * Y, nb, *decl) if per_edge else C[:, 0]
         every = torch.arange(values.shape[0], device=values.device)
