@@ -4,6 +4,7 @@ writes a Tree-LSTM or an MDRNN by hand, measured side by side.
 
     python benchmarks/topology.py                # about 3 minutes on 2 idle cores
     python benchmarks/topology.py --quick        # smaller sizes, a smoke run
+    python benchmarks/topology.py --device cuda  # on a GPU: backend triton's plan chunk too
 
 Each rcc module is first checked against its loop (outputs, float32 tolerance). Printed: the
 median milliseconds of the forward (no grad) and of forward + backward, the ratio loop / rcc,
@@ -96,7 +97,7 @@ def random_dag(n, parents, seed):
 
 
 def bench(name, module_call, loop_call, steps, args):
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     with torch.no_grad():
         diff = (module_call() - loop_call()).abs().max().item()
     if diff > 1e-4:
@@ -117,45 +118,55 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu (backend cpp's rows) or cuda (backend "
+                   "triton's plan chunk rows)")
     args = p.parse_args()
     torch.manual_seed(0)
     n_grid, n_dag = (16, 1000) if args.quick else (64, 10000)
-    print_machine()
+    on_gpu = args.device.startswith("cuda")
+    dev = torch.device(args.device)
+    print_machine(dev if on_gpu else None)
     print("| case | steps rcc / loop | fwd rcc ms | fwd loop ms | loop/rcc | fwd+bwd rcc ms | "
           "fwd+bwd loop ms | loop/rcc | max diff |")
     print("|---|---|---|---|---|---|---|---|---|")
 
-    mdrnn = rcc.compile(os.path.join(STDLIB, "mdrnn.rnn"))(d_in=32, d=32)
-    x = torch.randn(8, n_grid, n_grid, 32, requires_grad=True)
+    mdrnn = rcc.compile(os.path.join(STDLIB, "mdrnn.rnn"))(d_in=32, d=32).to(dev)
+    x = torch.randn(8, n_grid, n_grid, 32, device=dev, requires_grad=True)
     steps = f"{2 * n_grid - 1} / {n_grid * n_grid}"
     bench(f"MDRNN {n_grid}x{n_grid}, B=8, d=32", lambda: mdrnn(x)[0],
           lambda: mdrnn_loop(mdrnn, x), steps, args)
-    mdrnn_cpp = rcc.compile(os.path.join(STDLIB, "mdrnn.rnn"), backend="cpp")(d_in=32, d=32)
-    mdrnn_cpp.load_state_dict(mdrnn.state_dict())
-    mdrnn_cpp._kernel().wait()  # the backward's build, not timed
-    bench("the same, backend cpp", lambda: mdrnn_cpp(x)[0], lambda: mdrnn_loop(mdrnn, x),
-          steps, args)
+    if not on_gpu:
+        mdrnn_cpp = rcc.compile(os.path.join(STDLIB, "mdrnn.rnn"), backend="cpp")(d_in=32, d=32)
+        mdrnn_cpp.load_state_dict(mdrnn.state_dict())
+        mdrnn_cpp._kernel().wait()  # the backward's build, not timed
+        bench("the same, backend cpp", lambda: mdrnn_cpp(x)[0], lambda: mdrnn_loop(mdrnn, x),
+              steps, args)
 
-    plstm = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP")(d_in=32, K=16, V=16)
-    x = torch.randn(4, n_grid, n_grid, 32, requires_grad=True)
+    plstm = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP")(
+        d_in=32, K=16, V=16).to(dev)
+    x = torch.randn(4, n_grid, n_grid, 32, device=dev, requires_grad=True)
     bench(f"pLSTM 2D P-mode {n_grid}x{n_grid}, B=4, K=V=16", lambda: plstm(x)[0],
           lambda: plstm2d_loop(plstm, x), steps, args)
-    plstm_cpp = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", backend="cpp")(
-        d_in=32, K=16, V=16)
-    plstm_cpp.load_state_dict(plstm.state_dict())
-    plstm_cpp._kernel().wait()
-    bench("the same, backend cpp", lambda: plstm_cpp(x)[0], lambda: plstm2d_loop(plstm, x),
-          steps, args)
-    chunked = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", plan="chunk")(
-        d_in=32, K=16, V=16)
-    chunked.load_state_dict(plstm.state_dict())
-    for c in (4, 8):
-        chunked.chunk_size = c
-        n_chunks = -(-n_grid // c)
-        bench(f"the same, plan chunk, {c}x{c} chunks", lambda: chunked(x)[0],
-              lambda: plstm2d_loop(plstm, x), f"{2 * n_chunks - 1} / {n_grid * n_grid}", args)
+    if not on_gpu:
+        plstm_cpp = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP",
+                                backend="cpp")(d_in=32, K=16, V=16)
+        plstm_cpp.load_state_dict(plstm.state_dict())
+        plstm_cpp._kernel().wait()
+        bench("the same, backend cpp", lambda: plstm_cpp(x)[0], lambda: plstm2d_loop(plstm, x),
+              steps, args)
+    for backend in ("torch", "triton") if on_gpu else ("torch",):
+        chunked = rcc.compile(os.path.join(STDLIB, "plstm.rnn"), cell="PLSTM2DP", plan="chunk",
+                              backend=backend)(d_in=32, K=16, V=16).to(dev)
+        chunked.load_state_dict(plstm.state_dict())
+        for c in (4, 8):
+            chunked.chunk_size = c
+            n_chunks = -(-n_grid // c)
+            bench(f"the same, plan chunk, {c}x{c} chunks" + ", backend triton" * (backend != "torch"),
+                  lambda: chunked(x)[0], lambda: plstm2d_loop(plstm, x),
+                  f"{2 * n_chunks - 1} / {n_grid * n_grid}", args)
 
-    tree = rcc.compile(os.path.join(STDLIB, "treelstm.rnn"), cell="ChildSumTreeLSTM")(d_in=32, d=32)
+    tree = rcc.compile(os.path.join(STDLIB, "treelstm.rnn"), cell="ChildSumTreeLSTM")(
+        d_in=32, d=32).to(dev)
     ei = random_dag(n_dag, 2, seed=1)
     graph = nx.DiGraph(ei.T.tolist())
     graph.add_nodes_from(range(n_dag))
@@ -166,10 +177,14 @@ def main():
     start = time.perf_counter()
     schedule = rt_graph.dag_schedule(ei, n_dag)
     build_ms = (time.perf_counter() - start) * 1e3
-    x = torch.randn(4, n_dag, 32, requires_grad=True)
+    x = torch.randn(4, n_dag, 32, device=dev, requires_grad=True)
+    ei_dev = ei.to(dev)
     bench(f"Child-Sum Tree-LSTM, random DAG {n_dag} nodes {ei.shape[1]} edges, B=4, d=32",
-          lambda: tree(x, edge_index=ei)[0], lambda: child_sum_loop(tree, x, order, preds),
+          lambda: tree(x, edge_index=ei_dev)[0], lambda: child_sum_loop(tree, x, order, preds),
           f"{len(schedule.levels)} / {n_dag}", args)
+    if on_gpu:
+        print(f"\nschedule of the {n_dag}-node DAG built in {build_ms:.0f} ms")
+        return
     tree_cpp = rcc.compile(os.path.join(STDLIB, "treelstm.rnn"), cell="ChildSumTreeLSTM",
                            backend="cpp")(d_in=32, d=32)
     tree_cpp.load_state_dict(tree.state_dict())
