@@ -756,6 +756,27 @@ def test_triton_grid_solve_equals_the_torch_solve(NB, X, Y, D, chunk, dtype):
         torch.testing.assert_close(a, b_, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_plan_chunk_in_half_precision_solves_in_float32(dtype):
+    """Half-precision params and inputs: the solve computes and keeps the states in float32, the
+    results come back in the input's dtype, as close to float32 as the rounded inputs allow."""
+    torch.manual_seed(15)
+    ref = rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DD")(d_in=3, K=2, V=3).float()
+    m = rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DD", backend="triton")(d_in=3, K=2, V=3)
+    m = m.to(dtype)
+    m.load_state_dict(ref.state_dict())
+    ref.load_state_dict(m.float().state_dict())  # the same rounded params in float32
+    m = m.to(dtype)
+    x = torch.randn(2, 5, 6, 3, dtype=dtype, requires_grad=True)
+    x32 = x.detach().float().requires_grad_()
+    (y, final), (want, want_final) = m(x), ref(x32)
+    assert y.dtype == final["C"].dtype == dtype
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(final["C"].float(), want_final["C"], rtol=2e-2, atol=2e-2)
+    (g,), (g32,) = grads(y.float().sum(), [x]), grads(want.sum(), [x32])
+    torch.testing.assert_close(g.float(), g32, rtol=2e-2, atol=2e-2)
+
+
 def test_triton_grid_solve_refuses_chunks_too_big_for_its_tiles():
     m = rcc.compile(stdlib("plstm.rnn"), cell="PLSTM2DP", backend="triton")(d_in=2, K=2, V=2)
     m.chunk_size = 8
