@@ -71,7 +71,7 @@ def _check_graph(cell_ir, backend, plan):
         if plan not in ("auto", "chunk") or why:
             raise NotImplementedError(
                 f"{where}: backend 'triton' runs plan 'chunk' over grid2d only (pLSTM's parallel "
-                f"form, cells affine in their states){'' if why is None else ', and ' + why}; "
+                f"form, cells affine in their states){'' if why is None else ': ' + why}; "
                 "the level schedule runs on backend='torch' or 'cpp'")
         return "chunk"
     if plan in ("auto", "sequential"):
