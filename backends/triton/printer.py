@@ -134,6 +134,7 @@ class GridChunkPrinter(TritonModule, GraphPrinter):
     """Plan chunk over grid2d: the torch graph module (the cell's body over every node at once,
     torch ops, as the sequence plans' gates), its solve of the affine form (pLSTM's chunks and the
     wavefront over them) Triton kernels (rcc/runtime/triton/grid.py)."""
+    imports = ()  # no kernel is printed into this module: it calls rcc.runtime.triton's
 
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "chunk")
