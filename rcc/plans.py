@@ -9,12 +9,14 @@ into the pieces its algorithm needs (rcc.passes.linearize), or says why it canno
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
 
 from .errors import CompileError
 from .passes.linearize import ZERO, Linearizer
+from .passes.verify import chunk_form_mismatch, refusal
 
 PLANS = ("auto", "sequential", "scan", "chunk", "newton")
 
@@ -140,8 +142,25 @@ class NotChunkable(Exception):
     """Why the chunkwise form does not apply (the analysis reports it; plan='chunk' raises it)."""
 
 
+@functools.lru_cache(maxsize=32)
 def chunk_form(cell) -> ChunkForm:
-    """The pieces of the chunkwise form, or NotChunkable saying why."""
+    """The pieces of the chunkwise form, or NotChunkable saying why. The pieces are read off the
+    IR's structure, then checked to reproduce the step exactly (rcc.passes.verify): a form that
+    does not is refused, whatever the pattern matched. (Cached: the analysis, the cost model and
+    the printer all ask; a refusal is not cached and is recomputed.)"""
+    try:
+        form = _structural_chunk_form(cell)
+    except NotChunkable as e:
+        if len(cell.states) == 1 and len(cell.states[0].shape) >= 2 and cell.updates:
+            raise NotChunkable(refusal(cell, cell.states[0].name, str(e))) from None
+        raise
+    why = chunk_form_mismatch(form, cell)
+    if why:
+        raise NotChunkable(why)
+    return form
+
+
+def _structural_chunk_form(cell) -> ChunkForm:
     if len(cell.states) != 1 or len(cell.updates) != 1:
         raise NotChunkable("the chunkwise form needs exactly one state, a matrix")
     decl = cell.states[0]

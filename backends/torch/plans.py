@@ -250,7 +250,7 @@ class NewtonPrinter(PlanPrinter):
         lines += ["    " + ln if ln else "" for ln in self.step_fn + [""] + self.jac_fn + [""]]
         lines.append(f"        {_tuple(finals.values())}, self.last_stats = _rt.newton_solve(")
         lines.append(f"            _step, _jacobian, {init}, {self.fn_args_tuple},")
-        lines.append(f"            block={len(names)}, max_iter=self.max_iter, tol=self.tol,")
+        lines.append(f"            block={len(names)}, max_iter=self.max_iter, tol=self.tol, length=_T,")
         lines.append(f"            seq_mask={self.fn_mask},  # which arguments are per-step rows")
         if self.kernels != "_rt":
             lines.append(f"            scans={self.kernels},  # the scans' kernels")

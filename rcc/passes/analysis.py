@@ -70,31 +70,30 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     small = probes[0]
     states = [d.name for d in cell.states]
     updates = dict(cell.updates)
-    state_syms = [s for name in states for s in flat(_state_symbols(small, name))]
-    sym_set = set(state_syms)
-    owner = {s: name for name in states for s in flat(_state_symbols(small, name))}
 
-    jac = _joint_jacobian(small, cell, states, updates)
-    affine = all(not (e.free_symbols & sym_set) for row in jac for e in row)
+    # every fact must hold at both probe sizes: a structure that appears only at one size (three
+    # rotations of a 3-vector are the identity) is a coincidence of that size
+    jacs = [_joint_jacobian(p, cell, states, updates) for p in probes]
+    jac = jacs[0]
+    affine = all(not (e.free_symbols & set(_all_state_symbols(p, states)))
+                 for p, j in zip(probes, jacs) for row in j for e in row)
     kind = "affine" if affine else "nonlinear"
 
-    facts = []
-    offset = 0
-    for name in states:
-        n = len(flat(_state_symbols(small, name)))
-        rows = jac[offset: offset + n]
-        read = {owner[state_syms[j]] for row in rows for j, e in enumerate(row) if e != 0}
-        decl = next(d for d in cell.states if d.name == name)
-        facts.append(StateFacts(name, decl.shape, tuple(s for s in states if s in read),
-                                name in updates))
-        offset += n
+    read = {name: set() for name in states}
+    for p, j in zip(probes, jacs):
+        owner = [name for name in states for _ in flat(_state_symbols(p, name))]
+        for i, row in enumerate(j):
+            read[owner[i]] |= {owner[c] for c, e in enumerate(row) if e != 0}
+    facts = [StateFacts(d.name, d.shape, tuple(s for s in states if s in read[d.name]),
+                        d.name in updates) for d in cell.states]
 
     block = _block_size(jac)
-    block_other = _block_size(_joint_jacobian(probes[1], cell, states, updates))
+    block_other = _block_size(jacs[1])
     notes = []
     n_hh, gated = 0, False
-    if block == 1:
-        structure = "scalar" if affine and _is_scalar(jac, small, states) else "diagonal"
+    if block == 1 and block_other == 1:
+        structure = "scalar" if affine and all(_is_scalar(j, p, states) for p, j in
+                                               zip(probes, jacs)) else "diagonal"
     elif affine and (hh := _householder_chain(cell, small)) is not None:
         n_hh, gated = hh
         structure = f"householder(n_h={n_hh}{', gated' if gated else ''})"
@@ -108,7 +107,7 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
         structure = "dense"
     if structure.startswith("block-diagonal"):
         notes.append(f"the state splits into independent blocks of {block} coupled values")
-    elementwise = _is_elementwise(jac, small, states)
+    elementwise = all(_is_elementwise(j, p, states) for p, j in zip(probes, jacs))
     independent = all(set(f.reads) <= {f.name} for f in facts)
     if elementwise and not independent:
         notes.append("the states read each other element by element: "
@@ -118,6 +117,10 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
         independent if affine else len({tuple(d.shape) for d in cell.states}) == 1))
     return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
                     tuple(notes), elementwise)
+
+
+def _all_state_symbols(probe, states) -> list:
+    return [s for name in states for s in flat(_state_symbols(probe, name))]
 
 
 def _state_symbols(probe, name):

@@ -72,7 +72,7 @@ class _Problem:
     def time_major(self, x):  # [T*N, *shape] -> [T, N, *shape]; broadcast parameters stay as they are
         x = torch.as_tensor(x, dtype=self.s0[0].dtype, device=self.s0[0].device)
         if x.dim() == 1 + len(self.shape) and x.shape[0] == self.T * self.N:
-            return x.reshape((self.T, self.N) + self.shape)
+            return x.reshape((self.T, self.N) + tuple(x.shape[1:]))  # [rows, 1]: per-row scalars
         if x.dim() > 1 + len(self.shape):
             raise ValueError(f"newton_solve: Jacobian entry of shape {tuple(x.shape)} does not broadcast "
                              f"to [T*N, *{list(self.shape)}]")

@@ -1,0 +1,158 @@
+"""A plan the analysis calls legal is exactly the step it replaces: property-based.
+
+Hypothesis writes cells from pieces chosen to sit on both sides of every plan's boundary: row
+and column scalings, scalar decays, row and column means, row and column rotations (swaps),
+key-mixing rank-1 terms, Householder factors, nonlinear links, one or two outer products as the
+input term, readouts of S' and of S; vector cells with elementwise, mean-coupled, rotated and
+dense transitions, and stacks of two states. For each, every legal plan and plan auto must equal
+plan sequential in float64 (outputs, final states, all gradients), with heads and a chunk size
+that does not divide T.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rcc
+from conftest import cell_inputs, run_with_grads
+
+MATRIX_LINKS = {
+    "scalar gate": "exp(g) * {S}",
+    "row gate": "exp(gk)[:, None] * {S}",
+    "column gate": "sigmoid(b)[None, :] * {S}",
+    "householder": "{S} + outer(k, beta * (v - k @ {S}))",
+    "householder, no write": "{S} - outer(k, beta * (k @ {S}))",
+    "row mean": "0.5 * {S} + 0.5 * mean({S}, 1)[:, None]",
+    "column mean": "0.5 * {S} + 0.5 * mean({S}, 0)[None, :]",
+    "row rotation": "concat({S}[1:K], {S}[0:1], axis=0)",
+    "column rotation": "concat({S}[:, 1:V], {S}[:, 0:1], axis=1)",
+    "key mixing": "{S} - 0.5 * outer(a, a @ {S})",
+    "key mixing alone": "0.5 * outer(a, a @ {S})",
+    "tanh": "tanh({S})",
+    "silu": "{S} * sigmoid({S})",
+}
+MATRIX_INPUTS = ["", " + outer(k, v)", " + outer(k, v) + outer(a, b)",
+                 " + k[:, None] * v[None, :]", " + 0.5 * outer(k, v)"]
+MATRIX_READOUTS = ["q @ S'", "q @ S", "sum(S', 0)", "(q @ S') * sigmoid(b)", "q @ S' + q @ S",
+                   "q @ S' + a @ S'", "q @ tanh(S')"]
+
+VECTOR_LINKS = {
+    "gate": "sigmoid(a) * {h}",
+    "scalar gate": "exp(g) * {h}",
+    "mean": "0.5 * {h} + 0.5 * mean({h})",
+    "rotation": "concat({h}[1:d], {h}[0:1])",
+    "dense": "0.5 * (W @ {h})",
+    "tanh": "tanh({h})",
+    "silu": "{h} * sigmoid({h})",
+}
+VECTOR_INPUTS = ["", " + x", " + sigmoid(a) * x"]
+VECTOR_OUTPUTS = ["h'", "h", "h' * sigmoid(a)", "h' + h"]
+
+
+def _chain(links, name):
+    """Statements applying `links` one after another to state `name`; the last value's name."""
+    body, value = [], name
+    for i, link in enumerate(links):
+        body.append(f"    {name}_{i} = " + link.format(S=value, h=value))
+        value = f"{name}_{i}"
+    return body, value
+
+
+# half the links drawn from those a chunkwise form accepts, so legal plans come up often
+CHUNK_LINKS = ["scalar gate", "row gate", "householder", "householder, no write"]
+
+
+@st.composite
+def matrix_cells(draw):
+    link = st.one_of(st.sampled_from(CHUNK_LINKS), st.sampled_from(sorted(MATRIX_LINKS)))
+    links = draw(st.lists(link, min_size=1, max_size=3))
+    body, value = _chain([MATRIX_LINKS[n] for n in links], "S")
+    body.append(f"    S' = {value}{draw(st.sampled_from(MATRIX_INPUTS))}")
+    body.append(f"    output o = {draw(st.sampled_from(MATRIX_READOUTS))}")
+    return ("cell M(K, V) {\n    input q[K], k[K], v[V], a[K], b[V], gk[K], g, beta\n"
+            "    state S[K, V]\n" + "\n".join(body) + "\n}\n"), {"K": 3, "V": 5}
+
+
+@st.composite
+def vector_cells(draw):
+    states = draw(st.sampled_from([["h"], ["h", "c"]]))
+    body, dense = [], False
+    for s in states:
+        links = draw(st.lists(st.sampled_from(sorted(VECTOR_LINKS)), min_size=1, max_size=2))
+        dense |= "dense" in links
+        chain, value = _chain([VECTOR_LINKS[n] for n in links], s)
+        body += chain
+        feed = draw(st.sampled_from(VECTOR_INPUTS)) if s == "h" else \
+            draw(st.sampled_from([" + h'", " + 0.5 * h", " + x"]))
+        body.append(f"    {s}' = {value}{feed}")
+    body.append(f"    output y = {draw(st.sampled_from(VECTOR_OUTPUTS))}")
+    param = "    param W[d, d]\n" if dense else ""
+    return ("cell Vec(d) {\n    input x[d], a[d], g\n" + param
+            + "    state " + ", ".join(f"{s}[d]" for s in states) + "\n"
+            + "\n".join(body) + "\n}\n"), {"d": 5}
+
+
+def _assert_plans_equal_sequential(src, dims, T, heads):
+    analysis = rcc.analyze(src)
+    ref = rcc.compile(src, plan="sequential")(**dims).double()
+    xs, init = cell_inputs(ref, 2, T, heads)
+    want, want_grads = run_with_grads(ref, xs, init)
+    for plan in [p for p in analysis.plans if p != "sequential"] + ["auto"]:
+        mod = rcc.compile(src, plan=plan)(**dims).double()
+        mod.load_state_dict(ref.state_dict())
+        if hasattr(mod, "chunk_size"):
+            mod.chunk_size = 4
+        got, got_grads = run_with_grads(mod, xs, init)
+        where = f"plan {plan} (legal: {analysis.plans}) on\n{src}"
+
+        def msg(m, where=where):
+            return f"{m}\n{where}"
+
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9, msg=msg)
+        for w, g in zip(want_grads, got_grads):
+            if w is None or g is None:
+                assert (w is None or not w.abs().any()) and (g is None or not g.abs().any()), where
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-8, msg=msg)
+
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(cell=matrix_cells(), T=st.sampled_from([1, 6, 9]), heads=st.sampled_from([(), (2,)]))
+def test_matrix_cells_every_legal_plan_is_exact(cell, T, heads):
+    _assert_plans_equal_sequential(*cell, T, heads)
+
+
+@SETTINGS
+@given(cell=vector_cells(), T=st.sampled_from([1, 6, 9]), heads=st.sampled_from([(), (2,)]))
+def test_vector_cells_every_legal_plan_is_exact(cell, T, heads):
+    _assert_plans_equal_sequential(*cell, T, heads)
+
+
+ROW_MEAN = """
+cell RowMean(K, V) {
+    input q[K], k[K], v[V]
+    state S[K, V]
+    S' = mean(S, 1)[:, None] + outer(k, v)
+    output o = q @ S'
+}
+"""
+
+
+@pytest.mark.parametrize("update,why", [
+    ("mean(S, 1)[:, None] + outer(k, v)", "mixes its columns (S'[0, 0] reads S[0, 1]"),
+    ("concat(S[1:K], S[0:1], axis=0) + outer(k, v)", "mixes its rows (S'[0, 0] reads S[1, 0]"),
+    ("S + outer(k, k @ S)", "mixes its rows"),
+    ("(2 * sigmoid(k) - 1)[:, None] * S + outer(k, v)", "not provably positive"),
+])
+def test_chunk_refused_with_the_reason(update, why):
+    src = ROW_MEAN.replace("mean(S, 1)[:, None] + outer(k, v)", update)
+    analysis = rcc.analyze(src)
+    assert "chunk" not in analysis.plans
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile(src, plan="chunk")
+    assert why in str(e.value) and "legal plans: sequential" in str(e.value)
