@@ -11,6 +11,16 @@ from sympy.printing.pycode import PythonCodePrinter
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+_DOC_SAFE = re.compile(r"[^A-Za-z0-9 _.,:;/@+\-=()\[\]<>{}#%&*!?~^|$]")
+
+
+def doc_text(text) -> str:
+    """Outside text (a path, a Python function's name) as it may appear inside a generated
+    docstring or comment: printable ASCII without quotes or backslashes (a path's backslashes
+    become slashes, anything else '?'), so it can neither close the string nor form an escape."""
+    return _DOC_SAFE.sub("?", str(text).replace("\\", "/"))
+
+
 class Namespace:
     """Hands out unique Python identifiers. A user's name is kept when it is safe (a valid,
     non-reserved identifier); otherwise it gets a suffix. Names that start with '_' are the

@@ -28,7 +28,7 @@ import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
 from rcc import ir
-from rcc.codegen import dim_expr
+from rcc.codegen import dim_expr, doc_text
 
 from ..loop import LoopPartition
 from ..pointwise import POINTWISE, Helper, derivatives, pointwise
@@ -606,7 +606,7 @@ class TileKernelPrinter:
                 + [f"p_{self.value[i]}" for i in self.const]
                 + [f"p_init{tag}" for tag in self.tag] + self.out_ptr
                 + [f"p_final{tag}" for tag in self.tag] + [f"p_saved{tag}" for tag in self.tag])
-        doc = (f"Every step of {self.cell.name}, one program per row (batch x head), the params "
+        doc = (f"Every step of {doc_text(self.cell.name)}, one program per row (batch x head), the params "
                "and the state on chip; saves the state before each step when SAVE.")
         return self._kernel(f"{self.name}_forward", doc, args, ["SAVE"], pre, loop, post,
                             "for t in range(T):")
@@ -702,7 +702,7 @@ class TileKernelPrinter:
                 + [f"p_d{self.value[i]}" for i in self.seq]
                 + [f"p_dw{k}" for k in range(len(self.const))]
                 + [f"p_dinit{k}" for k in range(len(c.states))])
-        doc = (f"The steps of {self.cell.name} in reverse, each recomputed from its saved state, "
+        doc = (f"The steps of {doc_text(self.cell.name)} in reverse, each recomputed from its saved state, "
                "then its adjoints; the params' adjoints summed per row over the steps.")
         return self._kernel(f"{self.name}_backward", doc, args, [], pre, loop, post,
                             "for tt in range(T):")
