@@ -88,6 +88,8 @@ class FusedLoopPrinter:
         c, part = self.cell, self.part
         seq = {d.name: self.ns.new(d.name + "_seq") for d in c.inputs}
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]  # dims first
+        self.built_for = {name: self._built_for(p.seq, p.const)
+                          for name, p in self._kernel_entries().items()}
         lines = self._forward_head(body, seq)
         lines += self._whole_step_call(seq)
         # batch-major (no copy of the inputs): the kernel reads any strides
@@ -102,12 +104,27 @@ class FusedLoopPrinter:
                 args.append(f"{ref}.reshape(_N, _T, *{ref}.shape[1:])")
         consts = [self._ref(i) for i in part.const]
         states = [self.decl_names[s.name] for s in c.states]
-        lines += self._run_call(_tuple(args), _tuple(consts), _tuple(states), _tuple(shapes))
+        lines += self._run_call(_tuple(args), _tuple(consts), _tuple(states), _tuple(shapes),
+                                self.built_for["run"])
         lines.append("        return self._result(_outs, _finals, _layout)")
         return lines
 
-    def _run_call(self, args, consts, states, shapes) -> list:
+    def _run_call(self, args, consts, states, shapes, built_for) -> list:
         raise NotImplementedError
+
+    def _kernel_entries(self) -> dict:
+        """The kernel's entry points the module calls, by name: the values each reads."""
+        return {"run": self.part}
+
+    def _built_for(self, seq, const) -> str:
+        """What the kernel is built for, per tensor it reads: (name, kind, shape), for the
+        runtime's check (rcc.runtime.layout.check_built_for) before it passes a pointer."""
+        c = self.cell
+        items = [(self._ref(i) if c.node(i).op != "input" else c.node(i).attr("name"), "seq",
+                  c.node(i).type.shape) for i in seq]
+        items += [(self._ref(i), "const", c.node(i).type.shape) for i in const]
+        items += [(d.name, "state", d.shape) for d in c.states]
+        return _tuple(f"({name!r}, {kind!r}, {self._shape(shape)})" for name, kind, shape in items)
 
     def _whole_step_call(self, seq) -> list:
         """Lines before the hoisted values: a call of a kernel computing them too, for the calls

@@ -187,8 +187,10 @@ class GraphKernelPrinter(KernelPrinter):
                 n.type.shape, lambda idx, ind: [
                     f"{ind}ties{i}[{self.row(i, idx)}] += "
                     f"{self.access(body, idx)} == {self.access(i, idx)} ? R(1) : R(0);"]))
-            seed = lambda idx: (f"{self.access(body, idx)} == {self.access(i, idx)} ? "  # noqa
-                                f"{g(idx)} / ties{i}[{self.row(i, idx)}] : R(0)")
+            # arithmetic, not a select of a quotient: gcc 12 -O3 with AVX-512 miscompiled
+            # `hit ? g / ties : 0` here (wrong gradients on such machines)
+            seed = lambda idx: (f"R({self.access(body, idx)} == {self.access(i, idx)}) * "  # noqa
+                                f"{g(idx)} / std::max(ties{i}[{self.row(i, idx)}], R(1))")
         elif agg == "mean":
             seed = lambda idx: f"{g(idx)} / {self._count()}"  # noqa: E731
         else:
@@ -409,6 +411,7 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
     def _forward(self, body):
         c, part = self.cell, self.part
         states = [self.decl_names[s.name] for s in c.states]
+        built_for = self._built_for(part.seq, part.const)  # before the head binds the dims it uses
         lines = self._graph_head(body)  # with the slot checks: the kernel indexes unchecked
         if body["seq"]:
             lines.append("        # depends on the inputs but not on the states: every node at once")
@@ -420,7 +423,8 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
             "        _outs, _finals = _rt.cpp.graph(self._kernel(), _g,",
             f"            {_tuple(self._ref(i) for i in part.seq)},",
             f"            {_tuple(self._ref(i) for i in part.const)},",
-            f"            {_tuple(states)}, {_tuple(shapes)}, on_edges={_tuple(on_edges)})",
+            f"            {_tuple(states)}, {_tuple(shapes)}, on_edges={_tuple(on_edges)},",
+            f"            built_for={built_for})",
             "        return self._graph_result(_outs, _finals, _layout, _g)",
         ]
         return lines

@@ -54,6 +54,9 @@ class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
     def _kernel_source(self) -> str:
         return self.kernel.source(KernelPrinter(self.cell, hoist=False))
 
+    def _kernel_entries(self):
+        return {"run": self.part, "whole": self.whole_step}
+
     def _whole_step_call(self, seq):
         c, part = self.cell, self.whole_step
         assert all(c.node(i).op == "input" for i in part.seq)  # the kernel computes the rest
@@ -68,17 +71,19 @@ class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
             "            _outs, _finals = _rt.cpp.whole_steps(self._kernel(), _T, _N,",
             f"                {_tuple(args)},",
             f"                {_tuple(consts)},",
-            f"                {_tuple(states)}, {_tuple(shapes)})",
+            f"                {_tuple(states)}, {_tuple(shapes)},",
+            f"                {self.built_for['whole']})",
             "            return self._result(_outs, _finals, _layout)",
         ]
 
-    def _run_call(self, args, consts, states, shapes):
+    def _run_call(self, args, consts, states, shapes, built_for):
         return [
             "        # every step in the C++ kernel: what it reads per step, once, and the states",
             "        _outs, _finals = _rt.cpp.run(self._kernel(), _T, _N,",
             f"            {args},",
             f"            {consts},",
-            f"            {states}, {shapes})",
+            f"            {states}, {shapes},",
+            f"            {built_for})",
         ]
 
 

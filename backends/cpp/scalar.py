@@ -21,7 +21,8 @@ class CxxPrinter(CXX17CodePrinter):
         return f"R({text})" if s.is_integer else text  # a dim: a long constant
 
     def _print_Integer(self, i):
-        return f"R({int(i)})"
+        # beyond 2^31 as a floating literal: a C++ integer literal past 64 bits wraps silently
+        return f"R({int(i)})" if abs(int(i)) < 2 ** 31 else f"R({float(i)!r})"
 
     def _print_Rational(self, r):
         return f"R({float(r)!r})"

@@ -63,13 +63,14 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
         return kernels_after(super().module(), "the loop over time", self.kernel_source,
                              self.kernel.meta_source(self.meta))
 
-    def _run_call(self, args, consts, states, shapes):
+    def _run_call(self, args, consts, states, shapes, built_for):
         return [
             "        # every step in the Triton kernel: what it reads per step, once, and the states",
             f"        _outs, _finals = _rtt.run({self.kernels}, self._meta, _T, _N,",
             f"            {args},",
             f"            {consts},",
-            f"            {states}, {shapes})",
+            f"            {states}, {shapes},",
+            f"            {built_for})",
         ]
 
 
@@ -128,6 +129,24 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
     """Plan chunk: the torch plan's module, the chunkwise form a Triton kernel pair
     (rcc/runtime/triton/chunk.py)."""
+
+    def __init__(self, form, source_name=""):
+        why = triton_lacks(form)
+        if why:
+            raise NotImplementedError(
+                f"backend 'triton' has no kernel for {why} (cell '{form.cell.name}'); plan "
+                "'chunk' runs it on backend 'torch', plan 'sequential' on 'triton'")
+        super().__init__(form, source_name)
+
+
+def triton_lacks(form) -> str:
+    """What of a chunk form rcc/runtime/triton/chunk.py's kernels do not run ('' if none)."""
+    if form.kind not in ("linear", "delta"):
+        return ("the chunkwise diagonal-plus-rank-one form (KDA, RWKV-7, Comba: a decay and a "
+                "rank-one read per step)")
+    if any(r.prev for r in form.readouts):
+        return "a read of the state before the step (o = q @ S, RWKV-6) in the chunkwise form"
+    return ""
 
 
 class GridChunkPrinter(TritonModule, GraphPrinter):

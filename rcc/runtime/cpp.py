@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .layout import rows
+from .layout import check_built_for, rows
 
 # -fno-math-errno: nothing reads errno, and it lets loops of exp/tanh use vector math (the
 # kernel prelude says how); -lm brings glibc's libmvec where it exists
@@ -197,11 +197,13 @@ def _build(cxx: str, text: str, key: str) -> None:
             os.remove(tmp)
 
 
-def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
+def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes, built_for):
     """Run the loop over time. seq: tensors [N, T, *shape] (any strides); consts: tensors;
-    states: initial states [N, *shape]; out_shapes: each output's declared shape. Returns
-    (outputs [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
+    states: initial states [N, *shape]; out_shapes: each output's declared shape; built_for:
+    what the kernel was built for (rcc.runtime.layout.check_built_for). Returns (outputs
+    [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
+    check_built_for("backend 'cpp'", N * T, N, tensors, built_for)
     meta = (kern, T, N, len(seq), len(consts), out_shapes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(meta, *tensors)
@@ -210,9 +212,10 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes):
     return _split(results, len(out_shapes))
 
 
-def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes):
+def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes, built_for):
     """As `run`, without gradients, on the kernel's entry point that computes everything per
     step (rcc_whole_steps): `inputs` are the cell's inputs, not their projections."""
+    check_built_for("backend 'cpp'", N * T, N, (*inputs, *consts, *states), built_for)
     results = _forward((kern, T, N, len(inputs), len(consts), out_shapes),
                        (*inputs, *consts, *states), False, "whole_steps")[0]
     return _split(results, len(out_shapes))
@@ -271,12 +274,16 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *tensors):
         results, kept = _forward(meta, tensors, save=True)
+        # saved for autograd's in-place check only (backward reads the laid-out `kept`): a param
+        # modified in place between forward and backward raises as with torch's own ops
+        ctx.save_for_backward(*tensors)
         ctx.meta, ctx.tensors, ctx.float_type = meta, kept, tensors[0].dtype
         ctx.shapes = [t.shape for t in tensors]
         return results
 
     @staticmethod
     def backward(ctx, *grads):
+        ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         kern, T, N, n_seq, n_const, out_shapes = ctx.meta
         seq, consts, states, saved = ctx.tensors
         dtype = ctx.float_type
@@ -353,12 +360,13 @@ def graph_index(schedule) -> GraphIndex:
     return found
 
 
-def graph(kern: Kernel, run, seq, consts, states, out_shapes, on_edges):
+def graph(kern: Kernel, run, seq, consts, states, out_shapes, on_edges, built_for):
     """Run a cell over the levels of `run` (rcc.runtime.graph.GraphRun: its schedule and nb, the
     rows of a node). seq: per-node values [nodes * nb, ...]; states: initial states [nb, *decl],
     `on_edges` saying which live on edges. Returns (outputs [nodes * nb, *shape], every node's
     (edge's) state [nodes (edges), nb, *decl]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
+    check_built_for("backend 'cpp'", run.schedule.n_nodes * run.nb, run.nb, tensors, built_for)
     meta = (kern, graph_index(run.schedule), run.nb, len(seq), len(consts), out_shapes,
             tuple(on_edges))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -394,6 +402,7 @@ class _Levels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *tensors):
         results, kept = _levels_forward(meta, tensors)
+        ctx.save_for_backward(*tensors)  # for autograd's in-place check (see _Loop)
         ctx.meta, ctx.kept, ctx.float_type = meta, kept, tensors[0].dtype
         ctx.shapes = [t.shape for t in tensors]
         n_out = len(meta[5])
@@ -402,6 +411,7 @@ class _Levels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         kern, index, nb, n_seq, n_const, out_shapes, _ = ctx.meta
         seq, consts, stores = ctx.kept
         dtype, nodes = ctx.float_type, index.nodes
@@ -410,7 +420,7 @@ class _Levels(torch.autograd.Function):
         gouts = [None if g is None else g.contiguous() for g in grads[:n_out]]
         gfinals = [None if g is None else g.reshape(g.shape[0], nb, -1).contiguous()
                    for g in grads[n_out:]]
-        gseq = [torch.empty_like(x) for x in seq]
+        gseq = [torch.zeros_like(x) for x in seq]
         gconst = [torch.zeros(threads, c.numel(), dtype=dtype) for c in consts]
         gedge = [torch.zeros(index.edges + nodes, nb, st.shape[2], dtype=dtype) for st in stores]
         sizes = [nb, nodes, index.edges, threads, index.levels]

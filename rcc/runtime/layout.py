@@ -2,6 +2,8 @@
 [T * N, ...] (all steps folded into the batch axis), [T, N, ...] stacks, and [N, T, ...] results."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -50,3 +52,19 @@ def rows(x: torch.Tensor, lead: int) -> torch.Tensor:
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     return x
+
+
+def check_built_for(what: str, rows_seq: int, rows_state: int, tensors, expected) -> None:
+    """Refuse tensors that differ from what a compiled kernel was built for: it indexes them by
+    its built sizes, unchecked (a param whose shape changed after construction would be read
+    and written out of bounds). expected: (name, kind, shape) per tensor, kind "seq" (rows_seq
+    rows of `shape`), "const" (exactly `shape`) or "state" (rows_state rows of `shape`)."""
+    for t, (name, kind, shape) in zip(tensors, expected):
+        size = math.prod(shape)
+        ok = (tuple(t.shape) == tuple(shape) if kind == "const" else
+              t.numel() == (rows_seq if kind == "seq" else rows_state) * size)
+        if not ok:
+            raise ValueError(f"{what}: '{name}' has shape {list(t.shape)}; the kernel was built for "
+                             f"{list(shape)}" + ("" if kind == "const" else " per row")
+                             + " (a param's shape changed after construction? build a new module "
+                             "for new sizes)")

@@ -12,17 +12,18 @@ import math
 
 import torch
 
-from ..layout import rows
+from ..layout import check_built_for, rows
 from .common import accumulator, check
 
 
-def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes):
+def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes, built_for):
     """The loop over time. kernels: (forward, backward) Triton kernels; meta: their constexprs;
     seq: tensors [N, T, *shape] (inner axes contiguous or not); consts: tensors; states:
     initial states [N, *shape]; out_shapes: each output's declared shape. Returns (outputs
     [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
     check(tensors)
+    check_built_for("backend 'triton'", N * T, N, tensors, built_for)
     spec = (kernels, meta, T, N, len(seq), len(consts), out_shapes)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(spec, *tensors)
@@ -63,12 +64,14 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, *tensors):
         results, kept = _forward(spec, tensors, save=True)
+        ctx.save_for_backward(*tensors)  # for autograd's in-place check: backward reads `kept`
         ctx.spec, ctx.kept = spec, kept
         ctx.shapes = [t.shape for t in tensors]
         return results
 
     @staticmethod
     def backward(ctx, *grads):
+        ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         (_, backward), meta, T, N, n_seq, n_const, out_shapes = ctx.spec
         seq, consts, states, saved = ctx.kept
         dtype, device = states[0].dtype if states else seq[0].dtype, seq[0].device
