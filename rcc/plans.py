@@ -16,6 +16,7 @@ import sympy
 
 from .errors import CompileError
 from .passes.linearize import ZERO, Linearizer
+from .lowrank import NotLowRank, filled, micro_steps
 from .passes.verify import chunk_form_mismatch, refusal
 
 PLANS = ("auto", "sequential", "scan", "chunk", "newton")
@@ -32,7 +33,10 @@ class AffineState:
 @dataclass(frozen=True)
 class ScanForm:
     cell: object  # the CellIR extended with the coefficient and offset nodes
-    states: tuple  # of AffineState, one per updated state
+    states: tuple  # of AffineState, one per updated state (coupled: one per state)
+    # coupled states (they read each other element by element): matrix[i][j] = d s_i' / d s_j
+    # (node id or None), one block scan over k x k blocks; the states' coefficients are None
+    matrix: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,16 @@ def scan_form(cell, analysis) -> ScanForm:
     lin = Linearizer(cell)
     leaf, nxt = _updates(cell)
     updated = [d.name for d in cell.states if d.name in dict(cell.updates)]
-    for s in analysis.states:
-        others = [r for r in s.reads if r != s.name]
-        if others:
-            raise CompileError(f"plan 'scan': state '{s.name}' reads state '{others[0]}'; the "
-                               "scan handles states that each depend only on themselves "
-                               "(coupled affine states are not supported yet)", cell.span)
     zeros = {leaf[s]: ZERO for s in leaf}
+    if any(set(s.reads) - {s.name} for s in analysis.states):
+        # coupled (LRU's complex state as re/im pairs, delay lines): the analysis found every
+        # block d s_i' / d s_j elementwise between states of one shape, so one block scan
+        names = [d.name for d in cell.states]
+        columns = [lin.tangent({leaf[j]: lin.one}, [nxt[i] for i in names]) for j in names]
+        matrix = tuple(tuple(columns[j][nxt[i]] for j in range(len(names))) for i in names)
+        offsets = lin.substitute(zeros, [nxt[i] for i in names])
+        states = tuple(AffineState(i, None, offsets[nxt[i]]) for i in names)
+        return ScanForm(cell.with_nodes(lin.nodes), states, matrix)
     states = []
     for name in updated:
         coefficient = lin.tangent({leaf[name]: lin.one}, [nxt[name]])[nxt[name]]
@@ -118,15 +125,21 @@ def newton_form(cell, analysis) -> NewtonForm:
 
 @dataclass(frozen=True)
 class Readout:
-    """An output's read of the matrix state: o = q @ S' (per head): node `node` is that value."""
+    """An output's read of the matrix state: node `node` is o = q @ S' (per head), or q @ S
+    (prev: the state before the step, RWKV-6), plus `extra` (a state-free node, or None) where
+    the output reads q @ (S + X): extra = q @ X (RWKV-6's bonus)."""
     node: int
     q: int  # node id, shape [*heads, K]
+    prev: bool = False
+    extra: object = None
 
 
 @dataclass(frozen=True)
 class ChunkForm:
-    """S' = decay * S + k v^T (kind "linear": GLA, RetNet) or S' = Householder products
-    (kind "delta": M = gate * S; M = (I - beta_j k_j k_j^T) M + k_j u_j^T for each j)."""
+    """S' = decay * S + k v^T (kind "linear": GLA, RetNet), S' = Householder products
+    (kind "delta": M = gate * S; M = (I - beta_j k_j k_j^T) M + k_j u_j^T for each j), or
+    diagonal-plus-rank-one micro-steps (kind "dplr": M = diag(e^g) M + a (b^T M) + k u^T for
+    each; KDA, RWKV-7, Comba, per-key gated DeltaProduct; rcc.lowrank)."""
     cell: object
     state: str
     kind: str
@@ -136,6 +149,7 @@ class ChunkForm:
     values: tuple  # node ids [*heads, V] (linear: v; delta: u = beta * v)
     betas: tuple  # delta: node ids of shape []
     readouts: tuple  # of Readout
+    steps: tuple = ()  # dplr: the micro-steps of a token (rcc.lowrank.Micro, every piece a node)
 
 
 class NotChunkable(Exception):
@@ -161,6 +175,36 @@ def chunk_form(cell) -> ChunkForm:
 
 
 def _structural_chunk_form(cell) -> ChunkForm:
+    """The gated linear or delta-rule form (backend triton has kernels for both), else the
+    diagonal-plus-rank-one one."""
+    try:
+        return _gated_chunk_form(cell)
+    except NotChunkable as first:
+        if len(cell.states) != 1 or len(cell.updates) != 1 or len(cell.states[0].shape) != 2:
+            raise
+        try:
+            return _dplr_chunk_form(cell)
+        except NotLowRank as e:
+            raise NotChunkable(str(e)) from None
+        except NotChunkable:
+            raise first from None
+
+
+def _dplr_chunk_form(cell) -> ChunkForm:
+    decl = cell.states[0]
+    lin = Linearizer(cell)
+    leaf, nxt = _updates(cell)
+    s, s_next = leaf[decl.name], nxt[decl.name]
+    chain = _chain(cell, s, s_next, decl.shape)
+    steps = micro_steps(cell, lin, chain, decl, (_log_of, _drop_axis, _rank_one))
+    steps = filled(lin, steps, decl.shape[0], decl.shape[1], cell.span)
+    readouts = _only_after_the_step(_readouts(cell, lin, s, s_next, decl),
+                                    "diagonal-plus-rank-one form")
+    return ChunkForm(cell.with_nodes(lin.nodes), decl.name, "dplr", (), None, (), (), (),
+                     readouts, tuple(steps))
+
+
+def _gated_chunk_form(cell) -> ChunkForm:
     if len(cell.states) != 1 or len(cell.updates) != 1:
         raise NotChunkable("the chunkwise form needs exactly one state, a matrix")
     decl = cell.states[0]
@@ -187,7 +231,7 @@ def _structural_chunk_form(cell) -> ChunkForm:
             log_decay = _log_of(lin, gates[0][1])
             if lin.node(log_decay).type.rank != 0:
                 raise NotChunkable("the delta-rule chunk form needs a scalar decay gate")
-        readouts = _readouts(cell, lin, s, s_next, decl)
+        readouts = _only_after_the_step(_readouts(cell, lin, s, s_next, decl), "delta rule")
         return ChunkForm(cell.with_nodes(lin.nodes), decl.name, "delta", heads, log_decay,
                          tuple(f[1] for f in factors), tuple(f[2] for f in factors),
                          tuple(f[3] for f in factors), readouts)
@@ -211,12 +255,24 @@ def _structural_chunk_form(cell) -> ChunkForm:
 
 def _readouts(cell, lin, s, s_next, decl):
     """Where the outputs read the state: each must be q @ S' (or its per-head form
-    sum(S' * q[..., :, None], axis=-2)) with q free of the state."""
+    sum(S' * q[..., :, None], axis=-2)), q @ S, or either plus a state-free matrix, q @ (S + X),
+    with q free of the state."""
     outputs = lin.cone([v for _, v, _ in cell.outputs])
+    update = lin.cone([s_next])  # the update's own reads (k @ S of the delta rule) are not outputs'
     users = cell.users()
     found = []
     for n in cell.nodes:
-        if s_next not in n.args or n.id not in outputs:
+        if n.id not in outputs:
+            continue
+        read = _matrix_read(cell, lin, users, n, s, s_next) \
+            if len(decl.shape) == 2 and n.id not in update else None
+        if read is not None:
+            q, prev, extra = read
+            if lin.depends_on(q, [s, s_next]):
+                break
+            found.append(Readout(n.id, q, prev, extra))
+            continue
+        if s_next not in n.args:
             continue
         if n.op == "matmul" and n.args == (n.args[0], s_next) and len(decl.shape) == 2:
             q, node = n.args[0], n.id
@@ -236,6 +292,31 @@ def _readouts(cell, lin, s, s_next, decl):
         raise NotChunkable(f"an output reads state '{decl.name}' other than as q @ "
                            f"{decl.name}' (the chunkwise form computes only that)")
     return tuple(found)
+
+
+def _only_after_the_step(readouts, form):
+    if any(r.prev for r in readouts):
+        raise NotChunkable(f"an output reads the state before the step (q @ S); the chunkwise "
+                           f"{form} computes reads of S' only (gated linear attention takes both)")
+    return readouts
+
+
+def _matrix_read(cell, lin, users, n, s, s_next):
+    """(q, prev, extra) for n = q @ S, q @ (S + X) or q @ (S' + X) with X state-free (extra =
+    q @ X, a new node); None for q @ S' alone (the plain readout) and anything else."""
+    if n.op != "matmul" or cell.node(n.args[1]).type.rank != 2:
+        return None
+    q, m = n.args
+    if m == s:
+        return q, True, None
+    term = cell.node(m)
+    if term.op != "add":
+        return None
+    for own, other in (term.args, term.args[::-1]):
+        if own in (s, s_next) and not lin.depends_on(other, [s, s_next]) and len(users[m]) == 1:
+            extra = lin.b.emit("matmul", (q, other), n.type.shape, n.span)
+            return q, own == s, extra
+    return None
 
 
 def _sum_readout(cell, lin, users, n, s_next, rank):

@@ -31,6 +31,9 @@ STDLIB_DIMS = {  # small odd sizes; d=1 somewhere
     "pararnn_gru.rnn": {"d_in": 3, "d": 5}, "pararnn_lstm.rnn": {"d_in": 2, "d": 3},
     "elman.rnn": {"d_in": 2, "d": 3}, "lstm.rnn": {"d_in": 2, "d": 3}, "gru.rnn": {"d_in": 2, "d": 3},
     "mlstm.rnn": {"K": 2, "V": 3}, "slstm.rnn": {"d_in": 2, "d": 3},
+    "kda.rnn": {"K": 3, "V": 2}, "rwkv7.rnn": {"K": 4, "V": 3}, "comba.rnn": {"K": 3, "V": 5},
+    "mamba2.rnn": {"N": 3, "P": 2}, "lru.rnn": {"H": 3, "N": 2},
+    "rwkv6.rnn": {"K": 3, "V": 4},
 }
 
 
@@ -41,12 +44,14 @@ def cell_inputs(m, B, T, heads, dtype=torch.float64):
     xs = []
     for n in m.INPUTS:
         x = torch.randn(B, T, *heads, *m.shapes[n], generator=gen, dtype=torch.float64) * 0.5
-        if n in ("k",):  # the delta rule's keys are unit vectors
+        if n in ("k", "kk", "p"):  # the delta rule's keys (write, removal) are unit vectors
             x = x / x.norm(dim=-1, keepdim=True)
-        if n in ("beta",):
+        if n in ("beta", "a"):  # learning rates in (0, 1)
             x = torch.sigmoid(x)
-        if n in ("gk", "g"):  # log-space decays
+        if n in ("gk", "g", "log_w"):  # log-space decays
             x = -torch.nn.functional.softplus(x)
+        if n in ("dt",):  # step sizes, after their softplus
+            x = torch.nn.functional.softplus(x)
         xs.append(x.to(dtype).requires_grad_())
     init = {s: (torch.randn(B, *heads, *m.shapes[s], generator=gen, dtype=torch.float64) * 0.5)
             .to(dtype).requires_grad_() for s in m.STATES}

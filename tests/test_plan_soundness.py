@@ -28,13 +28,18 @@ MATRIX_LINKS = {
     "column rotation": "concat({S}[:, 1:V], {S}[:, 0:1], axis=1)",
     "key mixing": "{S} - 0.5 * outer(a, a @ {S})",
     "key mixing alone": "0.5 * outer(a, a @ {S})",
+    "rwkv-7": "exp(gk)[:, None] * {S} - outer(sigmoid(a) * k, k @ {S})",
+    "comba": "{S} + outer(k, beta * (v - a @ {S}))",
+    "two reads": "{S} - 0.5 * outer(k, k @ {S}) - 0.5 * outer(a, a @ {S})",
+    "read of a column-scaled state": "{S} - outer(k, k @ (sigmoid(b)[None, :] * {S}))",
     "tanh": "tanh({S})",
     "silu": "{S} * sigmoid({S})",
 }
 MATRIX_INPUTS = ["", " + outer(k, v)", " + outer(k, v) + outer(a, b)",
                  " + k[:, None] * v[None, :]", " + 0.5 * outer(k, v)"]
 MATRIX_READOUTS = ["q @ S'", "q @ S", "sum(S', 0)", "(q @ S') * sigmoid(b)", "q @ S' + q @ S",
-                   "q @ S' + a @ S'", "q @ tanh(S')"]
+                   "q @ S' + a @ S'", "q @ tanh(S')", "q @ (S + outer(a, v))",
+                   "q @ (S' + outer(k, b))"]
 
 VECTOR_LINKS = {
     "gate": "sigmoid(a) * {h}",
@@ -59,7 +64,8 @@ def _chain(links, name):
 
 
 # half the links drawn from those a chunkwise form accepts, so legal plans come up often
-CHUNK_LINKS = ["scalar gate", "row gate", "householder", "householder, no write"]
+CHUNK_LINKS = ["scalar gate", "row gate", "householder", "householder, no write", "rwkv-7",
+               "comba"]
 
 
 @st.composite
@@ -146,7 +152,7 @@ cell RowMean(K, V) {
 @pytest.mark.parametrize("update,why", [
     ("mean(S, 1)[:, None] + outer(k, v)", "mixes its columns (S'[0, 0] reads S[0, 1]"),
     ("concat(S[1:K], S[0:1], axis=0) + outer(k, v)", "mixes its rows (S'[0, 0] reads S[1, 0]"),
-    ("S + outer(k, k @ S)", "mixes its rows"),
+    ("S + outer(k, k @ S) + outer(q, q @ S)", "through 2 keys"),
     ("(2 * sigmoid(k) - 1)[:, None] * S + outer(k, v)", "not provably positive"),
 ])
 def test_chunk_refused_with_the_reason(update, why):

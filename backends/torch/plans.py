@@ -110,13 +110,16 @@ class ScanPrinter(PlanPrinter):
     def __init__(self, form: plans.ScanForm, source_name=""):
         self.form = form
         roots = [v for st in form.states for v in (st.coefficient, st.offset)
-                 if v not in (None, ZERO)]
+                 if v not in (None, ZERO)] + [v for row in form.matrix for v in row
+                                              if v not in (None, ZERO)]
         super().__init__(form.cell, source_name, "scan", roots)
         for st in form.states:
             self.hints.setdefault(st.coefficient, f"{st.name}_decay")
             self.hints.setdefault(st.offset, f"{st.name}_input")
 
     def _solve(self, lines):
+        if self.form.matrix:
+            return self._block_solve(lines)
         finals = {}
         lines.append("        # s' = a * s + b for every step at once: a parallel linear scan")
         for st in self.form.states:
@@ -129,6 +132,27 @@ class ScanPrinter(PlanPrinter):
             lines += [call] if len(call) <= 110 else [
                 f"        {steps} = {self.kernels}.linear_scan(", f"            {a},",
                 f"            {b},", f"            {init},", "        )"]
+        return self._bind_steps(lines, finals)
+
+    def _block_solve(self, lines):
+        """Coupled states: s' = A s + b over k x k blocks pairing equal elements, one block scan."""
+        names = [st.name for st in self.form.states]
+        inits = [self.decl_names[s] for s in names]
+        rank = len(self.cell.states[0].shape)
+        A = [[self._time_major(v, rank, inits[0], expand=True) for v in row]
+             for row in self.form.matrix]
+        b = [self._time_major(st.offset, rank, inits[0], expand=True) for st in self.form.states]
+        rows = ", ".join(f"torch.stack([{', '.join(r)}], -1)" for r in A)
+        steps = self.ns.new("block_steps")
+        lines += [f"        # the {len(names)} coupled states' s' = A s + b for every step at once: "
+                  f"a block scan of {len(names)} x {len(names)} blocks",
+                  f"        {steps} = {self.kernels}.block_scan(",
+                  f"            torch.stack([{rows}], -2),",
+                  f"            torch.stack([{', '.join(b)}], -1),",
+                  f"            torch.stack([{', '.join(inits)}], -1),",
+                  "        )"]
+        finals = {s: self.ns.new(s + "_steps") for s in names}
+        lines.append(f"        {_tuple(finals.values())} = {steps}.unbind(-1)")
         return self._bind_steps(lines, finals)
 
     def _time_major(self, v, rank, init, expand):
@@ -271,8 +295,9 @@ class ChunkPrinter(PlanPrinter):
     def __init__(self, form: plans.ChunkForm, source_name=""):
         self.form = form
         self.readout = form.readouts[0]
-        roots = [v for v in (form.log_decay, *form.keys, *form.values, *form.betas,
-                             self.readout.q) if v is not None]
+        pieces = [v for m in form.steps for v in (m.log_decay, m.a, m.b, m.k, m.u)]
+        roots = [v for v in (form.log_decay, *form.keys, *form.values, *form.betas, *pieces,
+                             self.readout.q, self.readout.extra) if v is not None]
         super().__init__(form.cell, source_name, "chunk", roots,
                          bound={self.readout.node: "readout"})
         self.class_attrs = ["    chunk_size = 64  # steps per chunk (set it on the module)"]
@@ -306,8 +331,17 @@ class ChunkPrinter(PlanPrinter):
             decay = self._chunks(f.log_decay, (*f.heads, width), heads)
             args = [q, self._chunks(f.keys[0], (*f.heads, K), heads),
                     self._chunks(f.values[0], (*f.heads, V), heads), decay, s0]
-            lines.append("        # S' = decay * S + k v^T, o = q @ S': chunkwise parallel")
+            lines.append("        # S' = decay * S + k v^T, o = q @ S" + ("" if self.readout.prev else "'")
+                         + ": chunkwise parallel")
             call = f"{self.kernels}.chunk_linear_attention"
+        elif f.kind == "dplr":
+            M = len(f.steps)
+            args = [q] + [self._chunks([getattr(m, piece) for m in f.steps], (M, V if piece == "u"
+                                                                              else K), 0)
+                          for piece in ("log_decay", "a", "b", "k", "u")] + [s0]
+            lines.append(f"        # S <- diag(e^g) S + a (b^T S) + k u^T, {M} micro-step(s) a "
+                         "token, o = q @ S': chunkwise (one triangular solve per chunk)")
+            call = f"{self.kernels}.chunk_dplr"
         else:
             n_h = len(f.keys)
             decay = "None" if f.log_decay is None else self._chunks(f.log_decay, (), 0)
@@ -320,9 +354,16 @@ class ChunkPrinter(PlanPrinter):
         lines.append(f"        {out}, {final} = {call}(")
         lines += [f"            {a}," for a in args]
         lines.append("            chunk_size=self.chunk_size,")
+        if self.readout.prev:
+            lines.append("            prev=True,  # o_t reads the state before step t")
         lines.append("        )")
+        extra = ""
+        if self.readout.extra is not None:  # q @ X of an output q @ (S + X), every step at once
+            self.batch = "_NT"
+            extra = f" + {self._batched_ref(self.readout.extra)}"
+            self.batch = "_N"
         lines.append(f"        {self.next[self.readout.node]} = _rt.from_chunks({out}, _T, _N, "
-                     f"{self._shape(f.heads)})")
+                     f"{self._shape(f.heads)}){extra}")
         return {f.state: f"{final}.reshape({init}.shape)"}
 
 

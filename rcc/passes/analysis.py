@@ -111,10 +111,22 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     independent = all(set(f.reads) <= {f.name} for f in facts)
     if elementwise and not independent:
         notes.append("the states read each other element by element: "
-                     + ("the scan handles states that each read only themselves" if affine else
-                        "parallel Newton needs the coupled states to share one shape"))
-    plans = _legal_plans(kind, structure, cell, elementwise and (
-        independent if affine else len({tuple(d.shape) for d in cell.states}) == 1))
+                     + ("the scan runs them as one block scan of k x k blocks" if affine else
+                        "parallel Newton solves them together"))
+    one_shape = len({tuple(d.shape) for d in cell.states}) == 1
+    form = _chunk_form(cell) if affine else None
+    # the scan takes independent states or one block scan of coupled ones of one shape; Newton's
+    # blocks pair equal elements of all states
+    plans = _legal_plans(kind, form, elementwise and (
+        (independent or one_shape) if affine else one_shape))
+    if form is not None and form.kind == "dplr" and structure.startswith("householder"):
+        notes.append("the decay gate is per key: plan chunk runs each step as a diagonal-plus-"
+                     "rank-one transition diag(e^g) + a b^T")
+    elif form is not None and form.kind == "dplr":
+        # the verified form is the exact fact: its micro-steps reproduce the step
+        structure = f"diagonal+rank-one(steps={len(form.steps)})"
+        notes.append(f"each step applies {len(form.steps)} diagonal-plus-rank-one transition(s) "
+                     "diag(e^g) + a b^T to the matrix state, then writes k u^T")
     return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
                     tuple(notes), elementwise)
 
@@ -281,23 +293,23 @@ def _classify_link(cell, probe, a, b):
     return "householder" if sym and rank == 1 else "other"
 
 
-def _legal_plans(kind, structure, cell, elementwise):
+def _legal_plans(kind, form, elementwise):
     plans = ["sequential"]
     if kind == "affine":
         if elementwise:
             plans.append("scan")
-        if _chunkable(cell):
+        if form is not None:
             plans.append("chunk")
     elif elementwise:
         plans.append("newton")
     return tuple(plans)
 
 
-def _chunkable(cell) -> bool:
+def _chunk_form(cell):
+    """The chunkwise form (verified exact: rcc.plans.chunk_form), or None."""
     from ..plans import NotChunkable, chunk_form
 
     try:
-        chunk_form(cell)
-        return True
+        return chunk_form(cell)
     except NotChunkable:
-        return False
+        return None

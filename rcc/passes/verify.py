@@ -47,9 +47,10 @@ def refusal(cell, state, structural_reason) -> str:
     if why and "columns" in why:
         return (why + ": the chunkwise forms apply one K x K transition to every column "
                 "(value) of the state")
-    if why and not any(w in structural_reason for w in ("Householder", "delta")):
+    if why and any(w in structural_reason for w in ("varies along", "decay * S")):
         return (why + ": a chunkwise form takes a transition that mixes rows only as "
-                "Householder factors (I - beta k k^T) S + k u^T")
+                "diagonal-plus-rank-one steps diag(e^g) S + a (b^T S) + k u^T (one read b @ S "
+                "a step)")
     return structural_reason
 
 
@@ -66,7 +67,17 @@ def _check(form, probe, dims):
                     "form works with its logarithm): write it as exp(g), sigmoid(z) or a "
                     "positive constant")
         decay = _map(sympy.exp, log_decay)
-    if form.kind == "linear":
+    if form.kind == "dplr":
+        rebuilt, what = S, f"diagonal-plus-rank-one steps applied to {form.state}"
+        for m in form.steps:
+            g, a, b, k, u = (_obj(values[i]) for i in (m.log_decay, m.a, m.b, m.k, m.u))
+            if not all(sympy.sympify(e).is_extended_real for e in flat(g)):
+                return (f"a decay of state '{form.state}' is not provably positive (the chunkwise "
+                        "form works with its logarithm): write it as exp(g), sigmoid(z) or a "
+                        "positive constant")
+            rebuilt = _map(sympy.exp, g)[:, None] * rebuilt \
+                + a[:, None] * np.matmul(b, rebuilt)[None, :] + k[:, None] * u[None, :]
+    elif form.kind == "linear":
         k, v = values[form.keys[0]], values[form.values[0]]
         scaled = S if decay is None else _obj(decay)[..., None] * S
         rebuilt = scaled + _obj(k)[..., :, None] * _obj(v)[..., None, :]
@@ -82,7 +93,10 @@ def _check(form, probe, dims):
         return _why_not(form.state, S, target, what, at)
     for r in form.readouts:
         q = _obj(values[r.q])
-        if not _equal(values[r.node], (q[..., :, None] * target).sum(axis=-2)):
+        read = (q[..., :, None] * (S if r.prev else target)).sum(axis=-2)
+        if r.extra is not None:
+            read = read + _obj(values[r.extra])
+        if not _equal(values[r.node], read):
             return (f"an output's read of state '{form.state}' is not q @ {form.state}' "
                     f"(checked element by element at {at})")
     return None

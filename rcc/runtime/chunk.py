@@ -86,9 +86,10 @@ def _pass_states(S0, transition, added, elementwise):
 #   key sub-chunk m < n) factors through the two sub-chunk edges between them:
 #     A[i, j] = sum_k q_ik exp(seg(start_n, i]_k) * exp(seg(end_m, start_n]_k) * exp(seg(j, end_m]_k) k_jk,
 #   three factors that all have exponents <= 0, contracted by one einsum.
-def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64):
+def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64, prev=False):
     """Gated linear attention. q, k [N, T, K]; v [N, T, V]; log_decay [N, T, K] (per key) or [N, T, 1]
-    (scalar); S0 [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]). chunk_size counts steps."""
+    (scalar); S0 [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]). chunk_size counts steps.
+    prev: o_t reads the state before step t (o_t = S_{t-1}^T q_t, RWKV-6's form) instead of after it."""
     N, T, K = q.shape
     V = v.shape[-1]
     if S0 is None:
@@ -98,21 +99,27 @@ def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64):
                      for x in (q, k, v, log_decay))
     scalar = g.shape[-1] == 1
 
-    if scalar:
+    if prev:  # strict: key j < i, decays over j < p <= i - 1
+        o_intra = decayed_scores(qc, kc, g.expand(qc.shape), strict=True) @ vc
+    elif scalar:
         decay = _segment_sums(g[..., 0]).exp()  # [N, n_chunks, C, C]
         o_intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
     else:
-        o_intra = _intra_chunk_per_key(qc, kc, vc, g)
+        o_intra = _intra_chunk_scores(qc, kc, g) @ vc
 
     total = g.sum(2)  # [N, n_chunks, K or 1]
     increments = (kc * _suffix_sums_after(g, 2).exp()).transpose(-1, -2) @ vc  # [N, n_chunks, K, V]
     starts, S_T = _pass_states(S0, total.exp().unsqueeze(-1), increments, elementwise=True)
-    o = (qc * g.cumsum(2).exp()) @ starts + o_intra
+    from_start = g.cumsum(2)
+    if prev:  # through step i - 1
+        from_start = torch.cat([torch.zeros_like(g[:, :, :1]), from_start[:, :, :-1]], 2)
+    o = (qc * from_start.exp()) @ starts + o_intra
     return o.reshape(N, n_chunks * chunk, V)[:, :T], S_T
 
 
-def _intra_chunk_per_key(qc, kc, vc, g):
-    """o_intra [N, n_chunks, C, V] for per-key decays g [N, n_chunks, C, K] (see the summary above)."""
+def _intra_chunk_scores(qc, kc, g):
+    """The intra-chunk attention [N, n_chunks, C, C] (j <= i, 0 above the diagonal) for per-key
+    decays g [N, n_chunks, C, K] (see the summary above)."""
     N, n_chunks, chunk, K = qc.shape
     sub = _sub_chunk_size(chunk)
     n_sub = chunk // sub
@@ -134,7 +141,18 @@ def _intra_chunk_per_key(qc, kc, vc, g):
 
     block_diag = torch.eye(n_sub, dtype=qc.dtype, device=qc.device)[:, None, :, None]
     attn = a_off + a_diag.unsqueeze(-2) * block_diag  # [.., n, i, m, j]
-    return attn.reshape(N, n_chunks, chunk, chunk) @ vc
+    return attn.reshape(N, n_chunks, chunk, chunk)
+
+
+def decayed_scores(x, y, g, strict):
+    """out[..., i, j] = sum_k x_ik y_jk exp(sum of g_pk over j < p <= i), for j <= i (strict:
+    over j < p <= i - 1, for j < i); 0 elsewhere. x, y, g: [..., L, K]."""
+    if not strict:
+        return _intra_chunk_scores(x, y, g)
+    # row i of the strict form is row i - 1 of the inclusive one for the queries moved back a step
+    ahead = torch.cat([x[..., 1:, :], torch.zeros_like(x[..., :1, :])], -2)
+    scores = _intra_chunk_scores(ahead, y, g)
+    return torch.cat([torch.zeros_like(scores[..., :1, :]), scores[..., :-1, :]], -2)
 
 
 # Summary of algorithm (chunk_delta_rule).

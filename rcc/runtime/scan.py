@@ -228,10 +228,13 @@ def _block_adjoint(A, g):
 
 
 class _BlockScan(torch.autograd.Function):
+    """kernels: (forward(A_t, b, s0), adjoint(A_t, g)): torch's here, Triton's on backend triton."""
+
     @staticmethod
-    def forward(ctx, A, b, s0):
+    def forward(ctx, A, b, s0, kernels=None):
+        forward, ctx.adjoint = kernels or (_block_forward, _block_adjoint)
         A_t = _time_leading(A, max(b.dim() + 1, A.dim()))
-        states = _block_forward(A_t, b, s0)
+        states = forward(A_t, b, s0)
         ctx.save_for_backward(A, s0, states)
         ctx.b_shape, ctx.b_dtype = tuple(b.shape), b.dtype
         return states
@@ -240,7 +243,7 @@ class _BlockScan(torch.autograd.Function):
     def backward(ctx, g):
         A, s0, states = ctx.saved_tensors
         A_t = _time_leading(A, states.dim() + 1)
-        lam = _block_adjoint(A_t, g)
+        lam = ctx.adjoint(A_t, g)
         grad_A = grad_b = grad_s0 = None
         if ctx.needs_input_grad[0]:
             s_prev = torch.cat((s0.expand(states.shape[1:])[None], states[:-1]))
@@ -250,7 +253,7 @@ class _BlockScan(torch.autograd.Function):
             grad_b = _sum_to(lam, ctx.b_shape).to(ctx.b_dtype)
         if ctx.needs_input_grad[2]:
             grad_s0 = _sum_to(_matvec(A_t[0].transpose(-1, -2), lam[0]), s0.shape).to(s0.dtype)
-        return grad_A, grad_b, grad_s0
+        return grad_A, grad_b, grad_s0, None
 
 
 def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:

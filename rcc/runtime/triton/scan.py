@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..scan import _sum_to, _time_leading, next_reversed
+from ..scan import _BlockScan, _sum_to, _time_leading, next_reversed
 from .common import accumulator, check, tuned
 
 BLOCK_T = 32  # steps per chunk (the tests' T=40 crosses a chunk edge)
@@ -237,11 +237,12 @@ def _block_kernel(k):
 
 def block_scan(A: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
     """All states of s_t = A_t @ s_{t-1} + b_t (as rcc.runtime.scan.block_scan: A [T or 1, N, *E,
-    k, k] broadcasting, b [T, N, *E, k], s0 [N, *E, k]), by a Triton kernel. Not differentiable:
-    newton_solve runs it inside its own autograd.Function, whose backward is block_adjoint."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (A, b, s0)):
-        raise RuntimeError("rcc.runtime.triton.scan.block_scan is not differentiable (newton_solve "
-                           "differentiates through its own adjoint)")
+    k, k] broadcasting, b [T, N, *E, k], s0 [N, *E, k]), by a Triton kernel; differentiable, the
+    backward one reversed block scan (block_adjoint), as rcc.runtime.scan's."""
+    return _BlockScan.apply(A, b, s0, (_block_states, block_adjoint))
+
+
+def _block_states(A, b, s0):
     check([b], "block_scan (backend 'triton')")
     k, T = b.shape[-1], b.shape[0]
     if T == 0:
