@@ -1,4 +1,4 @@
-"""rcc's plans (sequential, scan, chunk, newton) of eight stdlib cells side by side with the Python
+"""rcc's plans (sequential, scan, chunk, newton) of eleven stdlib cells side by side with the Python
 loop over time a user would write by hand in plain torch, in one run on one machine.
 
     python benchmarks/plans.py                                  # B=4, T in {256, 2048}, CPU
@@ -38,7 +38,7 @@ import rcc  # noqa: E402
 from common import median_ms, print_machine  # noqa: E402
 
 CELLS = ("mingru", "gla", "retnet", "deltanet", "gated_deltanet", "deltaproduct",
-         "pararnn_gru", "pararnn_lstm")
+         "pararnn_gru", "pararnn_lstm", "kda", "rwkv7", "comba")
 N_HOUSEHOLDER = 2  # DeltaProduct's n_h
 
 
@@ -134,6 +134,41 @@ def deltaproduct_loop(m, q, k, v, beta, g):
     return torch.stack(outs, 1), {"S": S}
 
 
+def kda_loop(m, q, k, v, g, beta):
+    B, _, H, K = q.shape
+    q = q * K ** -0.5
+    S = q.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for q_t, k_t, v_t, g_t, beta_t in zip(*(x.unbind(1) for x in (q, k, v, g, beta))):
+        S = _delta_update(g_t.exp().unsqueeze(-1) * S, k_t, v_t, beta_t)  # per-key decay first
+        outs.append(_readout(q_t, S))
+    return torch.stack(outs, 1), {"S": S}
+
+
+def rwkv7_loop(m, r, log_w, k, v, kk, a):
+    B, _, H, K = r.shape
+    S = r.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for r_t, w_t, k_t, v_t, kk_t, a_t in zip(*(x.unbind(1) for x in (r, log_w, k, v, kk, a))):
+        removed = (a_t * kk_t).unsqueeze(-1) * _readout(kk_t, S).unsqueeze(-2)
+        S = w_t.exp().unsqueeze(-1) * S - removed + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+        outs.append(_readout(r_t, S))
+    return torch.stack(outs, 1), {"S": S}
+
+
+def comba_loop(m, q, k, v, p, beta, g):
+    B, _, H, K = q.shape
+    q = q * K ** -0.5
+    S = q.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for q_t, k_t, v_t, p_t, beta_t, g_t in zip(*(x.unbind(1) for x in (q, k, v, p, beta, g))):
+        S = g_t.exp()[..., None, None] * S
+        delta = beta_t.unsqueeze(-1) * (v_t - _readout(p_t, S))
+        S = S + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+        outs.append(_readout(q_t, S))
+    return torch.stack(outs, 1), {"S": S}
+
+
 def pararnn_gru_loop(m, x):
     # the three input projections as one matmul, as a careful user would fuse them
     weights = torch.cat([m.Wz, m.Wr, m.Wh])
@@ -204,6 +239,14 @@ def make_inputs(name, B, T, args, device, generator):
                 F.logsigmoid(randn(B, T, H)) / 16)
     keys = F.normalize(randn(B, T, H, K), dim=-1)
     beta = torch.sigmoid(randn(B, T, H))
+    if name == "kda":  # per-key log-decays as GLA's
+        return q, keys, v, F.logsigmoid(randn(B, T, H, K)) / 16, beta
+    if name == "rwkv7":  # w = exp(-0.6 sigmoid(.)) as the paper's decay, a in (0, 1)
+        return (q, -0.6 * torch.sigmoid(randn(B, T, H, K)), randn(B, T, H, K) * K ** -0.5, v,
+                keys, torch.sigmoid(randn(B, T, H, K)))
+    if name == "comba":
+        return (q, keys, v, F.normalize(randn(B, T, H, K), dim=-1), beta,
+                F.logsigmoid(randn(B, T, H)) / 16)
     if name == "deltanet":
         return q, keys, v, beta
     return q, keys, v, beta, F.logsigmoid(randn(B, T, H)) / 16  # gated_deltanet
@@ -393,7 +436,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
-                        help="cells to run (default: all eight)")
+                        help="cells to run (default: all eleven)")
     parser.add_argument("--T", type=int, nargs="+", default=[256, 2048],
                         help="sequence lengths (default 256 2048)")
     parser.add_argument("--B", type=int, default=4, help="batch size (default 4)")

@@ -1,26 +1,17 @@
 """rcc.compile: source -> IR -> generated module -> a torch.nn.Module class (cached by content)."""
 from __future__ import annotations
 
-import builtins
-import hashlib
-import importlib.util
-import linecache
-import os
-import sys
-import tempfile
 
-import torch
 
 from . import frontend
 from .elaborate import NeedStatic, elaborate
 from .errors import CompileError
 from .passes import run_pipeline
-from .runtime.cpp import cache_dir
+from .runtime.loader import auto_class, class_for_code
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 AUTO_T, AUTO_N = 4096, 8  # the sizes `generate(plan="auto")` chooses for (no call to see yet)
 PLANS = ("auto", "sequential", "scan", "chunk", "newton")
-_CLASSES: dict = {}  # content key -> class, for this process
 
 
 TRITON_PLANS = ("sequential", "scan", "newton", "chunk")
@@ -102,7 +93,10 @@ def _triton_plan(cell_ir, plan, analysis=None):
         vectors = all(len(d.shape) <= 1 for d in cell_ir.states)
         plan = "scan" if "scan" in analysis.plans and vectors else "sequential"
         if "chunk" in analysis.plans:
-            plan = "chunk"
+            from rcc.backends.triton.printer import triton_lacks
+            from .plans import chunk_form
+            if not triton_lacks(chunk_form(cell_ir)):
+                plan = "chunk"
     return plan, analysis
 
 
@@ -227,6 +221,7 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
         raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
                            f"value to generate code: give it a default or pass --dims "
                            f"{need.names[0]}=N", need.span) from None
+    cell_ir = _with_dims(cell_ir, dims or {})
     if cell_ir.topology != "seq":
         return _graph_module(cell_ir, backend, plan)
     if backend == "cpp":
@@ -244,6 +239,21 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
         facts = _auto_facts(cell_ir, analysis, dims)
         plan = choose(facts, facts, device, AUTO_T, AUTO_N)[0]
     return print_module(cell_ir, plan=plan, analysis=analysis)
+
+
+def _with_dims(cell_ir, dims):
+    """`dims` (rcc compile --dims) checked against the cell's: a dim that sets a loop count took
+    its value in elaboration; a free one gets it as its default in the generated module."""
+    from dataclasses import replace
+
+    names = [d.name for d in cell_ir.dims]
+    for name in dims:
+        if name not in names:
+            raise CompileError(f"cell '{cell_ir.name}' has no dim '{name}' (dims: "
+                               f"{', '.join(names) or 'none'})", cell_ir.span)
+    return replace(cell_ir, dims=tuple(
+        replace(d, default=dims[d.name]) if d.name in dims and d.static is None else d
+        for d in cell_ir.dims))
 
 
 def _auto_facts(cell_ir, analysis, dims=None):
@@ -313,10 +323,7 @@ def _class_for(cell_ir, plan, source_name="", analysis=None, backend="torch"):
         return _auto_class(cell_ir, source_name)
     else:
         code = print_module(cell_ir, source_name or cell_ir.filename, plan, analysis)
-    key = hashlib.sha256(code.encode()).hexdigest()[:24]
-    if key not in _CLASSES:
-        _CLASSES[key] = _load_class(code, key)
-    return _CLASSES[key]
+    return class_for_code(code)
 
 
 def _graph_module(cell_ir, backend, plan, source_name=""):
@@ -346,17 +353,10 @@ def _auto_class(cell_ir, source_name=""):
     from rcc.backends.torch.plans import plan_facts
 
     from .passes.analysis import analyze_ir
-    from .runtime.module import AutoPlan
 
     analysis = analyze_ir(cell_ir)
     classes = {p: _class_for(cell_ir, p, source_name, analysis) for p in analysis.plans}
-    key = "auto:" + "|".join(c.__module__ for c in classes.values())  # the plans' code hashes
-    if key not in _CLASSES:
-        base = classes["sequential"]
-        _CLASSES[key] = type(base.__name__, (AutoPlan, base), {
-            "__module__": base.__module__, "PLAN_CLASSES": classes,
-            "PLAN_FACTS": plan_facts(cell_ir, analysis), "forward": AutoPlan.forward})
-    return _CLASSES[key]
+    return auto_class(classes, plan_facts(cell_ir, analysis))
 
 
 def _deferred_class(prog, ast, plan, backend="torch"):
@@ -373,32 +373,4 @@ def _deferred_class(prog, ast, plan, backend="torch"):
     return cls
 
 
-def _load_class(code: str, key: str):
-    """Write the module to the cache (atomically) and import it from there, so tracebacks and
-    inspect show the generated lines."""
-    directory = cache_dir()
-    path = os.path.join(directory, f"rcc_{key}.py")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(code)
-            os.replace(tmp, path)
-    except OSError:
-        path = None  # read-only home: keep the module in memory only
-    name = f"rcc_generated_{key}"
-    if path is not None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        filename = f"<rcc {key}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        module = type(sys)(name)
-        exec(builtins.compile(code, filename, "exec"), module.__dict__)
-    sys.modules[name] = module
-    classes = [v for v in module.__dict__.values()
-               if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == name]
-    return classes[0]
 

@@ -16,8 +16,9 @@ def _dims(items):
     out = {}
     for item in items or ():
         name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"--dims expects NAME=INT, got {item!r}")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise argparse.ArgumentTypeError(f"--dims expects NAME=INT with a positive INT, got "
+                                             f"{item!r}")
         out[name.strip()] = int(value)
     return out
 
@@ -50,7 +51,10 @@ def _edge_index(path):
 
 
 def _parser():
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="rcc", description="A compiler for recurrent cells.")
+    p.add_argument("--version", action="version", version=f"rcc {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="write the generated Python module of a cell")
     c.add_argument("file")

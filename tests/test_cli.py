@@ -156,3 +156,24 @@ def test_explain_shows_the_plan_auto_chooses_per_length_and_device():
     assert "legal plans: sequential, scan, chunk" in r.stdout
     assert "plan 'auto' on cuda" in r.stdout
     assert "T=64:" in r.stdout and "T=65536:" in r.stdout and "chunk" in r.stdout
+
+
+def test_version():
+    import rcc
+
+    r = rcc_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"rcc {rcc.__version__}"
+
+
+def test_dims_are_checked_and_a_free_dim_becomes_the_default(tmp_path):
+    r = rcc_cli("compile", stdlib("lstm.rnn"), "--dims", "zz=3", "-o", str(tmp_path / "a.py"))
+    assert r.returncode == 1 and "has no dim 'zz' (dims: d_in, d)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = rcc_cli("compile", stdlib("lstm.rnn"), "--dims", "d=0")
+    assert r.returncode == 2 and "positive INT" in r.stderr
+    r = rcc_cli("compile", stdlib("lstm.rnn"), "--dims", "d=8", "d_in=4", "-o", str(tmp_path / "lstm_cli.py"))
+    assert r.returncode == 0, r.stderr
+    check = subprocess.run([sys.executable, "-c", "import lstm_cli; print(lstm_cli.LSTM().dims)"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+    assert "{'d_in': 4, 'd': 8}" in check.stdout, check.stderr

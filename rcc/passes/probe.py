@@ -18,12 +18,12 @@ class _NoGrad(sympy.Function):
     """A comparison result (0/1): constant almost everywhere, so its derivative is zero. At
     numbers it evaluates (rcc.passes.verify compares forms at random points)."""
 
-    compare = None
+    holds = None  # the comparison on floats (not `compare`: sympy.Basic has that method)
 
     @classmethod
     def eval(cls, a, b):
         if a.is_Number and b.is_Number:
-            return sympy.Integer(int(cls.compare(float(a), float(b))))
+            return sympy.Integer(int(cls.holds(float(a), float(b))))
         return None
 
     def fdiff(self, argindex=1):
@@ -35,7 +35,7 @@ _COMPARE = {"lt": float.__lt__, "le": float.__le__, "gt": float.__gt__, "ge": fl
 
 
 def _cmp(name):
-    return type(f"cmp_{name}", (_NoGrad,), {"compare": staticmethod(_COMPARE[name])})
+    return type(f"cmp_{name}", (_NoGrad,), {"holds": staticmethod(_COMPARE[name])})
 
 
 _CMP = {op: _cmp(op) for op in ir.COMPARE}

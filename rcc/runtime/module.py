@@ -68,6 +68,20 @@ class CellModule(torch.nn.Module):
             dims[name] = int(value)
         return dims
 
+    def __reduce_ex__(self, protocol):
+        """copy.deepcopy and pickle (torch.save of a whole model): the class is rebuilt from the
+        code it was generated as (rcc.runtime.loader.rebuild), not looked up by a module path
+        that exists only in this process; the state is nn.Module's."""
+        from .loader import rebuild
+
+        cls = type(self)
+        if not hasattr(cls, "RCC_CODE") and not getattr(cls, "PLAN_CLASSES", None):
+            raise TypeError(f"{cls.__name__}: a class rcc did not generate cannot be pickled")
+        codes = ({p: c.RCC_CODE for p, c in cls.PLAN_CLASSES.items()}
+                 if getattr(cls, "PLAN_CLASSES", None) else cls.RCC_CODE)
+        return rebuild, (codes, getattr(cls, "PLAN_FACTS", None), dict(self.dims)), \
+            self.__getstate__()
+
     def __init__(self, *args, **kwargs):
         super().__init__()
         self.dims = self._bind_dims(args, kwargs)
@@ -136,15 +150,41 @@ class CellModule(torch.nn.Module):
                 raise ValueError(f"input {name!r} has an empty time axis (T=0)")
             if not x.is_floating_point():
                 raise TypeError(f"input {name!r} must be floating point, got {x.dtype}")
+            self._check_dtype(name, x)
             # no heads: already [N, T, *decl] (a call costs microseconds: one-step latency)
             out.append(x.movedim(1, 1 + nh).reshape(-1, x.shape[1], *decl) if nh else x)
         return out, layout
 
+    def _check_dtype(self, name, x):
+        """An input's dtype must be the params' (a float64 input into a float32 module), except
+        under autocast, which casts itself."""
+        params = self._parameters
+        if not params or torch.is_autocast_enabled(x.device.type):
+            return
+        p = next(iter(params.values()))
+        if p is not None and x.dtype != p.dtype:
+            cast = {torch.float64: "double", torch.float32: "float", torch.float16: "half",
+                    torch.bfloat16: "bfloat16"}.get(x.dtype, "to(dtype)")
+            raise TypeError(f"input {name!r} is {x.dtype} but {self.CELL}'s params are {p.dtype}: "
+                            f"call m.{cast}() to run the module in {x.dtype}, or pass "
+                            f"{name}.to({p.dtype})")
+
     def _initial_states(self, initial_state, layout, like, defaults):
-        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]) or the defaults
-        (functions making each state's declared initial value, called only when needed)."""
+        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]; a dict by state name,
+        or one tensor when the cell has one state, flash-linear-attention's habit) or the
+        defaults (functions making each state's declared initial value, called only when
+        needed)."""
         B, heads, _ = layout
         N = like.shape[0]
+        if isinstance(initial_state, torch.Tensor):
+            if len(self.STATES) != 1:
+                raise TypeError(f"initial_state is one tensor but {self.CELL} has "
+                                f"{len(self.STATES)} states: pass a dict "
+                                f"{{{', '.join(repr(s) + ': ...' for s in self.STATES)}}}")
+            initial_state = {self.STATES[0]: initial_state}
+        elif initial_state is not None and not isinstance(initial_state, dict):
+            raise TypeError(f"initial_state must be a dict of tensors by state name (states: "
+                            f"{', '.join(self.STATES)}), got {type(initial_state).__name__}")
         given = initial_state or {}
         for name in given:
             if name not in self.STATES:
@@ -252,10 +292,11 @@ class AutoPlan:
     last_estimates = None
 
     def forward(self, *args, **kwargs):
-        x = args[0] if args else kwargs[self.INPUTS[0]]
-        decl = self.shapes[self.INPUTS[0]]
-        T = x.shape[1]
-        N = max(1, x.numel() // max(1, T * math.prod(decl)))
+        # the inputs checked before the cost model reads their sizes (a missing input or T=0
+        # is the same clear error as on any plan)
+        inputs = {k: v for k, v in kwargs.items() if k != "initial_state"}
+        (x, *_), (B, heads, T) = self._inputs(args, inputs)
+        N = B * math.prod(heads)
         facts = {}
         for plan, f in self.PLAN_FACTS.items():
             f = dict(f, state=sum(math.prod(self.shapes[s]) for s in self.STATES) or 1,

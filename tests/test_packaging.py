@@ -1,0 +1,64 @@
+"""A non-editable install works: the wheel holds every package of the source tree and its data
+files, and rcc runs from it outside the source tree (issue 18: `pip install .` lacked
+rcc.passes while CI tested only the editable install)."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# source folder -> the package it installs as (pyproject.toml's package-dir)
+SOURCES = {"rcc": "rcc", "backends": "rcc/backends", "grammar": "rcc/grammar", "stdlib": "rcc/stdlib"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy without build outputs: a stale build/ would hide a missing package
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".hypothesis", "*.so"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(out), str(source)], check=True,
+                   cwd=out, capture_output=True)
+    (path,) = out.glob("rcc-*.whl")
+    return path
+
+
+def test_the_wheel_holds_every_module_and_data_file(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in SOURCES.items():
+        for f in (ROOT / folder).rglob("*"):
+            if f.suffix in (".py", ".lark", ".rnn") and "__pycache__" not in f.parts:
+                rel = f.relative_to(ROOT / folder).as_posix()
+                assert f"{package}/{rel}" in names, f"{folder}/{rel} is missing from the wheel"
+
+
+def test_rcc_runs_from_the_wheel_outside_the_tree(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    script = (
+        "import sys, torch, rcc\n"
+        f"assert rcc.__file__.startswith({str(site)!r}), rcc.__file__\n"
+        "from rcc.cli import main\n"
+        "from importlib.resources import files\n"
+        "path = str(files('rcc.stdlib') / 'gla.rnn')\n"
+        "assert main(['compile', path, '-o', 'gla_out.py']) in (0, None)\n"
+        "m = rcc.compile(path, plan='chunk')(K=4, V=3)\n"
+        "q, k, v = (torch.randn(2, 5, 4, requires_grad=True) for _ in range(3))\n"
+        "o, _ = m(q, k, v[..., :3], -torch.rand(2, 5, 4))\n"
+        "o.sum().backward()\n"
+        "outside = [n for n, mod in sys.modules.items() if n.split('.')[0] == 'rcc' and\n"
+        f"           not (getattr(mod, '__file__', None) or {str(site)!r}).startswith({str(site)!r})]\n"
+        "assert not outside, outside  # all of rcc came from the wheel\n"
+        "print('ok', tuple(o.shape))\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok (2, 5, 3)" in done.stdout
+    assert (tmp_path / "gla_out.py").exists()
