@@ -63,8 +63,12 @@ def filled(lin, steps, K, V, span):
         if tuple(lin.node(v).type.shape) == (size,):
             return v
         return lin._bin("mul", v, lin.b.emit("ones", (), (size,), span))
-    return [Micro(full(m.log_decay, K), full(m.a, K), full(m.b, K), full(m.k, K), full(m.u, V))
-            for m in steps]
+    # one decay for every key (a scalar gate in every micro-step) stays one value: the runtime's
+    # decayed products are then a matmul times [L, L] decays
+    width = 1 if all(m.log_decay is None or lin.node(m.log_decay).type.rank == 0
+                     for m in steps) else K
+    return [Micro(full(m.log_decay, width), full(m.a, K), full(m.b, K), full(m.k, K),
+                  full(m.u, V)) for m in steps]
 
 
 def _link(cell, lin, p, n, decl, helpers):

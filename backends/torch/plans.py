@@ -336,8 +336,9 @@ class ChunkPrinter(PlanPrinter):
             call = f"{self.kernels}.chunk_linear_attention"
         elif f.kind == "dplr":
             M = len(f.steps)
-            args = [q] + [self._chunks([getattr(m, piece) for m in f.steps], (M, V if piece == "u"
-                                                                              else K), 0)
+            width = {"u": V, "log_decay": self.cell.node(f.steps[0].log_decay).type.shape[-1]}
+            args = [q] + [self._chunks([getattr(m, piece) for m in f.steps],
+                                       (M, width.get(piece, K)), 0)
                           for piece in ("log_decay", "a", "b", "k", "u")] + [s0]
             lines.append(f"        # S <- diag(e^g) S + a (b^T S) + k u^T, {M} micro-step(s) a "
                          "token, o = q @ S': chunkwise (one triangular solve per chunk)")

@@ -148,10 +148,12 @@ def decayed_scores(x, y, g, strict):
     """out[..., i, j] = sum_k x_ik y_jk exp(sum of g_pk over j < p <= i), for j <= i (strict:
     over j < p <= i - 1, for j < i); 0 elsewhere. x, y, g: [..., L, K]."""
     if not strict:
+        if g.shape[-1] == 1:  # one decay for every key: a matmul times the [L, L] decays
+            return (x @ y.transpose(-1, -2)) * _segment_sums(g[..., 0]).exp()
         return _intra_chunk_scores(x, y, g)
     # row i of the strict form is row i - 1 of the inclusive one for the queries moved back a step
     ahead = torch.cat([x[..., 1:, :], torch.zeros_like(x[..., :1, :])], -2)
-    scores = _intra_chunk_scores(ahead, y, g)
+    scores = decayed_scores(ahead, y, g, strict=False)
     return torch.cat([torch.zeros_like(scores[..., :1, :]), scores[..., :-1, :]], -2)
 
 

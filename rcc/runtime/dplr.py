@@ -30,7 +30,8 @@ __all__ = ["chunk_dplr"]
 
 
 def chunk_dplr(q, g, a, b, k, u, S0=None, chunk_size=64):
-    """q [N, T, K]; g, a, b, k [N, T, M, K] (g: log-decays, K may be 1); u [N, T, M, V]; S0
+    """q [N, T, K]; g, a, b, k [N, T, M, K] (g: log-decays, [N, T, M, 1] for one decay for every
+    key); u [N, T, M, V]; S0
     [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]). chunk_size counts tokens
     (chunk_size * M micro-steps)."""
     N, T, M, K = a.shape
@@ -39,9 +40,10 @@ def chunk_dplr(q, g, a, b, k, u, S0=None, chunk_size=64):
         S0 = q.new_zeros(N, K, V)
     chunk, n_chunks, pad = _chunking(T, chunk_size)
     L = chunk * M
-    g = g.expand(N, T, M, K)
+    G1 = g.shape[-1]  # 1: one decay for every key (Comba): cheaper decayed products
     q = q.unsqueeze(2).expand(N, T, M, K)  # the token's query at each of its micro-steps
-    qc, gc, ac, bc, kc = (_pad_time(x, pad).reshape(N, n_chunks, L, K) for x in (q, g, a, b, k))
+    qc, ac, bc, kc = (_pad_time(x, pad).reshape(N, n_chunks, L, K) for x in (q, a, b, k))
+    gc = _pad_time(g.expand(N, T, M, G1), pad).reshape(N, n_chunks, L, G1)
     uc = _pad_time(u, pad).reshape(N, n_chunks, L, V)
 
     G = gc.cumsum(-2)  # through s
@@ -57,7 +59,8 @@ def chunk_dplr(q, g, a, b, k, u, S0=None, chunk_size=64):
                                            upper=False, unitriangular=True)
     P, R = solved.split([K, V], -1)
     a_end, k_end = (ac * to_end).transpose(-1, -2), (kc * to_end).transpose(-1, -2)
-    transition = torch.diag_embed(G[..., -1, :].exp()) + a_end @ P  # [N, n_chunks, K, K]
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    transition = G[..., -1, :].exp().unsqueeze(-1) * eye + a_end @ P  # [N, n_chunks, K, K]
     increments = a_end @ R + k_end @ uc  # [N, n_chunks, K, V]
     starts, S_T = _pass_states(S0, transition, increments, elementwise=False)
 
