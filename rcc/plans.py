@@ -10,7 +10,7 @@ into the pieces its algorithm needs (rcc.passes.linearize), or says why it canno
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -150,6 +150,9 @@ class ChunkForm:
     betas: tuple  # delta: node ids of shape []
     readouts: tuple  # of Readout
     steps: tuple = ()  # dplr: the micro-steps of a token (rcc.lowrank.Micro, every piece a node)
+    # vector states z[K] folded in as extra value columns (linear kind): z' = decay * z + k c,
+    # read as q . z' with the readout's q: ((state name, c node, readout node), ...)
+    folded: tuple = ()
 
 
 class NotChunkable(Exception):
@@ -176,7 +179,9 @@ def chunk_form(cell) -> ChunkForm:
 
 def _structural_chunk_form(cell) -> ChunkForm:
     """The gated linear or delta-rule form (backend triton has kernels for both), else the
-    diagonal-plus-rank-one one."""
+    diagonal-plus-rank-one one; with vector states beside the matrix, those folded in."""
+    if len(cell.states) > 1:
+        return _folded_chunk_form(cell)
     try:
         return _gated_chunk_form(cell)
     except NotChunkable as first:
@@ -204,13 +209,67 @@ def _dplr_chunk_form(cell) -> ChunkForm:
                      readouts, tuple(steps))
 
 
-def _gated_chunk_form(cell) -> ChunkForm:
-    if len(cell.states) != 1 or len(cell.updates) != 1:
-        raise NotChunkable("the chunkwise form needs exactly one state, a matrix")
-    decl = cell.states[0]
-    if len(decl.shape) < 2:
-        raise NotChunkable(f"state '{decl.name}' is not a matrix")
+def _folded_chunk_form(cell) -> ChunkForm:
+    """One matrix state S[K, V] in the gated linear form and vector states z[K] whose update is
+    the same decay plus S's key times a scalar, z' = decay * z + k c (linear attention's
+    normaliser, mLSTM's n without its stabiliser): each z is one more column of S with value c,
+    read as q . z' with S's q (the normaliser); one chunkwise pass computes all of them."""
+    matrices = [d for d in cell.states if len(d.shape) >= 2]
+    if len(matrices) != 1 or len(matrices[0].shape) != 2:
+        raise NotChunkable("the chunkwise form needs one [K, V] matrix state; vector states [K] "
+                           "beside it are folded in as extra value columns")
+    decl = matrices[0]
     lin = Linearizer(cell)
+    form = _gated_chunk_form(cell, decl, lin)
+    if form.kind != "linear" or any(r.prev or r.extra is not None for r in form.readouts):
+        raise NotChunkable(f"vector states beside state '{decl.name}' fold into the gated linear "
+                           f"form S' = decay * S + k v^T read as q @ {decl.name}' only")
+    leaf, nxt = _updates(cell)
+    users, outputs = cell.users(), [v for _, v, _ in cell.outputs]
+    q, stop, folded = form.readouts[0].q, {r.node for r in form.readouts}, []
+    for z in (d for d in cell.states if d is not decl):
+        if len(z.shape) != 1 or sympy.expand(z.shape[0] - decl.shape[0]) != 0 or \
+                z.name not in dict(cell.updates):
+            raise NotChunkable(f"state '{z.name}' is not a vector [K] updated beside matrix state "
+                               f"'{decl.name}' (only those fold into its chunkwise form)")
+        write = lin.substitute({leaf[z.name]: ZERO}, [nxt[z.name]])[nxt[z.name]]
+        c = _scale_of(lin, write, form.keys[0])
+        reads = [u for u in users[nxt[z.name]] if cell.node(u).op == "matmul"
+                 and set(cell.node(u).args) == {nxt[z.name], q}]
+        if c is None or len(reads) != 1:
+            raise NotChunkable(f"state '{z.name}' does not fold into state '{decl.name}': its "
+                               f"input term must be k * scalar with {decl.name}'s key k, and the "
+                               f"outputs must read it once as dot(q, {z.name}') with its q")
+        folded.append((z.name, c, reads[0]))
+        stop.add(reads[0])
+    read = lin.cone(outputs, stop=stop)
+    others = [z for z, _, _ in folded if leaf[z] in read or nxt[z] in read]
+    if others:
+        raise NotChunkable(f"an output reads state '{others[0]}' other than as dot(q, "
+                           f"{others[0]}')")
+    return replace(form, cell=cell.with_nodes(lin.nodes), folded=tuple(folded))
+
+
+def _scale_of(lin, v, k):
+    """c with v = k * c (c a scalar node; the constant one where v is k), else None."""
+    if v == k:
+        return lin.one
+    n = lin.node(v)
+    if n.op == "mul" and k in n.args:
+        c = n.args[1] if n.args[0] == k else n.args[0]
+        return c if lin.node(c).type.rank == 0 else None
+    return None
+
+
+def _gated_chunk_form(cell, decl=None, lin=None) -> ChunkForm:
+    """The form of matrix state `decl` (the cell's one state when None), read with `lin`."""
+    if decl is None:
+        if len(cell.states) != 1 or len(cell.updates) != 1:
+            raise NotChunkable("the chunkwise form needs exactly one state, a matrix")
+        decl = cell.states[0]
+        if len(decl.shape) < 2:
+            raise NotChunkable(f"state '{decl.name}' is not a matrix")
+    lin = lin or Linearizer(cell)
     leaf, nxt = _updates(cell)
     s, s_next = leaf[decl.name], nxt[decl.name]
     heads = tuple(decl.shape[:-2])
@@ -309,6 +368,8 @@ def _matrix_read(cell, lin, users, n, s, s_next):
     q, m = n.args
     if m == s:
         return q, True, None
+    if m == s_next:  # S' may itself be S + X: it is read as S'
+        return None
     term = cell.node(m)
     if term.op != "add":
         return None
@@ -361,6 +422,12 @@ def _rank_one(cell, lin, b, decl):
     n = lin.node(b)
     if n.op == "outer":
         return n.args
+    if n.op == "mul" and any(lin.node(a).op == "outer" for a in n.args):
+        outer = next(a for a in n.args if lin.node(a).op == "outer")
+        c = n.args[1] if n.args[0] == outer else n.args[0]
+        if lin.node(c).type.rank == 0:  # c * outer(k, v) = outer(k, c * v)
+            k, v = lin.node(outer).args
+            return k, lin._bin("mul", c, v)
     if n.op == "mul":
         x, y = (lin.node(i) for i in n.args)
         if x.type.rank == y.type.rank == len(decl.shape) and x.type.shape[-1] == 1 \

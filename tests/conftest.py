@@ -33,7 +33,7 @@ STDLIB_DIMS = {  # small odd sizes; d=1 somewhere
     "mlstm.rnn": {"K": 2, "V": 3}, "slstm.rnn": {"d_in": 2, "d": 3},
     "kda.rnn": {"K": 3, "V": 2}, "rwkv7.rnn": {"K": 4, "V": 3}, "comba.rnn": {"K": 3, "V": 5},
     "mamba2.rnn": {"N": 3, "P": 2}, "lru.rnn": {"H": 3, "N": 2},
-    "rwkv6.rnn": {"K": 3, "V": 4},
+    "rwkv6.rnn": {"K": 3, "V": 4}, "linear_attention.rnn": {"K": 3, "V": 2},
 }
 
 
@@ -46,6 +46,8 @@ def cell_inputs(m, B, T, heads, dtype=torch.float64):
         x = torch.randn(B, T, *heads, *m.shapes[n], generator=gen, dtype=torch.float64) * 0.5
         if n in ("k", "kk", "p"):  # the delta rule's keys (write, removal) are unit vectors
             x = x / x.norm(dim=-1, keepdim=True)
+        if n in ("q", "k") and m.CELL == "LinearAttention":  # phi(x) = elu(x) + 1 > 0
+            x = torch.nn.functional.elu(x) + 1
         if n in ("beta", "a"):  # learning rates in (0, 1)
             x = torch.sigmoid(x)
         if n in ("gk", "g", "log_w"):  # log-space decays

@@ -80,6 +80,23 @@ def matrix_cells(draw):
 
 
 @st.composite
+def normalised_cells(draw):
+    """A matrix state and a vector state beside it (a normaliser), which plan chunk folds in as
+    an extra value column when it has the matrix's decay and key."""
+    decay = draw(st.sampled_from(["exp(g) * ", "exp(gk) * ", ""]))
+    update = draw(st.sampled_from(["exp(g) * z + k", "exp(g) * z + beta * k", "0.5 * z + k",
+                                   "z + k", "exp(gk) * z + k", "exp(g) * z + a"]))
+    read = draw(st.sampled_from(["(q @ S') / (dot(q, z') + 2.0)", "q @ S' + dot(q, z')",
+                                 "(q @ S') * dot(a, z')", "q @ S' + z'[0:1]"]))
+    decay_term = decay.replace(" * ", "")
+    s_update = (f"{decay_term}[:, None] * S" if decay_term == "exp(gk)" else f"{decay}S")
+    return ("cell M(K, V) {\n    input q[K], k[K], v[V], a[K], gk[K], g, beta\n"
+            "    state S[K, V], z[K]\n"
+            f"    S' = {s_update} + outer(k, v)\n    z' = {update}\n    output o = {read}\n}}\n"), \
+        {"K": 3, "V": 5}
+
+
+@st.composite
 def vector_cells(draw):
     states = draw(st.sampled_from([["h"], ["h", "c"]]))
     body, dense = [], False
@@ -130,6 +147,12 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
 @SETTINGS
 @given(cell=matrix_cells(), T=st.sampled_from([1, 6, 9]), heads=st.sampled_from([(), (2,)]))
 def test_matrix_cells_every_legal_plan_is_exact(cell, T, heads):
+    _assert_plans_equal_sequential(*cell, T, heads)
+
+
+@SETTINGS
+@given(cell=normalised_cells(), T=st.sampled_from([1, 6, 9]), heads=st.sampled_from([(), (2,)]))
+def test_matrix_and_vector_states_every_legal_plan_is_exact(cell, T, heads):
     _assert_plans_equal_sequential(*cell, T, heads)
 
 

@@ -273,3 +273,68 @@ def test_triton_names_the_form_it_lacks():
     import sys
     cls = rcc.compile(stdlib("kda.rnn"), backend="triton")
     assert "(backend triton, plan sequential)" in sys.modules[cls.__module__].__doc__
+
+
+# ---- vector states folded into the matrix state's chunkwise form -----------------------------
+NORMALISED = """
+cell NormalisedLinearAttention(K, V) {
+    input q[K], k[K], v[V], g
+    state S[K, V], z[K]
+    S' = exp(g) * S + outer(k, v)
+    z' = exp(g) * z + k
+    output o = (q @ S') / (dot(q, z') + 1.0)
+}
+"""
+
+
+@pytest.mark.parametrize("T,with_init,backend", [(1, False, "torch"), (7, True, "torch"),
+                                                 (9, True, "triton")])
+def test_normaliser_folds_into_the_chunk_form(T, with_init, backend):
+    K, V = 3, 4
+    analysis = rcc.analyze(NORMALISED)
+    assert "chunk" in analysis.plans
+    m = rcc.compile(NORMALISED, plan="chunk", backend=backend)(K=K, V=V).double()
+    m.chunk_size = 3
+
+    def reference(q, k, v, g, init):
+        S = init["S"] if init else q.new_zeros(q.shape[0], K, V)
+        z = init["z"] if init else q.new_zeros(q.shape[0], K)
+        outs = []
+        for t in range(q.shape[1]):
+            S = g[:, t].exp()[:, None, None] * S + k[:, t][:, :, None] * v[:, t][:, None, :]
+            z = g[:, t].exp()[:, None] * z + k[:, t]
+            outs.append(torch.einsum("bkv,bk->bv", S, q[:, t]) / ((q[:, t] * z).sum(-1, keepdim=True) + 1))
+        return stack_time(outs), {"S": S, "z": z}
+
+    inputs = dict(q=leaf(B, T, K, fn=torch.sigmoid), k=leaf(B, T, K, fn=torch.sigmoid),
+                  v=leaf(B, T, V), g=leaf(B, T, fn=F.logsigmoid))
+    init = {"S": leaf(B, K, V), "z": leaf(B, K, fn=torch.sigmoid)} if with_init else None
+    assert_same(m, inputs, init, reference)
+
+
+@pytest.mark.parametrize("z_update,output,why", [
+    ("0.5 * z + k", "(q @ S') / (dot(q, z') + 1.0)", "as extra columns"),  # another decay
+    ("exp(g) * z + q", "(q @ S') / (dot(q, z') + 1.0)", "does not fold"),  # another key
+    ("exp(g) * z + k", "(q @ S') + z'[0:1]", "does not fold"),  # z' read otherwise
+])
+def test_states_that_do_not_fold_are_refused(z_update, output, why):
+    src = NORMALISED.replace("exp(g) * z + k", z_update).replace(
+        "(q @ S') / (dot(q, z') + 1.0)", output)
+    assert "chunk" not in rcc.analyze(src).plans
+    with pytest.raises(rcc.CompileError, match=why):
+        rcc.compile(src, plan="chunk")
+
+
+@pytest.mark.parametrize("plan", ["sequential", "chunk"])
+def test_linear_attention_matches_fla_naive(plan):
+    from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+
+    T, H, K, V = 40, 2, 8, 6
+    q, k = (F.elu(torch.randn(B, T, H, K)) + 1 for _ in range(2))
+    v = torch.randn(B, T, H, V)
+    o_ref, _ = naive_recurrent_linear_attn(q, k, v, scale=1.0, normalize=True)
+    m = rcc.compile(stdlib("linear_attention.rnn"), plan=plan)(K=K, V=V)
+    m.chunk_size = 16
+    o, final = m(q, k, v)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final["z"], k.sum(1), rtol=1e-5, atol=1e-5)

@@ -297,9 +297,10 @@ class ChunkPrinter(PlanPrinter):
         self.readout = form.readouts[0]
         pieces = [v for m in form.steps for v in (m.log_decay, m.a, m.b, m.k, m.u)]
         roots = [v for v in (form.log_decay, *form.keys, *form.values, *form.betas, *pieces,
-                             self.readout.q, self.readout.extra) if v is not None]
-        super().__init__(form.cell, source_name, "chunk", roots,
-                         bound={self.readout.node: "readout"})
+                             *(c for _, c, _ in form.folded), self.readout.q,
+                             self.readout.extra) if v is not None]
+        bound = {self.readout.node: "readout", **{n: f"{z}_read" for z, _, n in form.folded}}
+        super().__init__(form.cell, source_name, "chunk", roots, bound=bound)
         self.class_attrs = ["    chunk_size = 64  # steps per chunk (set it on the module)"]
         self.decl = next(d for d in form.cell.states if d.name == form.state)
 
@@ -329,8 +330,13 @@ class ChunkPrinter(PlanPrinter):
         if f.kind == "linear":
             width = d.shape[-2] if self.cell.node(f.log_decay).type.shape[-1:] == (K,) else 1
             decay = self._chunks(f.log_decay, (*f.heads, width), heads)
-            args = [q, self._chunks(f.keys[0], (*f.heads, K), heads),
-                    self._chunks(f.values[0], (*f.heads, V), heads), decay, s0]
+            values = self._chunks(f.values[0], (*f.heads, V), heads)
+            if f.folded:  # each folded vector state one more value column (and state column)
+                values = "torch.cat([" + ", ".join([values] + [self._chunks(c, (1,), 0)
+                                                               for _, c, _ in f.folded]) + "], -1)"
+                s0 = "torch.cat([" + ", ".join([s0] + [f"{self.decl_names[z]}[..., None]"
+                                                       for z, _, _ in f.folded]) + "], -1)"
+            args = [q, self._chunks(f.keys[0], (*f.heads, K), heads), values, decay, s0]
             lines.append("        # S' = decay * S + k v^T, o = q @ S" + ("" if self.readout.prev else "'")
                          + ": chunkwise parallel")
             call = f"{self.kernels}.chunk_linear_attention"
@@ -363,6 +369,16 @@ class ChunkPrinter(PlanPrinter):
             self.batch = "_NT"
             extra = f" + {self._batched_ref(self.readout.extra)}"
             self.batch = "_N"
+        if f.folded:
+            rows = self.ns.new("readouts")
+            lines.append(f"        {rows} = _rt.from_chunks({out}, _T, _N, {self._shape(f.heads)})")
+            V_ = self._dim(V)
+            lines.append(f"        {self.next[self.readout.node]} = {rows}[..., :{V_}]{extra}")
+            finals = {f.state: f"{final}[..., :{V_}]"}
+            for i, (z, _, node) in enumerate(f.folded):
+                lines.append(f"        {self.next[node]} = {rows}[..., {V_} + {i}]")
+                finals[z] = f"{final}[..., {V_} + {i}]"
+            return finals
         lines.append(f"        {self.next[self.readout.node]} = _rt.from_chunks({out}, _T, _N, "
                      f"{self._shape(f.heads)}){extra}")
         return {f.state: f"{final}.reshape({init}.shape)"}

@@ -78,10 +78,19 @@ def _check(form, probe, dims):
             rebuilt = _map(sympy.exp, g)[:, None] * rebuilt \
                 + a[:, None] * np.matmul(b, rebuilt)[None, :] + k[:, None] * u[None, :]
     elif form.kind == "linear":
-        k, v = values[form.keys[0]], values[form.values[0]]
+        k, v = values[form.keys[0]], _obj(values[form.values[0]])
+        if form.folded:  # each folded vector state is one more column, its value c
+            updates = dict(form.cell.updates)
+            S = np.concatenate([S] + [_obj(probe.state_symbols[z])[:, None]
+                                      for z, _, _ in form.folded], -1)
+            target = np.concatenate([_obj(target)] + [_obj(values[updates[z]])[:, None]
+                                                      for z, _, _ in form.folded], -1)
+            v = np.concatenate([v] + [_obj(values[c]).reshape(1) for _, c, _ in form.folded])
         scaled = S if decay is None else _obj(decay)[..., None] * S
-        rebuilt = scaled + _obj(k)[..., :, None] * _obj(v)[..., None, :]
-        what = f"{form.state}' = decay * {form.state} + k v^T"
+        rebuilt = scaled + _obj(k)[..., :, None] * v[..., None, :]
+        what = f"{form.state}' = decay * {form.state} + k v^T" + (
+            " with " + ", ".join(z for z, _, _ in form.folded) + " as extra columns"
+            if form.folded else "")
     else:
         rebuilt = S if decay is None else _obj(decay) * S
         for key, u, beta in zip(form.keys, form.values, form.betas):
@@ -91,6 +100,14 @@ def _check(form, probe, dims):
         what = f"a product of Householder factors (I - beta k k^T) applied to {form.state}"
     if not _equal(rebuilt, target):
         return _why_not(form.state, S, target, what, at)
+    for i, (z, _, node) in enumerate(form.folded):
+        q = _obj(values[form.readouts[0].q])
+        column = target[..., target.shape[-1] - len(form.folded) + i]
+        if not _equal(values[node], (q * column).sum(axis=-1)):
+            return (f"an output's read of state '{z}' is not dot(q, {z}') (checked element by "
+                    f"element at {at})")
+    if form.folded:
+        target = target[..., :target.shape[-1] - len(form.folded)]
     for r in form.readouts:
         q = _obj(values[r.q])
         read = (q[..., :, None] * (S if r.prev else target)).sum(axis=-2)
