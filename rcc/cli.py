@@ -140,12 +140,17 @@ def _check(args) -> int:
     if not cells:
         # a library of fns: they are checked where a cell uses them
         print(f"{filename}: ok (no cells; {len(prog.fns)} fns)")
+    from .passes.analysis import analyze_ir
+
     for cell in cells:
+        plans = ""
         try:
-            run_pipeline(elaborate(cell, prog.fns))
+            cell_ir = run_pipeline(elaborate(cell, prog.fns))
+            if cell_ir.topology == "seq":  # what rcc compile runs: the analysis too
+                plans = f" (legal plans: {', '.join(analyze_ir(cell_ir).plans)})"
         except NeedStatic:
             pass  # depends on a dim value given at instantiation; the rest was checked
-        print(f"{filename}: cell {cell.name}: ok")
+        print(f"{filename}: cell {cell.name}: ok{plans}")
     return 0
 
 

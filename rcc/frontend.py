@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 
@@ -28,14 +29,29 @@ def read_source(source_or_path) -> tuple:
         return _read_file(path, _file_span(path)), path
     if not isinstance(source_or_path, str):
         raise TypeError(f"expected .rnn source text or a path, got {type(source_or_path).__name__}")
-    return source_or_path, "<string>"
+    return normalized(source_or_path), "<string>"
+
+
+MAX_SOURCE_BYTES = 1 << 20  # a .rnn file is small: a bound keeps /dev/zero or a huge file out
+
+
+def normalized(text: str) -> str:
+    """Source text as the parser reads it: without a UTF-8 byte-order mark, and with Windows
+    (CR LF) and old Mac (CR) line endings as LF."""
+    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_file(path, span, what=None) -> str:
     what = what or path
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise CompileError(f"cannot read {what}: not a regular file", span)
+        if info.st_size > MAX_SOURCE_BYTES:
+            raise CompileError(f"cannot read {what}: {info.st_size} bytes, more than the "
+                               f"{MAX_SOURCE_BYTES} a source file may have", span)
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            return normalized(f.read(MAX_SOURCE_BYTES + 1))
     except OSError as e:
         raise CompileError(f"cannot read {what}: {e.strerror or e}", span) from None
     except UnicodeDecodeError as e:
@@ -66,6 +82,9 @@ def _load_into(prog: Program, text: str, filename: str, stack: tuple):
             if item.is_path:
                 base = os.path.dirname(filename) if not filename.startswith("<") else os.getcwd()
                 path = os.path.normpath(os.path.join(base, item.target))
+                if not path.endswith(".rnn"):  # never read (and echo) another kind of file
+                    raise CompileError(f"'use \"{item.target}\"': only .rnn files can be used",
+                                       item.span)
                 if os.path.realpath(path) in {os.path.realpath(f) for f in stack + (filename,)}:
                     raise CompileError(f"'use \"{item.target}\"' imports itself in a cycle",
                                        item.span)

@@ -75,8 +75,11 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     # rotations of a 3-vector are the identity) is a coincidence of that size
     jacs = [_joint_jacobian(p, cell, states, updates) for p in probes]
     jac = jacs[0]
-    affine = all(not (e.free_symbols & set(_all_state_symbols(p, states)))
-                 for p, j in zip(probes, jacs) for row in j for e in row)
+    # a derivative that is undefined (h / (h - h)) makes no parallel form exact: sequential only
+    undefined = any(e.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
+                    for j in jacs for row in j for e in row)
+    affine = not undefined and all(not (e.free_symbols & set(_all_state_symbols(p, states)))
+                                   for p, j in zip(probes, jacs) for row in j for e in row)
     kind = "affine" if affine else "nonlinear"
 
     read = {name: set() for name in states}
@@ -107,7 +110,11 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
         structure = "dense"
     if structure.startswith("block-diagonal"):
         notes.append(f"the state splits into independent blocks of {block} coupled values")
-    elementwise = all(_is_elementwise(j, p, states) for p, j in zip(probes, jacs))
+    elementwise = not undefined and all(_is_elementwise(j, p, states)
+                                        for p, j in zip(probes, jacs))
+    if undefined:
+        notes.append("the step's derivative by its states is undefined somewhere (a division by "
+                     "zero, the log of zero): only plan sequential applies")
     independent = all(set(f.reads) <= {f.name} for f in facts)
     if elementwise and not independent:
         notes.append("the states read each other element by element: "
@@ -201,6 +208,8 @@ def _is_diagonal_plus_low_rank(jac) -> bool:
     a = _numeric(jac)
     if a.size == 0:
         return False
+    if not np.isfinite(a).all():
+        return False
     off = a - np.diag(np.diag(a))
     rank = np.linalg.matrix_rank(off, tol=1e-8 * max(1.0, np.abs(a).max()))
     return 0 < rank <= max(1, len(a) // 3)
@@ -212,8 +221,17 @@ def _numeric(rows, seed=0):
     syms = sorted({s for row in rows for e in row for s in sympy.sympify(e).free_symbols},
                   key=str)
     values = {s: float(rng.uniform(0.2, 0.9)) for s in syms}
-    return np.array([[float(sympy.N(sympy.sympify(e).xreplace(values))) for e in row]
-                     for row in rows])
+    return np.array([[_number(sympy.sympify(e).xreplace(values)) for e in row] for row in rows])
+
+
+def _number(e) -> float:
+    """A real number, or NaN where the expression is not one there (log(x - x), a complex
+    root): every structure test then fails, so the analysis stays conservative."""
+    try:
+        z = complex(sympy.N(e))
+    except (TypeError, ValueError):
+        return float("nan")
+    return z.real if z.imag == 0 else float("nan")
 
 
 def _householder_chain(cell, probe):
@@ -288,6 +306,8 @@ def _classify_link(cell, probe, a, b):
     if any(not np.allclose(b, numeric[0], rtol=1e-12, atol=1e-12) for b in numeric[1:]):
         return "other"
     m = numeric[0] - np.eye(k)
+    if not np.isfinite(m).all():
+        return "other"
     sym = np.allclose(m, m.T, atol=1e-10)
     rank = np.linalg.matrix_rank(m, tol=1e-9)
     return "householder" if sym and rank == 1 else "other"

@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from .cache import cache_dir, intact, locked, private_dir, record
 from .layout import check_built_for, rows
 
 # -fno-math-errno: nothing reads errno, and it lets loops of exp/tanh use vector math (the
@@ -35,10 +36,6 @@ class CompilerNotFound(RuntimeError):
     pass
 
 
-def cache_dir() -> str:
-    return os.environ.get("RCC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rcc")
-
-
 def compiler() -> str:
     """The C++ compiler: $CXX, else the first of g++, clang++, c++ on PATH."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
@@ -52,17 +49,20 @@ def compiler() -> str:
 
 
 def _identity(cxx: str) -> str:
-    """The compiler's version and the CPU's model: -march=native code is only valid there."""
+    """The compiler's version, the CPU's model and its ISA flags (what -march=native resolves
+    to): -march=native code is only valid there."""
     if cxx not in _IDENTITY:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-        cpu = ""
+        cpu = []
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as f:
-                cpu = next((line for line in f if line.startswith("model name")), "")
+                for line in f:
+                    if line.startswith(("model name", "flags")) and len(cpu) < 2:
+                        cpu.append(line.strip())
         except OSError:
             pass
         _IDENTITY[cxx] = version.splitlines()[0] if version else cxx
-        _IDENTITY[cxx] += "|" + cpu.strip()
+        _IDENTITY[cxx] += "|" + "|".join(cpu)
     return _IDENTITY[cxx]
 
 
@@ -115,7 +115,7 @@ class Kernel:
     def _load(self, dtype, direction):
         cxx, text, key = self._source(dtype, direction)
         path = _cached(key)
-        if not os.path.exists(path):
+        if not intact(path):  # missing, corrupt, or not what rcc built: (re)build it
             _build(cxx, text, key)
         lib = ctypes.CDLL(path)
         fn = getattr(lib, f"rcc_{direction}")
@@ -141,11 +141,12 @@ class _Build:
     def __init__(self, source):
         cxx, text, key = source
         self.error = None
-        if os.path.exists(_cached(key)):
+        if intact(_cached(key)):
             self.thread = None
             return
+        # a daemon: a forward-only script does not wait at exit for its backward's build
         self.thread = threading.Thread(target=self._run, args=(cxx, text, key),
-                                       name=f"rcc-build-{key}")
+                                       name=f"rcc-build-{key}", daemon=True)
         self.thread.start()
 
     def _run(self, cxx, text, key):
@@ -172,15 +173,20 @@ def kernel(source: str, dims: tuple) -> Kernel:
 
 
 def _cached(key: str) -> str:
-    return os.path.join(cache_dir(), "cpp", f"rcc_{key}.so")
+    return os.path.join(private_dir(cache_dir()), "cpp", f"rcc_{key}.so")
 
 
 def _build(cxx: str, text: str, key: str) -> None:
     """Compile `text` into the cache's shared object for `key`. Writes go to temporary files
     renamed into place, so concurrent builds never see half a file."""
     path = _cached(key)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    directory = private_dir(os.path.dirname(path))
+    with locked(path):  # another process building the same kernel: wait, then use its result
+        if not intact(path):
+            _compile(cxx, text, key, path, directory)
+
+
+def _compile(cxx, text, key, path, directory):
     fd, src = tempfile.mkstemp(dir=directory, prefix=f"rcc_{key}_", suffix=".cpp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -191,6 +197,7 @@ def _build(cxx: str, text: str, key: str) -> None:
             raise RuntimeError(f"the C++ compiler failed on rcc's generated kernel (an rcc bug; "
                                f"the source is kept at {src}):\n{done.stderr[-4000:]}")
         os.replace(tmp, path)
+        record(path)  # its hash: what a later load checks
         os.replace(src, path[:-3] + ".cpp")  # kept beside it, for reading
     finally:
         if os.path.exists(tmp):

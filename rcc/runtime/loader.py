@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import importlib.util
 import linecache
 import os
 import sys
-import tempfile
 
 import torch
 
-from .cpp import cache_dir
+from .cache import cache_dir, private_dir, write_atomic
 
 CLASSES: dict = {}  # content key -> class, for this process
 
@@ -60,29 +58,28 @@ def rebuild(codes, facts, dims):
 
 
 def _load_class(code: str, key: str):
-    """Write the module to the cache (atomically) and import it from there, so tracebacks and
-    inspect show the generated lines."""
-    directory = cache_dir()
-    path = os.path.join(directory, f"rcc_{key}.py")
+    """Write the module to the cache (atomically, where the file is missing or is not this code:
+    a planted or truncated file is replaced) and run the code rcc has in memory under that file's
+    name, so tracebacks and inspect show the generated lines: what runs is always `code`."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(code)
-            os.replace(tmp, path)
+        path = os.path.join(private_dir(cache_dir()), f"rcc_{key}.py")
+        try:
+            with open(path, encoding="utf-8") as f:
+                same = f.read() == code
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            write_atomic(path, code.encode())
+    except PermissionError:
+        raise
     except OSError:
         path = None  # read-only home: keep the module in memory only
     name = f"rcc_generated_{key}"
-    if path is not None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        filename = f"<rcc {key}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        module = type(sys)(name)
-        exec(builtins.compile(code, filename, "exec"), module.__dict__)
+    filename = path or f"<rcc {key}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    module = type(sys)(name)
+    module.__file__ = filename
+    exec(builtins.compile(code, filename, "exec"), module.__dict__)
     sys.modules[name] = module
     classes = [v for v in module.__dict__.values()
                if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == name]

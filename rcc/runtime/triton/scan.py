@@ -218,9 +218,8 @@ def _block_kernel(k):
         import os
         import tempfile
 
-        from ..cpp import cache_dir
-        directory = os.path.join(cache_dir(), "triton")
-        os.makedirs(directory, exist_ok=True)
+        from ..cache import cache_dir, private_dir
+        directory = private_dir(os.path.join(private_dir(cache_dir()), "triton"))
         path = os.path.join(directory, f"rcc_block_scan_k{k}.py")
         source = _block_source(k)
         if not os.path.exists(path) or open(path, encoding="utf-8").read() != source:

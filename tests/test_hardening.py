@@ -1,0 +1,53 @@
+"""Inputs that used to crash, hang or leak (issue 21): reserved param names, `use` of files that
+are not .rnn sources (never read, never echoed), byte-order marks and CR line endings."""
+import os
+
+import pytest
+
+import rcc
+
+CELL = "cell C(d) {\n    input x[d]\n    state h[d]\n    h' = h * 0.5 + x\n    output h'\n}\n"
+
+
+@pytest.mark.parametrize("name", ["tol", "max_iter", "last_stats", "last_plan", "PLAN_CLASSES",
+                                  "PLAN_FACTS", "chunk_size", "forward", "dims"])
+def test_params_named_like_module_attributes_are_refused(name):
+    src = CELL.replace("state h[d]", f"param {name}[d]\n    state h[d]").replace(
+        "h * 0.5", f"h * {name}")
+    with pytest.raises(rcc.CompileError, match=f"a param cannot be named '{name}'") as e:
+        rcc.compile(src)
+    assert e.value.line == 3
+
+
+def test_use_of_a_file_that_is_not_rnn_is_refused_without_reading_it():
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile('use "/etc/passwd"\n' + CELL)
+    assert "only .rnn files can be used" in str(e.value) and "root" not in str(e.value)
+
+
+def test_use_of_a_device_is_refused(tmp_path):
+    link = tmp_path / "zero.rnn"
+    os.symlink("/dev/zero", link)
+    with pytest.raises(rcc.CompileError, match="not a regular file"):
+        rcc.compile(f'use "{link}"\n' + CELL)
+
+
+def test_a_huge_file_is_refused(tmp_path):
+    big = tmp_path / "big.rnn"
+    big.write_text("# " + "x" * (1 << 20) + "\n" + CELL)
+    with pytest.raises(rcc.CompileError, match="more than the"):
+        rcc.compile(str(big))
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "cr"])
+def test_bom_and_line_endings(variant, tmp_path):
+    text = {"bom": "\ufeff" + CELL, "crlf": CELL.replace("\n", "\r\n"),
+            "cr": CELL.replace("\n", "\r")}[variant]
+    path = tmp_path / "c.rnn"
+    path.write_bytes(text.encode("utf-8"))
+    assert rcc.compile(str(path))(d=2) is not None
+    assert rcc.compile(text)(d=2) is not None
+    bad = text.replace("h * 0.5", "h * zz")
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile(bad)
+    assert e.value.line == 4  # lines counted right whatever ends them
