@@ -65,22 +65,6 @@ _RESERVED_DIMS = {"self": "it would clash with the module's own 'self'",
 _RESERVED_INPUTS = {"self": "m(self=x) would clash with the module's own 'self'",
                     "edge_index": "it is the keyword for a graph: m(x, edge_index=...)",
                     "initial_state": "it is the keyword for the initial states: m(x, initial_state=...)"}
-_MODULE_ATTRIBUTES = None
-
-
-def _module_attributes() -> frozenset:
-    """The attribute names of a generated module (torch.nn.Module's, CellModule's, the plans'
-    settings and results), which a param would collide with."""
-    global _MODULE_ATTRIBUTES
-    if _MODULE_ATTRIBUTES is None:
-        from .runtime.module import AutoPlan, CellModule
-        _MODULE_ATTRIBUTES = frozenset(
-            n for cls in (CellModule, AutoPlan) for n in dir(cls) if not n.startswith("__")) | {
-            "max_iter", "tol", "last_stats", "chunk_size", "last_plan", "last_estimates", "dims",
-            "shapes", "training", "RCC_CODE"}
-    return _MODULE_ATTRIBUTES
-
-
 # Bounds that turn typos (`for j in 0..1000000000`, `split(x, 10**9)`) into errors, not hangs.
 MAX_UNROLL = 16384  # loop iterations unrolled in one cell, and parts of one split()
 MAX_AXIS = 2 ** 63 - 1  # a tensor axis size must fit in int64
@@ -192,10 +176,6 @@ class Elaborator(GraphBuilder):
         if item.kind == "param" and keyword.iskeyword(item.name):
             raise CompileError(f"a param cannot be named '{item.name}': params are attributes "
                                f"of the module, and m.{item.name} is not valid Python", item.span)
-        if item.kind == "param" and item.name in _module_attributes():
-            raise CompileError(f"a param cannot be named '{item.name}': params are attributes of "
-                               f"the module, and m.{item.name} is one rcc or torch.nn.Module "
-                               "already uses", item.span)
         if item.kind == "input" and item.name in _RESERVED_INPUTS:
             raise CompileError(f"an input cannot be named '{item.name}' "
                                f"({_RESERVED_INPUTS[item.name]})", item.span)

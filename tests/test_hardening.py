@@ -14,7 +14,7 @@ CELL = "cell C(d) {\n    input x[d]\n    state h[d]\n    h' = h * 0.5 + x\n    o
 def test_params_named_like_module_attributes_are_refused(name):
     src = CELL.replace("state h[d]", f"param {name}[d]\n    state h[d]").replace(
         "h * 0.5", f"h * {name}")
-    with pytest.raises(rcc.CompileError, match=f"a param cannot be named '{name}'") as e:
+    with pytest.raises(rcc.CompileError, match=f"param '{name}' clashes") as e:
         rcc.compile(src)
     assert e.value.line == 3
 

@@ -11,7 +11,11 @@ _MODULE_ATTRS = set(dir(torch.nn.Module())) | {"dims", "shapes", "CELL", "DIMS",
                                                 "INPUTS", "STATES", "OUTPUTS", "reset_parameters",
                                                 # a graph cell's (rcc.runtime.graph)
                                                 "TOPOLOGY", "SLOTS", "PAIRS", "EDGE_STATES",
-                                                "PLAN", "chunk_size"}
+                                                "PLAN", "chunk_size",
+                                                # the plans' settings and results, plan auto's
+                                                "max_iter", "tol", "last_stats", "last_plan",
+                                                "last_estimates", "PLAN_CLASSES", "PLAN_FACTS",
+                                                "RCC_CODE"}
 
 
 def check_names(cell: ir.CellIR) -> ir.CellIR:
