@@ -126,6 +126,9 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     # blocks pair equal elements of all states
     plans = _legal_plans(kind, form, elementwise and (
         (independent or one_shape) if affine else one_shape))
+    for z, _, _ in (form.folded if form is not None else ()):
+        notes.append(f"state {z} has state {form.state}'s decay and key: plan chunk folds it in as "
+                     f"one more value column, read as dot(q, {z}')")
     if form is not None and form.kind == "dplr" and structure.startswith("householder"):
         notes.append("the decay gate is per key: plan chunk runs each step as a diagonal-plus-"
                      "rank-one transition diag(e^g) + a b^T")
