@@ -1,4 +1,4 @@
-"""rcc's plans (sequential, scan, chunk, newton) of eleven stdlib cells side by side with the Python
+"""rcc's plans (sequential, scan, chunk, newton) of twelve stdlib cells side by side with the Python
 loop over time a user would write by hand in plain torch, in one run on one machine.
 
     python benchmarks/plans.py                                  # B=4, T in {256, 2048}, CPU
@@ -38,7 +38,7 @@ import rcc  # noqa: E402
 from common import median_ms, print_machine  # noqa: E402
 
 CELLS = ("mingru", "gla", "retnet", "deltanet", "gated_deltanet", "deltaproduct",
-         "pararnn_gru", "pararnn_lstm", "kda", "rwkv7", "comba")
+         "pararnn_gru", "pararnn_lstm", "kda", "rwkv7", "comba", "mlstm")
 N_HOUSEHOLDER = 2  # DeltaProduct's n_h
 
 
@@ -169,6 +169,25 @@ def comba_loop(m, q, k, v, p, beta, g):
     return torch.stack(outs, 1), {"S": S}
 
 
+def mlstm_loop(m, q, k, v, i_pre, f_pre):
+    B, _, H, K = q.shape
+    k = k * K ** -0.5
+    log_f = F.logsigmoid(f_pre)
+    C = q.new_zeros(B, H, K, v.shape[-1])
+    n = q.new_zeros(B, H, K)
+    m_t = q.new_zeros(B, H)
+    outs = []
+    for q_t, k_t, v_t, i_t, lf_t in zip(*(x.unbind(1) for x in (q, k, v, i_pre, log_f))):
+        m_next = torch.maximum(lf_t + m_t, i_t)  # the stabiliser
+        i, f = torch.exp(i_t - m_next), torch.exp(lf_t + m_t - m_next)
+        C = f[..., None, None] * C + (i[..., None] * k_t).unsqueeze(-1) * v_t.unsqueeze(-2)
+        n = f[..., None] * n + i[..., None] * k_t
+        m_t = m_next
+        norm = torch.maximum((n * q_t).sum(-1).abs(), torch.exp(-m_t))
+        outs.append(_readout(q_t, C) / norm[..., None])
+    return torch.stack(outs, 1), {"C": C, "n": n, "m": m_t}
+
+
 def pararnn_gru_loop(m, x):
     # the three input projections as one matmul, as a careful user would fuse them
     weights = torch.cat([m.Wz, m.Wr, m.Wh])
@@ -247,6 +266,8 @@ def make_inputs(name, B, T, args, device, generator):
     if name == "comba":
         return (q, keys, v, F.normalize(randn(B, T, H, K), dim=-1), beta,
                 F.logsigmoid(randn(B, T, H)) / 16)
+    if name == "mlstm":  # input and forget pre-activations per head, as xLSTM's
+        return q, randn(B, T, H, K), v, randn(B, T, H), randn(B, T, H) + 3.0
     if name == "deltanet":
         return q, keys, v, beta
     return q, keys, v, beta, F.logsigmoid(randn(B, T, H)) / 16  # gated_deltanet
@@ -436,7 +457,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
-                        help="cells to run (default: all eleven)")
+                        help="cells to run (default: all twelve)")
     parser.add_argument("--T", type=int, nargs="+", default=[256, 2048],
                         help="sequence lengths (default 256 2048)")
     parser.add_argument("--B", type=int, default=4, help="batch size (default 4)")

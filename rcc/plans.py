@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import sympy
 
+from . import ir
 from .errors import CompileError
 from .passes.linearize import ZERO, Linearizer
 from .lowrank import NotLowRank, filled, micro_steps
@@ -153,6 +154,18 @@ class ChunkForm:
     # vector states z[K] folded in as extra value columns (linear kind): z' = decay * z + k c,
     # read as q . z' with the readout's q: ((state name, c node, readout node), ...)
     folded: tuple = ()
+    maxplus: tuple = ()  # of MaxPlus: states computed first, by a max-plus scan
+
+
+@dataclass(frozen=True)
+class MaxPlus:
+    """A state with m' = max(m + a, b), a and b free of every state (xLSTM's stabiliser): its
+    trajectory is one max-plus scan, and the other states see m and m' as given sequences."""
+    state: str
+    leaf: int
+    update: int
+    a: int
+    b: int
 
 
 class NotChunkable(Exception):
@@ -180,6 +193,13 @@ def chunk_form(cell) -> ChunkForm:
 def _structural_chunk_form(cell) -> ChunkForm:
     """The gated linear or delta-rule form (backend triton has kernels for both), else the
     diagonal-plus-rank-one one; with vector states beside the matrix, those folded in."""
+    maxplus = _maxplus_states(cell)
+    if maxplus and len(maxplus) < len(cell.updates):
+        given = _given(cell, maxplus)
+        inner = _structural_chunk_form(given)
+        extension = inner.cell.nodes[len(cell.nodes):]
+        return replace(inner, cell=cell.with_nodes(cell.nodes + extension),
+                       maxplus=tuple(maxplus))
     if len(cell.states) > 1:
         return _folded_chunk_form(cell)
     try:
@@ -207,6 +227,43 @@ def _dplr_chunk_form(cell) -> ChunkForm:
                                     "diagonal-plus-rank-one form")
     return ChunkForm(cell.with_nodes(lin.nodes), decl.name, "dplr", (), None, (), (), (),
                      readouts, tuple(steps))
+
+
+def _maxplus_states(cell) -> list:
+    """The states whose update is max(m + a, b) (either order) with a, b free of every state."""
+    leaves = {n.attr("name"): n.id for n in cell.nodes if n.op == "state"}
+    found = []
+    for name, u in cell.updates:
+        n = cell.node(u)
+        if n.op != "maximum" or name not in leaves:
+            continue
+        leaf = leaves[name]
+        for x, y in (n.args, n.args[::-1]):
+            term = cell.node(x)
+            if term.op == "add" and leaf in term.args and \
+                    not ir.cone(cell.nodes, [y]) & set(leaves.values()):
+                a = term.args[1] if term.args[0] == leaf else term.args[0]
+                if not ir.cone(cell.nodes, [a]) & set(leaves.values()):
+                    found.append(MaxPlus(name, leaf, u, a, y))
+                    break
+    return found
+
+
+def _given(cell, maxplus):
+    """`cell` with each max-plus state's previous and next values made inputs (same node ids):
+    what the other states' forms are read from, with m and m' as given sequences."""
+    nodes = list(cell.nodes)
+    decls = []
+    for m in maxplus:
+        for i, suffix in ((m.leaf, "@prev"), (m.update, "@next")):
+            n = nodes[i]
+            nodes[i] = ir.Node(i, "input", (), (("name", m.state + suffix),), n.type, n.span)
+            decl = next(d for d in cell.states if d.name == m.state)
+            decls.append(ir.Decl("input", m.state + suffix, decl.shape, decl.init, decl.span))
+    names = {m.state for m in maxplus}
+    return replace(cell, nodes=tuple(nodes), inputs=cell.inputs + tuple(decls),
+                   states=tuple(d for d in cell.states if d.name not in names),
+                   updates=tuple((s, u) for s, u in cell.updates if s not in names))
 
 
 def _folded_chunk_form(cell) -> ChunkForm:

@@ -338,3 +338,49 @@ def test_linear_attention_matches_fla_naive(plan):
     o, final = m(q, k, v)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final["z"], k.sum(1), rtol=1e-5, atol=1e-5)
+
+
+# ---- the stabilised mLSTM: a max-plus scan, then the chunkwise form --------------------------
+@pytest.mark.parametrize("T,heads,with_init", [(1, (), False), (9, (2,), True), (70, (), True)])
+def test_stabilised_mlstm_chunk_equals_sequential(T, heads, with_init):
+    from conftest import cell_inputs, run_with_grads
+
+    ref = rcc.compile(stdlib("mlstm.rnn"), plan="sequential")(K=3, V=4).double()
+    mod = rcc.compile(stdlib("mlstm.rnn"), plan="chunk")(K=3, V=4).double()
+    mod.chunk_size = 4
+    xs, init = cell_inputs(ref, 2, T, heads)
+    xs[3] = (xs[3] * 40).detach().requires_grad_()  # input gates up to e^100: the stabiliser matters
+    want, want_grads = run_with_grads(ref, xs, init if with_init else {})
+    got, got_grads = run_with_grads(mod, xs, init if with_init else {})
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    for w, g in zip(want_grads, got_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+
+
+def test_stabilised_mlstm_float32_at_length_4096():
+    from conftest import cell_inputs
+
+    dims = {"K": 16, "V": 16}
+    ref = rcc.compile(stdlib("mlstm.rnn"), plan="sequential")(**dims).double()
+    xs, _ = cell_inputs(ref, 1, 4096, (), dtype=torch.float32)
+    with torch.no_grad():
+        want, final = ref(*[x.double() for x in xs])
+        got, got_final = rcc.compile(stdlib("mlstm.rnn"), plan="chunk")(**dims)(*xs)
+    assert (got.double() - want).norm() / want.norm() < 1e-4
+    assert (got_final["m"].double() - final["m"]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("update,legal", [
+    ("max(log_f + m, i_pre)", True), ("max(i_pre, m + log_f)", True),
+    ("max(0.5 * m + log_f, i_pre)", False), ("max(log_f + m, i_pre + m)", False)])
+def test_max_plus_states_are_recognised_exactly(update, legal):
+    src = open(stdlib("mlstm.rnn")).read().replace("max(log_f + m, i_pre)", update)
+    assert ("chunk" in rcc.analyze(src).plans) == legal
+    if legal:
+        x = [torch.randn(2, 6, *s, dtype=torch.float64) for s in ((3,), (3,), (4,), (), ())]
+        ref = rcc.compile(src, plan="sequential")(K=3, V=4).double()
+        mod = rcc.compile(src, plan="chunk")(K=3, V=4).double()
+        mod.chunk_size = 4
+        torch.testing.assert_close(mod(*x)[0], ref(*x)[0])

@@ -298,11 +298,60 @@ class ChunkPrinter(PlanPrinter):
         pieces = [v for m in form.steps for v in (m.log_decay, m.a, m.b, m.k, m.u)]
         roots = [v for v in (form.log_decay, *form.keys, *form.values, *form.betas, *pieces,
                              *(c for _, c, _ in form.folded), self.readout.q,
-                             self.readout.extra) if v is not None]
-        bound = {self.readout.node: "readout", **{n: f"{z}_read" for z, _, n in form.folded}}
+                             self.readout.extra, *(v for m in form.maxplus for v in (m.a, m.b)))
+                 if v is not None]
+        bound = {self.readout.node: "readout", **{n: f"{z}_read" for z, _, n in form.folded},
+                 **{m.update: f"{m.state}_next" for m in form.maxplus}}
+        # a max-plus state's values are given (its scan runs first): what reads them and no
+        # other state is computed for all steps between that scan and the chunkwise solve
+        self.given = {i for m in form.maxplus for i in (m.leaf, m.update)}
         super().__init__(form.cell, source_name, "chunk", roots, bound=bound)
         self.class_attrs = ["    chunk_size = 64  # steps per chunk (set it on the module)"]
         self.decl = next(d for d in form.cell.states if d.name == form.state)
+        given_states = {m.state for m in form.maxplus}
+        self.reads_prev = [s for s in self.reads_prev if s not in given_states]
+
+    def _regions(self) -> dict:
+        if not self.given:
+            return super()._regions()
+        region = {}
+        stateful = (set(self.leaf.values()) | set(self.bound)) - self.given
+        for n in self.cell.nodes:
+            if n.id in stateful or any(region[a] == "out" for a in n.args):
+                region[n.id] = "out"
+            elif n.id in self.given or any(region[a] == "given" for a in n.args):
+                region[n.id] = "given"
+            else:
+                region[n.id] = "seq" if n.type.batched else "const"
+        return region
+
+    def module(self) -> str:
+        for m in self.form.maxplus:  # the previous values, every step: bound by _solve
+            self.var[m.leaf] = self.ns.new(m.state + "_prev")
+        return super().module()
+
+    def _forward(self, body):
+        self.body = body
+        return super()._forward(body)
+
+    def _maxplus(self, lines) -> dict:
+        """Each max-plus state's scan, then the values that read the given states; returns the
+        states' final values."""
+        finals = {}
+        for m in self.form.maxplus:
+            init = self.decl_names[m.state]
+            rank = len(next(d for d in self.cell.states if d.name == m.state).shape)
+            self.batch = "_NT"
+            a, b = (f"_rt.time_major({self._batched_ref(v)}, _T, {rank})" for v in (m.a, m.b))
+            self.batch = "_N"
+            steps = self.ns.new(m.state + "_steps")
+            lines += [f"        # {m.state}' = max({m.state} + a, b) for every step: a max-plus scan",
+                      f"        {steps} = _rt.maxplus_scan({a}, {b}, {init})",
+                      f"        {self.var[m.leaf]} = _rt.previous_steps({steps}, {init})",
+                      f"        {self.next[m.update]} = {steps}.flatten(0, 1)"]
+            finals[m.state] = f"{steps}[-1]"
+        lines += ["        " + s for s in self.body.get("given", [])]
+        return finals
 
     def _chunks(self, v, shape, heads):
         """Node `v` (or a list of nodes, stacked on a new axis 1) as [N * H, T, ...]."""
@@ -320,6 +369,10 @@ class ChunkPrinter(PlanPrinter):
         return f"_rt.to_chunks({text}, _T, _N, {self._shape(shape)}, {heads})"
 
     def _solve(self, lines):
+        given_finals = self._maxplus(lines) if self.form.maxplus else {}
+        return {**self._chunk_solve(lines), **given_finals}
+
+    def _chunk_solve(self, lines):
         f, d = self.form, self.decl
         init = self.decl_names[f.state]
         K, V = d.shape[-2], d.shape[-1]

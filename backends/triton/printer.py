@@ -144,6 +144,8 @@ def triton_lacks(form) -> str:
     if form.kind not in ("linear", "delta"):
         return ("the chunkwise diagonal-plus-rank-one form (KDA, RWKV-7, Comba: a decay and a "
                 "rank-one read per step)")
+    if form.maxplus:
+        return "a max-plus state computed before the chunkwise form (the stabilised mLSTM)"
     if any(r.prev for r in form.readouts):
         return "a read of the state before the step (o = q @ S, RWKV-6) in the chunkwise form"
     return ""

@@ -121,11 +121,15 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
                      + ("the scan runs them as one block scan of k x k blocks" if affine else
                         "parallel Newton solves them together"))
     one_shape = len({tuple(d.shape) for d in cell.states}) == 1
-    form = _chunk_form(cell) if affine else None
+    form = _chunk_form(cell) if not undefined else None  # max-plus states: nonlinear, chunkable
     # the scan takes independent states or one block scan of coupled ones of one shape; Newton's
     # blocks pair equal elements of all states
     plans = _legal_plans(kind, form, elementwise and (
         (independent or one_shape) if affine else one_shape))
+    for m in (form.maxplus if form is not None else ()):
+        notes.append(f"state {m.state} is a max-plus recurrence {m.state}' = max({m.state} + a, b)"
+                     f" (a stabiliser): plan chunk computes it first by a max-plus scan, then "
+                     f"the other states, affine given it, chunkwise")
     for z, _, _ in (form.folded if form is not None else ()):
         notes.append(f"state {z} has state {form.state}'s decay and key: plan chunk folds it in as "
                      f"one more value column, read as dot(q, {z}')")
@@ -318,13 +322,12 @@ def _classify_link(cell, probe, a, b):
 
 def _legal_plans(kind, form, elementwise):
     plans = ["sequential"]
-    if kind == "affine":
-        if elementwise:
-            plans.append("scan")
-        if form is not None:
-            plans.append("chunk")
-    elif elementwise:
+    if kind == "affine" and elementwise:
+        plans.append("scan")
+    if kind != "affine" and elementwise:
         plans.append("newton")
+    if form is not None:  # verified exact (a nonlinear cell's: through its max-plus states)
+        plans.append("chunk")
     return tuple(plans)
 
 

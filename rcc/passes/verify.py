@@ -100,6 +100,11 @@ def _check(form, probe, dims):
         what = f"a product of Householder factors (I - beta k k^T) applied to {form.state}"
     if not _equal(rebuilt, target):
         return _why_not(form.state, S, target, what, at)
+    for m in form.maxplus:
+        stepped = _map(lambda p, a, b: sympy.Max(p + a, b), values[m.leaf], values[m.a],
+                       values[m.b])
+        if not _equal(values[m.update], stepped):
+            return f"state '{m.state}' is not m' = max(m + a, b) (checked at {at})"
     for i, (z, _, node) in enumerate(form.folded):
         q = _obj(values[form.readouts[0].q])
         column = target[..., target.shape[-1] - len(form.folded) + i]
