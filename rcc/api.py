@@ -179,11 +179,12 @@ def explain_graph(cell_ir, graph=None, grid=None, edge_index=None) -> str:
                      "generations of edge_index: each step runs every node whose predecessors "
                      "are done, at once (gathers and scatter-adds over its edges); a DAG of "
                      "depth L takes L steps")
-    from .passes.topology import affine_grid
+    from .passes.topology import affine_grid, per_channel_grid
     why = affine_grid(cell_ir)
     chunk = ("plan 'chunk' (pLSTM's parallel form: c x c chunks solved with log-depth products, "
              "a wavefront over chunks) also applies: the states are affine with scalar "
-             "transitions" if why is None else f"plan 'chunk' does not apply: {why}")
+             "transitions" + (" per channel (solved once per channel)" if per_channel_grid(cell_ir)
+                              else "") if why is None else f"plan 'chunk' does not apply: {why}")
     triton = ("backend triton runs plan 'chunk' (the chunks and the wavefront over them in "
               "Triton kernels)" if why is None else "backend triton runs plan 'chunk' only")
     lines.append(f"plans: 'sequential' (this schedule; what 'auto' runs: on CPU it is faster "

@@ -57,10 +57,14 @@ def illegal(plan, analysis, cell, reason="") -> CompileError:
         why = (f"{name}: its next value is not affine in the states (the step's Jacobian "
                f"depends on them), so there is no s' = A(x) s + b(x) to scan"
                if analysis.kind == "nonlinear" else
-               f"{name}: the transition is {analysis.structure}; the scan needs a scalar, "
-               "diagonal or block-diagonal one")
+               f"{name}: the transition is {analysis.structure}; the scan needs each state's "
+               "next value to read the states element by element (a scalar, diagonal or "
+               "block-diagonal transition)")
     elif plan == "newton":
-        why = (f"{name}: the update is affine ({analysis.structure}); use plan 'scan' or 'chunk'"
+        others = [p for p in analysis.plans if p in ("scan", "chunk")]
+        why = (f"{name}: the update is affine ({analysis.structure}): Newton would take one "
+               "iteration; " + (f"use plan '{others[0]}'" if others else "no parallel form of "
+                                "its transition applies")
                if analysis.kind == "affine" else
                f"{name}: the step's Jacobian is {analysis.structure}; parallel Newton needs it "
                "diagonal or block-diagonal (each step would solve a dense system)")

@@ -705,8 +705,8 @@ def check_plan_chunk(cell, dims, X, Y, chunk, backend):
     (stdlib("mdrnn.rnn"), None, "the update of 'h' multiplies its state by a matrix (line 11)"),
     ("cell N(d) over grid2d {\n input x[d]\n state h[d]\n h' = tanh(sum_pred(h)) + x\n output h'\n}",
      None, "the update of 'h' is not affine in its state: tanh at line 4"),
-    ("cell V(d) over grid2d {\n input x[d]\n state h[d]\n h' = x * sum_pred(h)\n output h'\n}",
-     None, "scales a state by a value of shape [d] (line 4)"),
+    ("cell V(d) over grid2d {\n input x[d]\n state h[d]\n h' = sum(sum_pred(h) * x[:, None], 0)\n"
+     " output h'\n}", None, "scales a state of shape [d] into shape [d, d] (line 4)"),
     (stdlib("treelstm.rnn"), "ChildSumTreeLSTM", "plan 'chunk' runs cells over grid2d"),
     ("cell W(d) over grid2d {\n input x[d]\n state h[d], g[d]\n h' = sum_pred(g) + x\n"
      " g' = sum_pred(h)\n output h'\n}", None, "the update of 'h' reads state 'g'"),
@@ -806,3 +806,32 @@ def test_sum_pred_of_a_constant_counts_incoming_edges():
     (n, mean), _ = m(torch.zeros(2, 5), edge_index=torch.tensor([[0, 1, 2, 0], [3, 3, 3, 4]]))
     torch.testing.assert_close(n, torch.tensor([[1.0, 1, 1, 3, 1]] * 2))
     torch.testing.assert_close(mean, torch.full((2, 5), 2.0))
+
+
+PER_CHANNEL = """cell GatedGrid(d) over grid2d {
+    input x[d], g[d]
+    param a[d]
+    state h[d]
+    h' = sigmoid(g) * (pred(h, 0) + sigmoid(a) * pred(h, 1)) * 0.5 + x
+    output y = h' * 2
+}"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("grid,chunk", [((5, 4), 2), ((3, 7), 3), ((1, 1), 2)])
+def test_plan_chunk_with_a_gate_per_channel(backend, grid, chunk):
+    """A gate of shape [d] scales each channel of the state: the grid solve runs per channel
+    (channels join the batch), equal to the wavefront, forward and backward."""
+    seq = rcc.compile(PER_CHANNEL)(d=3)
+    par = rcc.compile(PER_CHANNEL, plan="chunk", backend=backend)(d=3)
+    par.load_state_dict(seq.state_dict())
+    par.chunk_size = chunk
+    x, g = (torch.randn(2, *grid, 3, requires_grad=True) for _ in range(2))
+    init = {"h": torch.randn(2, 3, requires_grad=True)}
+    (y, final), (y_par, final_par) = seq(x, g, initial_state=init), par(x, g, initial_state=init)
+    torch.testing.assert_close(y_par, y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final_par["h"], final["h"], rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(y)
+    for a, b in zip(grads((y_par * w).sum(), [x, g, init["h"], par.a]),
+                    grads((y * w).sum(), [x, g, init["h"], seq.a])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

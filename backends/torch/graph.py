@@ -10,7 +10,7 @@ hold every node's (or edge's) state.
 from __future__ import annotations
 
 from rcc import ir
-from rcc.passes.topology import spaces
+from rcc.passes.topology import per_channel_grid, spaces
 
 from .expr import _atom
 from .printer import TorchPrinter, _tuple
@@ -34,6 +34,8 @@ class GraphPrinter(TorchPrinter):
                             f"    PAIRS = {self.info.pairs}",
                             f"    EDGE_STATES = {edge_states!r}",
                             f"    PLAN = {plan!r}"]
+        if plan == "chunk" and per_channel_grid(cell):  # a gate per channel: solved per channel
+            self.class_attrs.append("    PER_CHANNEL = True")
 
     def _body(self):
         for n in self.cell.nodes:

@@ -100,11 +100,24 @@ _LINEAR = ("add", "sub", "neg")
 def affine_grid(cell: ir.CellIR):
     """Why plan 'chunk' cannot run this cell over grid2d, or None when it can: every state's next
     value must be affine in the states its predecessors bring, each scaled by a scalar per node
-    (pLSTM's transitions): C' = sum_pred(T[out_slot, in_slot] * C) + b, a * pred(h, 0) + ..."""
+    (pLSTM's transitions) or a gate per channel, elementwise (never mixing channels):
+    C' = sum_pred(T[out_slot, in_slot] * C) + b, a * pred(h, 0) + ..., g[d] * pred(h, 0) + ..."""
+    return _affine_grid(cell)[0]
+
+
+def per_channel_grid(cell: ir.CellIR) -> bool:
+    """Whether plan chunk's transitions on this grid cell differ per channel (a gate of shape
+    [d] scales a state): the solve then runs once per channel."""
+    return _affine_grid(cell)[1]
+
+
+def _affine_grid(cell: ir.CellIR):
+    """(why not, or None; whether a transition is per channel)."""
+    per_channel = False
     if cell.topology != "grid2d":
-        return f"plan 'chunk' runs cells over grid2d; this one runs over {cell.topology}"
+        return f"plan 'chunk' runs cells over grid2d; this one runs over {cell.topology}", False
     if not cell.updates:
-        return "the cell updates no state"
+        return "the cell updates no state", False
     for name, root in cell.updates:
         kind = {}  # node id -> "free" | "affine"
         needed = ir.cone(cell.nodes, [root])
@@ -115,7 +128,7 @@ def affine_grid(cell: ir.CellIR):
             if n.op == "state" and n.attr("scope") is not None:
                 if n.attr("name") != name:
                     return (f"the update of '{name}' reads state '{n.attr('name')}': each state's "
-                            "update may read only itself")
+                            "update may read only itself"), False
                 kind[n.id] = "affine"
             elif "affine" not in args:
                 kind[n.id] = "free"
@@ -124,18 +137,23 @@ def affine_grid(cell: ir.CellIR):
             elif n.op in ("mul", "div") and args.count("affine") == 1 and \
                     (n.op == "mul" or args[0] == "affine"):
                 factor = cell.node(n.args[1] if args[0] == "affine" else n.args[0])
+                scaled = cell.node(n.args[0] if args[0] == "affine" else n.args[1])
                 if factor.type.rank != 0:
-                    return (f"the update of '{name}' scales a state by a value of shape "
-                            f"{list(factor.type.shape)} (line {n.span.line}); plan 'chunk' takes "
-                            "one scalar per node and edge pair")
+                    if tuple(n.type.shape) != tuple(scaled.type.shape):
+                        return (f"the update of '{name}' scales a state of shape "
+                                f"{list(scaled.type.shape)} into shape {list(n.type.shape)} "
+                                f"(line {n.span.line}); plan 'chunk' takes gates that scale each "
+                                "channel of the state in place"), False
+                    per_channel = True  # elementwise: a transition per channel
                 kind[n.id] = "affine"
             elif n.op in ("matmul", "outer"):
                 return (f"the update of '{name}' multiplies its state by a matrix (line "
-                        f"{n.span.line}); plan 'chunk' takes one scalar per node and edge pair")
+                        f"{n.span.line}); plan 'chunk' takes a scalar or a gate per channel per "
+                        "node and edge pair"), False
             else:
                 return (f"the update of '{name}' is not affine in its state: {n.op} at line "
-                        f"{n.span.line}")
-    return None
+                        f"{n.span.line}"), False
+    return None, per_channel
 
 
 def merge_predecessor_forms(cell: ir.CellIR) -> ir.CellIR:

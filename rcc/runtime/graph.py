@@ -349,6 +349,7 @@ class GraphCellModule(CellModule):
     PLAN = "sequential"  # or "chunk" (grid2d, cells affine in their states: rcc.runtime.grid_chunk)
     chunk_size = 4  # plan chunk's chunks are chunk_size x chunk_size nodes
     SOLVE = None  # plan chunk's solve of the affine form: rcc.runtime.grid_chunk.solve if None
+    PER_CHANNEL = False  # plan chunk: a transition per channel (a gate of shape [d])
 
     def _graph_inputs(self, args, kwargs, edge_index):
         """Inputs [B, N, *heads, *decl] (dag) or [B, X, Y, *heads, *decl] (grid2d) as
@@ -389,7 +390,7 @@ class GraphCellModule(CellModule):
             if self.PLAN == "chunk":
                 from .grid_chunk import ChunkRun
                 return out, layout, ChunkRun(schedule, B * math.prod(heads), nodes,
-                                             self.chunk_size, self.SOLVE)
+                                             self.chunk_size, self.SOLVE, self.PER_CHANNEL)
         else:
             schedule = dag_schedule(edge_index, nodes[0], self.SLOTS, self.PAIRS)
             if schedule.levels[0].seq_node.device != out[0].device:

@@ -110,8 +110,9 @@ def _probe_level(lv, n_edges):
 class ChunkRun(GraphRun):
     """A GraphRun whose `levels` reads the cell's b and T, solves, then runs all nodes once."""
 
-    def __init__(self, schedule, nb, grid, chunk, solver=None):
+    def __init__(self, schedule, nb, grid, chunk, solver=None, per_channel=False):
         self.schedule, self.nb = schedule, nb
+        self.per_channel = per_channel
         self.grid, self.chunk = grid, chunk
         self.solve = solver or solve  # or backend triton's kernels (rcc.runtime.triton.grid)
         first = schedule.levels[0]
@@ -134,11 +135,15 @@ class ChunkRun(GraphRun):
         self.slot_of_row = torch.where(real, lv.in_slot, -1)
         self.mode = "b"
         yield probe
-        self.mode = "T"
-        yield probe
-        if any(store.buf[0, 0].numel() < 2 for store in self.captured["b"]):
-            self.mode = "T1"
+        if self.per_channel:  # "ones0", "ones1": the edges of slot i all ones: T[., i] per channel
+            for self.mode in ("ones0", "ones1"):
+                yield probe
+        else:
+            self.mode = "T"
             yield probe
+            if any(store.buf[0, 0].numel() < 2 for store in self.captured["b"]):
+                self.mode = "T1"
+                yield probe
         self.mode = None
         for store, (index, _) in self.captured["b"].items():
             self._solve_into(store, index)
@@ -162,14 +167,22 @@ class ChunkRun(GraphRun):
 
         b = rows("b")
         decl = b.shape[4:]
-        with_t = flat(rows("T") - b)
-        if with_t.shape[-1] >= 2:
-            T = with_t[..., :2]
+        if self.per_channel:  # every channel its own grid recurrence: channels join the batch
+            T = torch.stack([flat(rows("ones0") - b), flat(rows("ones1") - b)], -1)
+            D = T.shape[4]
+            T = T.permute(3, 4, 0, 1, 2, 5).reshape(nb * D, X, Y, 2, 2)
+            C = self.solve(T, flat(b).permute(3, 4, 0, 1, 2).reshape(nb * D, X, Y, 2, 1),
+                           self.chunk)
+            C = C.reshape(nb, D, X, Y, 2).permute(2, 3, 4, 0, 1).reshape(X * Y, 2, nb, *decl)
         else:
-            T = torch.cat([with_t, flat(rows("T1") - b)], -1)
-        T = T.permute(3, 0, 1, 2, 4)  # [NB, X, Y, 2, 2]
-        C = self.solve(T, flat(b).permute(3, 0, 1, 2, 4), self.chunk)
-        C = C.permute(1, 2, 3, 0, 4).reshape(X * Y, 2, nb, *decl)
+            with_t = flat(rows("T") - b)
+            if with_t.shape[-1] >= 2:
+                T = with_t[..., :2]
+            else:
+                T = torch.cat([with_t, flat(rows("T1") - b)], -1)
+            T = T.permute(3, 0, 1, 2, 4)  # [NB, X, Y, 2, 2]
+            C = self.solve(T, flat(b).permute(3, 0, 1, 2, 4), self.chunk)
+            C = C.permute(1, 2, 3, 0, 4).reshape(X * Y, 2, nb, *decl)
         values = C.reshape(2 * X * Y, nb, *decl) if per_edge else C[:, 0]
         every = torch.arange(values.shape[0], device=values.device)
         store.token = _Write.apply(store.token, values, store, every)
@@ -181,7 +194,10 @@ class ChunkRun(GraphRun):
         ones = [1] * len(decl)
         at_initial = (index == self.whole.n_in).to(store.buf.dtype).view(-1, 1, *ones)
         v = at_initial * store.initial  # [n, NB, *decl]
-        if self.mode != "b":
+        if self.mode in ("ones0", "ones1"):
+            slot = torch.cat([self.slot_of_row, self.slot_of_row.new_full((1,), -1)])[index]
+            v = v + (slot == int(self.mode[-1])).to(v.dtype).view(n, 1, *ones)
+        elif self.mode != "b":
             slot = torch.cat([self.slot_of_row, self.slot_of_row.new_full((1,), -1)])[index]
             unit = store.buf.new_zeros(n, decl.numel())
             for i in (0, 1):
