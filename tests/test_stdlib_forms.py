@@ -243,20 +243,60 @@ def test_rwkv7_matches_fla_dplr_naive(plan):
     torch.testing.assert_close(final["S"], S_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["kda.rnn", "rwkv7.rnn", "comba.rnn"])
-def test_float32_chunk_at_length_4096(name):
-    """Realistic decays over a long sequence: plan chunk in float32 within 1e-4 (relative) of
-    plan sequential in float64."""
+@pytest.mark.parametrize("name,plan,dims", [
+    ("kda.rnn", "chunk", {"K": 16, "V": 16}), ("rwkv7.rnn", "chunk", {"K": 16, "V": 16}),
+    ("comba.rnn", "chunk", {"K": 16, "V": 16}), ("rwkv6.rnn", "chunk", {"K": 16, "V": 16}),
+    ("mamba2.rnn", "chunk", {"N": 16, "P": 8}), ("lru.rnn", "scan", {"H": 8, "N": 16}),
+    ("linear_attention.rnn", "chunk", {"K": 16, "V": 16})])
+def test_float32_at_length_4096(name, plan, dims):
+    """Realistic decays over a long sequence: the parallel plan in float32 within 1e-4
+    (relative) of plan sequential in float64."""
     from conftest import cell_inputs
 
-    dims = {"K": 16, "V": 16}
+    torch.manual_seed(0)
     ref = rcc.compile(stdlib(name), plan="sequential")(**dims).double()
     xs, init = cell_inputs(ref, 1, 4096, (), dtype=torch.float32)
+    mod = rcc.compile(stdlib(name), plan=plan)(**dims)
+    mod.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     with torch.no_grad():
         want, _ = ref(*[x.double() for x in xs])
-        got, _ = rcc.compile(stdlib(name), plan="chunk")(**dims)(*xs)
+        got, _ = mod(*xs)
     rel = (got.double() - want).norm() / want.norm()
     assert rel < 1e-4, rel
+
+
+PER_KEY_DELTAPRODUCT = """
+cell GatedDeltaProductPerKey(K, V, n_h = 2) {
+    input q[K], k[n_h, K], v[n_h, V], beta[n_h], gk[K]
+    state S[K, V]
+    memory = exp(gk)[:, None] * S
+    for j in 0..n_h {
+        memory = memory + outer(k[j], beta[j] * (v[j] - k[j] @ memory))
+    }
+    S' = memory
+    output o = q @ S'
+}
+"""
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_per_key_gated_deltaproduct_chunk(T):
+    """DeltaProduct with a decay per key: two diagonal-plus-rank-one micro-steps a token (the
+    gate merged into the first)."""
+    from conftest import cell_inputs, run_with_grads
+
+    from rcc.api import build_ir
+    form = rcc.plans.chunk_form(build_ir(PER_KEY_DELTAPRODUCT)[0])
+    assert form.kind == "dplr" and len(form.steps) == 2
+    ref = rcc.compile(PER_KEY_DELTAPRODUCT, plan="sequential")(K=3, V=4).double()
+    mod = rcc.compile(PER_KEY_DELTAPRODUCT, plan="chunk")(K=3, V=4).double()
+    mod.chunk_size = 3
+    xs, init = cell_inputs(ref, 2, T, (2,))
+    want, want_grads = run_with_grads(ref, xs, init)
+    got, got_grads = run_with_grads(mod, xs, init)
+    for w, g in zip(want + list(want_grads), got + list(got_grads)):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["kda.rnn", "rwkv7.rnn", "comba.rnn"])
