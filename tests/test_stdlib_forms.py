@@ -191,7 +191,7 @@ def test_lru(T, H, with_init, plan):
 
 
 # ---- flash-linear-attention's naive references (float32, CPU) -------------------------------
-fla_kda = pytest.importorskip("fla.ops.kda.naive", reason="fla-core is in the test extra")
+# fla-core is in the test extra: these fail, not skip, where it is missing
 
 
 @pytest.mark.parametrize("plan", ["sequential", "chunk"])
@@ -424,3 +424,22 @@ def test_max_plus_states_are_recognised_exactly(update, legal):
         mod = rcc.compile(src, plan="chunk")(K=3, V=4).double()
         mod.chunk_size = 4
         torch.testing.assert_close(mod(*x)[0], ref(*x)[0])
+
+
+@pytest.mark.parametrize("plan", ["sequential", "chunk"])
+def test_mamba2_matches_fla_simple_gla_naive(plan):
+    """Mamba-2's SSD head is simple GLA with k = B, v = dt x, q = C, g = -exp(A_log) dt."""
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+    T, H, N, P = 37, 2, 8, 6
+    x, Bm, Cm = torch.randn(B, T, H, P), torch.randn(B, T, H, N), torch.randn(B, T, H, N)
+    dt = F.softplus(torch.randn(B, T, H))
+    m = rcc.compile(stdlib("mamba2.rnn"), plan=plan)(N=N, P=P)
+    m.chunk_size = 16
+    with torch.no_grad():
+        m.A_log.fill_(0.2)
+        g = -torch.exp(m.A_log) * dt
+        o_ref, S_ref = naive_recurrent_simple_gla(Cm, Bm, dt[..., None] * x, g, scale=1.0)
+        y, final = m(x, Bm, Cm, dt)
+    torch.testing.assert_close(y, o_ref + m.D * x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final["h"], S_ref, rtol=1e-4, atol=1e-4)
