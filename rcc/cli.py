@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     except (NotImplementedError, ValueError, OSError) as e:
         print(f"rcc: error: {e}", file=sys.stderr)
         return 2
-    out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".py"
+    out = args.output or _default_output(args.file)
     try:
         with open(out, "w", encoding="utf-8") as f:
             f.write(code)
@@ -126,6 +126,25 @@ def main(argv=None) -> int:
         return 1
     print(f"wrote {out}")
     return 0
+
+
+def _default_output(path) -> str:
+    """FILE.rnn -> FILE.py, unless FILE names an importable module (torch.rnn would write a
+    torch.py that shadows torch in that folder): then FILE_cell.py, said on stderr."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    try:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    # a module found only as the file rcc wrote here before is not shadowed: rewrite it
+    taken = spec is not None and os.path.abspath(spec.origin or "") != os.path.abspath(name + ".py")
+    if not taken:
+        return name + ".py"
+    print(f"rcc: note: {name}.py would shadow the module '{name}' for code in this folder; "
+          f"writing {name}_cell.py (choose another name with -o)", file=sys.stderr)
+    return name + "_cell.py"
 
 
 def _check(args) -> int:

@@ -139,6 +139,12 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> CompileError:
             what = "end of line" if "\n" in str(tok) else "';'"
         else:
             what = repr(str(tok))
+        bracket = _unclosed_bracket(source, line, col)
+        if bracket is not None:  # the cause is the bracket, not the token after the line
+            sym, span = bracket
+            after = "" if tok.type in ("_SEP", "$END") else \
+                f" (then unexpected {what} at line {line}, column {col})"
+            return CompileError(f"'{sym}' was never closed{after}", span)
         expected = sorted({_token_word(t) for t in (e.expected or ())
                            if not t.startswith("__IGNORE")})
         hint = f"; expected {', '.join(expected[:8])}" if expected else ""
@@ -165,6 +171,26 @@ def _unclosed_brace(source: Source):
         return None
     tok = opened[-1]
     return source.span(tok.line, tok.column, tok.line, tok.column + 1)
+
+
+def _unclosed_bracket(source: Source, line: int, col: int):
+    """('(' or '[', its span) for the innermost bracket still open where a syntax error was found
+    at (line, col), when it was opened on an earlier line; else None."""
+    opened = []
+    try:
+        for tok in _lark().lex(source.text, dont_ignore=False):
+            if (tok.line, tok.column) >= (line, col):
+                break
+            if tok.type in ("LPAR", "LSQB"):
+                opened.append(tok)
+            elif tok.type in ("RPAR", "RSQB") and opened:
+                opened.pop()
+    except LarkError:
+        return None
+    if not opened or opened[-1].line >= line:
+        return None
+    tok = opened[-1]
+    return str(tok), source.span(tok.line, tok.column, tok.line, tok.column + 1)
 
 
 class _ToAst(Transformer_NonRecursive):

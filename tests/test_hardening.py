@@ -51,3 +51,24 @@ def test_bom_and_line_endings(variant, tmp_path):
     with pytest.raises(rcc.CompileError) as e:
         rcc.compile(bad)
     assert e.value.line == 4  # lines counted right whatever ends them
+
+
+@pytest.mark.parametrize("line,symbol,col", [("h' = (x + ", "(", 10), ("h' = tanh(x + h", "(", 14),
+                                             ("h' = x[0:d + h", "[", 11)])
+def test_an_unclosed_bracket_is_reported_where_it_opens(line, symbol, col):
+    src = f"cell C(d) {{\n    input x[d]\n    state h[d]\n    {line}\n    output h'\n}}\n"
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile(src)
+    assert f"'{symbol}' was never closed" in str(e.value)
+    assert (e.value.line, e.value.col) == (4, col)
+
+
+def test_compile_never_writes_a_module_that_shadows_an_importable_one(tmp_path):
+    from test_cli import rcc_cli
+
+    src = tmp_path / "torch.rnn"
+    src.write_text(CELL)
+    r = rcc_cli("compile", str(src), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "torch.py").exists() and (tmp_path / "torch_cell.py").exists()
+    assert "would shadow the module 'torch'" in r.stderr
