@@ -29,6 +29,8 @@ def _grid(text):
     x, sep, y = text.lower().partition("x")
     if not (sep and x.isdigit() and y.isdigit() and int(x) > 0 and int(y) > 0):
         raise ValueError(f"--grid expects XxY (positive integers, as 8x8), got {text!r}")
+    if int(x) * int(y) > 64 * 64:  # a drawing of more nodes is unreadable and takes minutes
+        raise ValueError(f"--grid draws at most {64 * 64} nodes (64x64), got {text}")
     return int(x), int(y)
 
 

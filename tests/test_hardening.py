@@ -72,3 +72,25 @@ def test_compile_never_writes_a_module_that_shadows_an_importable_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "torch.py").exists() and (tmp_path / "torch_cell.py").exists()
     assert "would shadow the module 'torch'" in r.stderr
+
+
+@pytest.mark.parametrize("depth,compiles", [(60, True), (400, False)])
+def test_deeply_nested_steps_compile_or_get_a_located_error(depth, compiles):
+    src = ("cell C(d) {\n    input x[d]\n    state h[d]\n    a = h\n"
+           f"    for j in 0..{depth} {{\n        a = tanh(a) + x\n    }}\n    h' = a\n"
+           "    output h'\n}\n")
+    if compiles:
+        assert rcc.compile(src)(d=2) is not None
+    else:
+        with pytest.raises(rcc.CompileError, match="nests its step too deeply") as e:
+            rcc.compile(src)
+        assert e.value.line == 1
+        assert rcc.compile(src, plan="sequential")(d=2) is not None  # no analysis needed
+
+
+def test_explain_refuses_to_draw_a_huge_grid():
+    from rcc.cli import _grid
+
+    assert _grid("8x8") == (8, 8)
+    with pytest.raises(ValueError, match="at most 4096 nodes"):
+        _grid("2000x2000")

@@ -13,6 +13,7 @@ DeltaNet is one Householder link, Gated DeltaNet a gate then one, DeltaProduct n
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -20,6 +21,7 @@ import numpy as np
 import sympy
 
 from .. import ir
+from ..errors import CompileError
 from .probe import Probe, flat, jacobian, probe_dims
 
 STRUCTURES = ("scalar", "diagonal", "block-diagonal", "householder", "diagonal+low-rank", "dense")
@@ -60,7 +62,26 @@ class Analysis:
         return "\n".join(lines)
 
 
+# sympy differentiates nested expressions recursively (some 20 frames a level): room for
+# steps a few hundred operations deep; deeper ones get a located error, not a traceback
+_RECURSION_LIMIT = 3000  # (8000 overflowed the C stack at 400 nested tanh)
+
+
 def analyze_ir(cell: ir.CellIR) -> Analysis:
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, _RECURSION_LIMIT))
+    try:
+        return _analyze(cell)
+    except RecursionError:
+        raise CompileError(
+            f"cell '{cell.name}' nests its step too deeply for rcc's analysis (it differentiates "
+            "the step symbolically); plan 'sequential' needs no analysis: "
+            "rcc.compile(..., plan='sequential')", cell.span) from None
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _analyze(cell: ir.CellIR) -> Analysis:
     if cell.topology != "seq":
         raise NotImplementedError(
             f"the state-transition analysis covers cells over seq; cell '{cell.name}' runs over "
