@@ -259,10 +259,10 @@ def _given(cell, maxplus):
     nodes = list(cell.nodes)
     decls = []
     for m in maxplus:
+        decl = next(d for d in cell.states if d.name == m.state)
         for i, suffix in ((m.leaf, "@prev"), (m.update, "@next")):
             n = nodes[i]
             nodes[i] = ir.Node(i, "input", (), (("name", m.state + suffix),), n.type, n.span)
-            decl = next(d for d in cell.states if d.name == m.state)
             decls.append(ir.Decl("input", m.state + suffix, decl.shape, decl.init, decl.span))
     names = {m.state for m in maxplus}
     return replace(cell, nodes=tuple(nodes), inputs=cell.inputs + tuple(decls),

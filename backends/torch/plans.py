@@ -34,14 +34,19 @@ class PlanPrinter(TorchPrinter):
         self.live = _cone(c, self.plan_roots) | self.out_cone
         self.reads_prev = [s for s, i in self.leaf.items() if i in self.out_cone]
 
+    given = frozenset()  # values the plan computes before its algorithm (plan chunk's max-plus)
+
     def _regions(self) -> dict:
         """const: params and constants; seq: inputs but no state, before the plan's algorithm;
-        out: reads a state, computed after it for the outputs."""
+        given: reads `given` values and no other state, between their computation and the
+        algorithm; out: reads a state, computed after it for the outputs."""
         region = {}
-        stateful = set(self.leaf.values()) | set(self.bound)
+        stateful = (set(self.leaf.values()) | set(self.bound)) - self.given
         for n in self.cell.nodes:
             if n.id in stateful or any(region[a] == "out" for a in n.args):
                 region[n.id] = "out"
+            elif n.id in self.given or any(region[a] == "given" for a in n.args):
+                region[n.id] = "given"
             else:
                 region[n.id] = "seq" if n.type.batched else "const"
         return region
@@ -304,26 +309,12 @@ class ChunkPrinter(PlanPrinter):
                  **{m.update: f"{m.state}_next" for m in form.maxplus}}
         # a max-plus state's values are given (its scan runs first): what reads them and no
         # other state is computed for all steps between that scan and the chunkwise solve
-        self.given = {i for m in form.maxplus for i in (m.leaf, m.update)}
+        self.given = frozenset(i for m in form.maxplus for i in (m.leaf, m.update))
         super().__init__(form.cell, source_name, "chunk", roots, bound=bound)
         self.class_attrs = ["    chunk_size = 64  # steps per chunk (set it on the module)"]
         self.decl = next(d for d in form.cell.states if d.name == form.state)
         given_states = {m.state for m in form.maxplus}
         self.reads_prev = [s for s in self.reads_prev if s not in given_states]
-
-    def _regions(self) -> dict:
-        if not self.given:
-            return super()._regions()
-        region = {}
-        stateful = (set(self.leaf.values()) | set(self.bound)) - self.given
-        for n in self.cell.nodes:
-            if n.id in stateful or any(region[a] == "out" for a in n.args):
-                region[n.id] = "out"
-            elif n.id in self.given or any(region[a] == "given" for a in n.args):
-                region[n.id] = "given"
-            else:
-                region[n.id] = "seq" if n.type.batched else "const"
-        return region
 
     def module(self) -> str:
         for m in self.form.maxplus:  # the previous values, every step: bound by _solve
@@ -390,8 +381,8 @@ class ChunkPrinter(PlanPrinter):
                 s0 = "torch.cat([" + ", ".join([s0] + [f"{self.decl_names[z]}[..., None]"
                                                        for z, _, _ in f.folded]) + "], -1)"
             args = [q, self._chunks(f.keys[0], (*f.heads, K), heads), values, decay, s0]
-            lines.append("        # S' = decay * S + k v^T, o = q @ S" + ("" if self.readout.prev else "'")
-                         + ": chunkwise parallel")
+            read = "S" if self.readout.prev else "S'"
+            lines.append(f"        # S' = decay * S + k v^T, o = q @ {read}: chunkwise parallel")
             call = f"{self.kernels}.chunk_linear_attention"
         elif f.kind == "dplr":
             M = len(f.steps)

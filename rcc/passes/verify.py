@@ -62,19 +62,15 @@ def _check(form, probe, dims):
     decay = None
     if form.log_decay is not None:
         log_decay = values[form.log_decay]
-        if not all(sympy.sympify(e).is_extended_real for e in flat(log_decay)):
-            return (f"the decay of state '{form.state}' is not provably positive (the chunkwise "
-                    "form works with its logarithm): write it as exp(g), sigmoid(z) or a "
-                    "positive constant")
+        if not _real(log_decay):
+            return _not_positive(form.state)
         decay = _map(sympy.exp, log_decay)
     if form.kind == "dplr":
         rebuilt, what = S, f"diagonal-plus-rank-one steps applied to {form.state}"
         for m in form.steps:
             g, a, b, k, u = (_obj(values[i]) for i in (m.log_decay, m.a, m.b, m.k, m.u))
-            if not all(sympy.sympify(e).is_extended_real for e in flat(g)):
-                return (f"a decay of state '{form.state}' is not provably positive (the chunkwise "
-                        "form works with its logarithm): write it as exp(g), sigmoid(z) or a "
-                        "positive constant")
+            if not _real(g):
+                return _not_positive(form.state)
             rebuilt = _map(sympy.exp, g)[:, None] * rebuilt \
                 + a[:, None] * np.matmul(b, rebuilt)[None, :] + k[:, None] * u[None, :]
     elif form.kind == "linear":
@@ -122,6 +118,16 @@ def _check(form, probe, dims):
             return (f"an output's read of state '{form.state}' is not q @ {form.state}' "
                     f"(checked element by element at {at})")
     return None
+
+
+def _real(log_decay) -> bool:
+    """Whether every log-decay is provably real (its decay positive): the kernels take its log."""
+    return all(sympy.sympify(e).is_extended_real for e in flat(log_decay))
+
+
+def _not_positive(name):
+    return (f"the decay of state '{name}' is not provably positive (the chunkwise form works with "
+            "its logarithm): write it as exp(g), sigmoid(z) or a positive constant")
 
 
 def _why_not(name, S, target, what, at):

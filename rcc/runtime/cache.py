@@ -47,6 +47,18 @@ def write_atomic(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
+def hold(path: str, text: str) -> None:
+    """Make `path` hold exactly `text`: rewritten (atomically) where it is missing or differs, so
+    a planted or truncated file is replaced."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomic(path, text.encode())
+
+
 def digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()

@@ -31,9 +31,8 @@ __all__ = ["chunk_dplr"]
 
 def chunk_dplr(q, g, a, b, k, u, S0=None, chunk_size=64):
     """q [N, T, K]; g, a, b, k [N, T, M, K] (g: log-decays, [N, T, M, 1] for one decay for every
-    key); u [N, T, M, V]; S0
-    [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]). chunk_size counts tokens
-    (chunk_size * M micro-steps)."""
+    key); u [N, T, M, V]; S0 [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]).
+    chunk_size counts tokens (chunk_size * M micro-steps)."""
     N, T, M, K = a.shape
     V = u.shape[-1]
     if S0 is None:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .cache import cache_dir, private_dir, write_atomic
+from .cache import cache_dir, hold, private_dir
 
 CLASSES: dict = {}  # content key -> class, for this process
 
@@ -63,13 +63,7 @@ def _load_class(code: str, key: str):
     name, so tracebacks and inspect show the generated lines: what runs is always `code`."""
     try:
         path = os.path.join(private_dir(cache_dir()), f"rcc_{key}.py")
-        try:
-            with open(path, encoding="utf-8") as f:
-                same = f.read() == code
-        except (OSError, UnicodeDecodeError):
-            same = False
-        if not same:
-            write_atomic(path, code.encode())
+        hold(path, code)
     except PermissionError:
         raise
     except OSError:

@@ -216,17 +216,11 @@ def _block_kernel(k):
     if k not in _BLOCK_KERNELS:
         import importlib.util
         import os
-        import tempfile
 
-        from ..cache import cache_dir, private_dir
+        from ..cache import cache_dir, hold, private_dir
         directory = private_dir(os.path.join(private_dir(cache_dir()), "triton"))
         path = os.path.join(directory, f"rcc_block_scan_k{k}.py")
-        source = _block_source(k)
-        if not os.path.exists(path) or open(path, encoding="utf-8").read() != source:
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(source)
-            os.replace(tmp, path)
+        hold(path, _block_source(k))
         spec = importlib.util.spec_from_file_location(f"rcc_block_scan_k{k}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
