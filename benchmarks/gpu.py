@@ -12,7 +12,7 @@ run, in one process:
 - hgrn: fla's chunk_hgrn, B=8, T=4096, D=2048 (H*K), bf16, against hgrn.rnn;
 - lstm, gru: torch.nn.LSTM / GRU (cuDNN) with copied weights, and FlashRNN's fused kernels
   (backends triton_fused and cuda_fused, its own random weights, the same shapes), B=16, T=1024,
-  d=d_in=256, bf16, against lstm.rnn / gru.rnn.
+  d=d_in=256 and 1024 (--d), bf16, against lstm.rnn / gru.rnn.
 
 Each row is timed forward under no_grad and forward + backward (the gradients of sum(outputs)
 by the inputs and params). Before timing, rcc's output is checked against its peer where the
@@ -37,7 +37,7 @@ from common import median_ms, print_machine  # noqa: E402
 SHAPES = {  # the shapes; --smoke shrinks them to run in Triton's interpreter
     "linear": dict(B=8, T=4096, H=16, K=128, V=128),
     "hgrn": dict(B=8, T=4096, D=2048),
-    "rnn": dict(B=16, T=1024, D=256),
+    "rnn": dict(B=16, T=1024, D=256),  # D: --d
 }
 SMOKE = {"linear": dict(B=1, T=5, H=2, K=4, V=4), "hgrn": dict(B=1, T=5, D=8),
          "rnn": dict(B=1, T=4, D=8)}
@@ -187,7 +187,11 @@ def bench_hgrn(args):
 # ---- LSTM / GRU ------------------------------------------------------------------------------------
 def bench_rnn(args, kind):
     s = (SMOKE if args.smoke else SHAPES)["rnn"]
-    B, T, D = s["B"], s["T"], s["D"]
+    for D in ([s["D"]] if args.smoke else args.d):
+        _bench_rnn(args, kind, s["B"], s["T"], D)
+
+
+def _bench_rnn(args, kind, B, T, D):
     peer = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(D, D, batch_first=True)
     peer = peer.to(args.device, args.dtype)
     m = rcc.compile(stdlib(kind), backend="triton")(d_in=D, d=D).to(args.device, args.dtype)
@@ -206,7 +210,7 @@ def bench_rnn(args, kind):
     except RuntimeError as e:
         base = None
         skipped(f"torch.nn.{kind.upper()}", str(e).splitlines()[0][:80])
-    for backend in ("triton_fused", "cuda_fused"):
+    for backend in args.flashrnn:
         try:
             from flashrnn.flashrnn import flashrnn
             gates = 4 if kind == "lstm" else 3
@@ -228,6 +232,9 @@ def main():
     p.add_argument("--only", nargs="*", default=["gla", "delta_rule", "gated_delta_rule", "hgrn",
                                                  "lstm", "gru"])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--d", type=int, nargs="*", default=[256, 1024], help="hidden sizes of lstm, gru")
+    p.add_argument("--flashrnn", nargs="*", default=["triton_fused", "cuda_fused"],
+                   help="FlashRNN's backends to time (cuda_fused builds an extension: minutes)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--smoke", action="store_true",

@@ -170,6 +170,8 @@ def rcc_{op}(a, b):
     return tl.where(a {sym} b, 1.0, 0.0)
 ''' for op, sym in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!=")))
 
+MAX_TILE = 65536  # elements of one register tile of the per-row kernel ([256, 256])
+
 _TL = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "sin": "tl.sin", "cos": "tl.cos",
        "erf": "tl.erf", "tanh": "rcc_tanh", "log1p": "rcc_log1p", "expm1": "rcc_expm1"}
 
@@ -643,7 +645,11 @@ class TileKernelPrinter:
         else:  # no loop: `loop` are the last lines
             body = header + list(pre) + list(loop) + list(post)
         pads = ", ".join(f'"P{k}"' for k in self.extents.values())
-        return [f"@_rtt.tuned({pads})  # warps per program, by the tile sizes", "@triton.jit",
+        # a new length, batch or layout of the per-step arguments never recompiles
+        ints = [x.strip() for a in args for x in a.split(",") if not x.strip().startswith("p_")]
+        ints += ["T", "N"] if loop_head else []
+        jit = f"@triton.jit(do_not_specialize=[{', '.join(repr(x) for x in ints)}])" if ints else "@triton.jit"
+        return [f"@_rtt.tuned({pads})  # warps per program (one config unless RCC_AUTOTUNE=1)", jit,
                 f"def {name}(", *sig, "):", *["    " + ln for ln in body]]
 
     # ---- backward --------------------------------------------------------------------------
@@ -903,7 +909,7 @@ class TileKernelPrinter:
         backward = self.backward_source()
         return "\n".join(forward() + ["", ""] + backward()) + "\n"
 
-    def meta_source(self, name) -> list:
+    def meta_source(self, name, why="reads across hidden units") -> list:
         names = {d.name: f"dims[{d.name!r}]" for d in self.cell.dims}
         lines = [f"def {name}(dims):",
                  '    """The kernels\' constexprs: extents E, their pads P, numbers K."""',
@@ -914,5 +920,14 @@ class TileKernelPrinter:
         lines.append("    meta.update({f'P{k}': triton.next_power_of_2(e) for k, e in E.items()})  # tiles")
         for value, k in self.constants.items():
             lines.append(f"    meta['K{k}'] = float({dim_expr(value, names) if value.free_symbols else repr(float(value))})")
+        tiles = [" * ".join(f"meta['P{self.extent(e)}']" for e in shape) for shape in self.shapes if len(shape) > 1]
+        if tiles:  # one program holds the whole step: its largest tile bounds what compiles
+            lines.append(f"    largest = max([{', '.join(tiles)}])")
+            lines.append(f"    if largest > {MAX_TILE}:")
+            said = doc_text(f"of {self.cell.name} (its step {why})").replace("{", "{{").replace("}", "}}")
+            lines.append("        raise ValueError(f'backend triton, plan sequential: one program holds the whole step "
+                         f"{said}; at these dims its largest tile "
+                         "has {largest} elements, past the " + f"{MAX_TILE}" + " a program compiles in reasonable time "
+                         "and registers. Use backend torch or cpp, or smaller dims')")
         lines.append("    return meta")
         return lines

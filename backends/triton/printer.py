@@ -15,7 +15,10 @@ from rcc.backends.torch.graph import GraphPrinter
 from rcc.backends.torch.printer import TorchPrinter, _tuple
 
 from ..loop import FusedLoopPrinter
+from ..loop import LoopPartition
 from .kernel import PRELUDE, TileKernelPrinter, t_name
+from .unit_layout import unit_layout
+from .units import UnitKernelPrinter
 
 
 def kernels_after(module, what, kernels, meta) -> str:
@@ -38,18 +41,26 @@ class TritonModule:
         # the kernels and the prelude's helpers are module-level functions beside the class
         name = t_name(cell.name) or "cell"
         return (*re.findall(r"def (rcc_\w+)\(", PRELUDE),
-                *(f"{name}_{part}" for part in ("forward", "backward", "meta", "jacobian")))
+                *(f"{name}_{part}" for part in ("forward", "backward", "meta", "jacobian", "units")))
 
 
 class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
-    """Plan sequential: the loop over time as generated kernels."""
+    """Plan sequential: the loop over time as generated kernels: tiled over hidden units when
+    the step works unit by unit (units.py), else one program per row holding the whole step
+    (kernel.py)."""
 
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "sequential")
-        self.kernel = TileKernelPrinter(cell)
+        part = LoopPartition(cell)
+        layout = unit_layout(cell, part)
+        self.tiled = not isinstance(layout, str)
+        self.why = "" if self.tiled else layout  # why the step is not tiled over units
+        self.kernel = UnitKernelPrinter(cell, part, layout) if self.tiled else TileKernelPrinter(cell)
         self._fused_init(self.kernel.part)
         self.kernel_source = self.kernel.source()
         name = self.kernel.name
+        if self.tiled:
+            self.kernel_source += f"\n\n{name}_units = {self.kernel.spec()!r}  # the kernels' layout, for the runtime\n"
         self.kernels = f"({name}_forward, {name}_backward)"
         self.meta = f"{name}_meta"
         self.class_attrs = [
@@ -61,9 +72,19 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
 
     def module(self) -> str:
         return kernels_after(super().module(), "the loop over time", self.kernel_source,
-                             self.kernel.meta_source(self.meta))
+                             self.kernel.meta_source(self.meta) if self.tiled else
+                             self.kernel.meta_source(self.meta, self.why))
 
     def _run_call(self, args, consts, states, shapes, built_for):
+        if self.tiled:
+            return [
+                "        # every step in the Triton kernels, tiled over units and rows",
+                f"        _outs, _finals = _rtt.run_units({self.kernels}, {self.kernel.name}_units, self._meta,",
+                f"            _T, _N, {args},",
+                f"            {consts},",
+                f"            {states}, {shapes},",
+                f"            {built_for})",
+            ]
         return [
             "        # every step in the Triton kernel: what it reads per step, once, and the states",
             f"        _outs, _finals = _rtt.run({self.kernels}, self._meta, _T, _N,",

@@ -1,7 +1,8 @@
 """Backend triton's runtime: what generated modules call (as `_rtt`).
 
 common.py: devices, dtypes and autotuning; loop.py: the generated loop-over-time
-kernels' launcher with gradients (plan sequential); scan.py: the linear and block scans (plans
+kernels' launcher with gradients (plan sequential); units.py: the same, tiled over
+hidden units; scan.py: the linear and block scans (plans
 scan and newton); chunk.py: chunkwise gated linear attention and
 gated delta rule / DeltaProduct (plan chunk); grid.py: pLSTM's 2D parallel form (plan chunk over
 grid2d).
@@ -10,7 +11,8 @@ from .chunk import chunk_delta_rule, chunk_linear_attention
 from .common import check, interpreted, tuned
 from .grid import grid_solve
 from .loop import over_rows, run
+from .units import run as run_units
 from .scan import block_adjoint, block_scan, linear_adjoint, linear_scan
 
-__all__ = ["check", "interpreted", "tuned", "run", "over_rows", "linear_scan", "block_scan",
+__all__ = ["check", "interpreted", "tuned", "run", "run_units", "over_rows", "linear_scan", "block_scan",
            "linear_adjoint", "block_adjoint", "chunk_linear_attention", "chunk_delta_rule", "grid_solve"]

@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the devices and dtypes they run, autotuning.
+"""What the Triton kernels share: the devices and dtypes they run, autotuning (opt-in).
 
 Kernels run on CUDA tensors; on CPU, Triton's interpreter runs them when TRITON_INTERPRET=1 is set
 before triton is imported (slow: for tests).
@@ -16,13 +16,21 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """Autotuning is opt-in (RCC_AUTOTUNE=1): each config is a compile, and benchmarking them
+    on the first call of every new key made first calls take minutes at model sizes."""
+    return os.environ.get("RCC_AUTOTUNE", "0") not in ("", "0") and not interpreted()
+
+
 def tuned(*key, configs=None):
-    """triton.autotune over `configs` (default: 1, 2, 4 or 8 warps), keyed on the constexprs
-    named in `key` (the tile sizes). In the interpreter, where timings mean nothing, the first
-    config only (one config is never benchmarked)."""
+    """The kernel's first config of `configs` (default: 4 warps; one config is never
+    benchmarked), or with RCC_AUTOTUNE=1, triton.autotune over them all (1, 2, 4 or 8 warps by
+    default) keyed on the constexprs named in `key`, its choices cached on disk."""
     import triton
     configs = configs or [triton.Config({}, num_warps=w) for w in (4, 1, 2, 8)]
-    return triton.autotune(configs=configs[:1] if interpreted() else configs, key=list(key))
+    if not autotuning():
+        return triton.autotune(configs=configs[:1], key=list(key))
+    return triton.autotune(configs=configs, key=list(key), cache_results=True)
 
 
 def accumulator(dtype):
