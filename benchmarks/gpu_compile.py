@@ -25,64 +25,18 @@ sys.path.insert(0, REPO)
 
 import rcc  # noqa: E402
 from rcc.runtime.triton.common import accumulator  # noqa: E402
+from rcc.runtime.triton.offline import compile_for, loop_kernels, resources  # noqa: E402
 
-# the unit kernels' buffers kept in the accumulator's precision (float32 for half types)
-ACC_BUFFERS = ("p_hist", "p_z", "p_gz", "p_ladj", "p_dw")
-WIDE = ("h_ptr", "dq_ptr", "dk_ptr", "dg_ptr", "ds0_ptr", "dbeta_ptr", "dsT_ptr", "lam_ptr", "da_ptr")
-
-
-def compile_offline(jit, constexprs: dict, dtype=torch.float32, arch=90, num_warps=4, num_stages=3):
-    """`jit` (a @triton.jit function, or an autotuned one) compiled for sm_`arch`: pointers of
-    `dtype` (the float32 work buffers of the chunk kernels stay float32), every other argument
-    an i32, `constexprs` given."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = jit if hasattr(jit, "params") else jit.fn  # under @triton.autotune
-    elem = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
-            torch.float16: "fp16"}[dtype]
-    signature, attrs = {}, {}
-    for k, p in enumerate(fn.params):
-        # what Triton's launcher assumes of the arguments it specializes: 16-byte aligned tensors,
-        # integers (not marked do_not_specialize) divisible by 16, as at the sizes benchmarked
-        if not p.is_constexpr and not p.do_not_specialize and p.name not in ("finish", "p_sync"):
-            attrs[(k,)] = [["tt.divisibility", 16]]
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        elif p.name == "p_sync":  # the unit kernels' barrier counters
-            signature[p.name] = "*i32"
-        elif p.name.startswith("p_") or p.name.endswith("_ptr"):
-            wide = p.name in WIDE or p.name.startswith(ACC_BUFFERS) or p.name.startswith("p_dx")
-            signature[p.name] = f"*{'fp64' if elem == 'fp64' else 'fp32'}" if wide else f"*{elem}"
-        elif p.name == "finish":
-            signature[p.name] = "i1"
-        else:
-            signature[p.name] = "i32"
-    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+def compile_offline(jit, constexprs: dict, dtype=torch.float32, arch=90, wide=(), **options):
+    return compile_for(jit, constexprs, dtype, arch, wide=wide, **options)
 
 
 def sequential_kernels(name, dims, dtype, batch=16, sms=132):
-    """(label, jit, constexprs, options) of a stdlib cell's generated loop kernels, for `batch`
-    rows on a GPU of `sms` multiprocessors (an H100/H200 has 132)."""
-    from rcc.runtime.triton.units import blocks, dot_type
+    """(label, jit, constexprs, options, wide) of a stdlib cell's generated loop kernels (with
+    gradients), for `batch` rows on a GPU of `sms` multiprocessors."""
     cls = rcc.compile(os.path.join(REPO, "stdlib", name + ".rnn"), backend="triton", plan="sequential")
-    m = cls(**dims)
-    module = sys.modules[type(m).__module__]
-    kernel = next(k for k in dir(module) if k.endswith("_forward"))[:-len("_forward")]
-    meta, options = dict(m._meta, ACC=accumulator(dtype)), {}
-    if hasattr(module, kernel + "_units"):  # tiled over units: D is a runtime integer
-        tiles = blocks(batch, meta.pop("D"), sms)
-        options = {k: tiles[k] for k in ("num_warps", "num_stages")}
-        meta.update({k: tiles[k] for k in ("BB", "HB", "SYNC")}, DOT=dot_type(dtype))
-        return [(f"{name} sequential forward", getattr(module, kernel + "_forward"),
-                 dict(meta, SAVE=True, BK=tiles["BK"]), options),
-                (f"{name} sequential backward", getattr(module, kernel + "_backward"),
-                 dict(meta, BK=tiles["BK_BACK"]), options)]
-    return [(f"{name} sequential forward", getattr(module, kernel + "_forward"), dict(meta, SAVE=True), options),
-            (f"{name} sequential backward", getattr(module, kernel + "_backward"), meta, options)]
+    kernels = loop_kernels(cls(**dims), dtype, batch, sms, f"{name} sequential")
+    return [k for k in kernels if "no gradients" not in k[0]]
 
 
 def plan_kernels(dtype, K=128, V=128):
@@ -93,7 +47,7 @@ def plan_kernels(dtype, K=128, V=128):
     BV = min(V, 64)
     gla = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, PK=K, BV=BV)
     delta = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, NH=1, PL=16, PK=K, BV=BV)
-    return [(label, jit, constexprs, {}) for label, jit, constexprs in [
+    return [(label, jit, constexprs, {}, ()) for label, jit, constexprs in [
         ("linear scan forward", scan._linear_scan_forward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("linear scan backward", scan._linear_scan_backward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("block scan k=2 forward", scan._block_kernel(2), dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
@@ -133,33 +87,13 @@ def main():
         else:
             dims = {k: 16 for k in CELLS[name]} if args.small else CELLS[name]
             kernels = sequential_kernels(name, dims, dtype)
-        for label, jit, constexprs, options in kernels:
+        for label, jit, constexprs, options, wide in kernels:
             start = time.perf_counter()
-            k = compile_offline(jit, constexprs, dtype, args.arch, **options)
+            k = compile_offline(jit, constexprs, dtype, args.arch, wide, **options)
             took = time.perf_counter() - start
-            regs, spills = _resources(k)
+            regs, spills, _ = resources(k)
             print(f"| {label:<44} | {regs:>4} | {spills:>7} | {k.metadata.shared:>8} |"
                   f" {k.metadata.num_warps:>5} | {took:>9.1f} |")
-
-
-def _resources(k):
-    """Registers per thread and spilled bytes per thread, from cuobjdump's report of the cubin
-    (both tools come with Triton's wheel). Triton's cubins report spills as STACK (the stack
-    frame local memory holds), not LOCAL: both are counted."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton.backends.nvidia
-    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", out)
-    spilled = sum(int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
-    return (int(regs.group(1)) if regs else -1), spilled
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`,
-`rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`.
+`rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`,
+`rcc precompile FILE.rnn --dims ... [--dtype D] [--arch sm_90]` (rcc/precompile.py).
 
 Exit status: 0 ok, 1 compile error (printed as FILE:LINE:COL: error: ...), 2 usage.
 """
@@ -84,6 +85,16 @@ def _parser():
     e.add_argument("--edge-index", metavar="FILE",
                    help="the DAG to draw: a torch .pt or numpy .npy [2, E], or a text file of "
                         "'source target' lines")
+    pc = sub.add_parser("precompile", help="compile a cell's Triton kernels ahead of a job (for a GPU "
+                                           "not here with --arch) and print their registers and spills")
+    pc.add_argument("file")
+    pc.add_argument("--cell")
+    pc.add_argument("--dims", nargs="*", metavar="NAME=INT", help="every dim of the cell")
+    pc.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    pc.add_argument("--plan", default="sequential", choices=["sequential"],
+                    help="the plan whose kernels to compile")
+    pc.add_argument("--arch", help="the GPU to compile for, as sm_90 (default: this machine's GPU)")
+    pc.add_argument("--batch", type=int, default=16, help="rows per call (batch x heads)")
     k = sub.add_parser("check", help="parse and type-check a .rnn file")
     k.add_argument("file")
     k.add_argument("--cell")
@@ -103,6 +114,15 @@ def main(argv=None) -> int:
     try:
         if args.command == "check":
             return _check(args)
+        if args.command == "precompile":
+            from .precompile import precompile
+            if args.batch < 1:
+                raise ValueError(f"--batch must be at least 1, got {args.batch}")
+            spilling = precompile(args.file, cell=args.cell, dims=dims, dtype=args.dtype, plan=args.plan,
+                                  arch=args.arch, batch=args.batch)
+            if spilling:
+                print(f"rcc: warning: {spilling} kernels spill registers", file=sys.stderr)
+            return 0
         if args.command == "explain":
             from .api import explain
             print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
@@ -116,7 +136,7 @@ def main(argv=None) -> int:
     except CompileError as e:
         print(e.render(), file=sys.stderr)
         return 1
-    except (NotImplementedError, ValueError, OSError) as e:
+    except (NotImplementedError, ValueError, OSError, RuntimeError) as e:
         print(f"rcc: error: {e}", file=sys.stderr)
         return 2
     out = args.output or _default_output(args.file)

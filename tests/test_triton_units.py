@@ -41,8 +41,8 @@ def several_programs(monkeypatch):
     """Blocks of 32 units (16 where D <= 32): d=80 spans 3 programs of units."""
     blocks = units.blocks
 
-    def smaller(N, D, sms):
-        tiles = blocks(N, D, sms)
+    def smaller(N, D, sms, matrices=1):
+        tiles = blocks(N, D, sms, matrices)
         return dict(tiles, HB=32, STEPWISE=True, SYNC=False) if D > 32 else tiles
     monkeypatch.setattr(units, "blocks", smaller)
 

@@ -60,7 +60,8 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
         self.kernel_source = self.kernel.source()
         name = self.kernel.name
         if self.tiled:
-            self.kernel_source += f"\n\n{name}_units = {self.kernel.spec()!r}  # the kernels' layout, for the runtime\n"
+            spec = self.kernel.spec()
+            self.kernel_source += f"\n\n{name}_units = {spec!r}  # the kernels' layout, for the runtime\n"
         self.kernels = f"({name}_forward, {name}_backward)"
         self.meta = f"{name}_meta"
         self.class_attrs = [
@@ -79,7 +80,8 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
         if self.tiled:
             return [
                 "        # every step in the Triton kernels, tiled over units and rows",
-                f"        _outs, _finals = _rtt.run_units({self.kernels}, {self.kernel.name}_units, self._meta,",
+                f"        _outs, _finals = _rtt.run_units({self.kernels}, {self.kernel.name}_units,",
+                "            self._meta,",
                 f"            _T, _N, {args},",
                 f"            {consts},",
                 f"            {states}, {shapes},",

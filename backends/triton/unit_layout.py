@@ -92,7 +92,8 @@ def unit_layout(cell: ir.CellIR, part) -> UnitLayout | str:
             continue
         m = blocks(cell.node(i).type.shape)
         if m is None:
-            return f"{cell.node(i).name or cell.node(i).op} is neither a vector of the length of the states nor a scalar"
+            return (f"{cell.node(i).name or cell.node(i).op} is neither a vector of the length of the "
+                    "states nor a scalar")
         lay.blocks[i] = m
         if m == 0 and i in part.seq:
             lay.rowwise.add(i)

@@ -24,20 +24,23 @@ from .common import check, interpreted
 _I32 = 2 ** 31
 
 
-def blocks(N: int, D: int, sms) -> dict:
+def blocks(N: int, D: int, sms, matrices: int = 1) -> dict:
     """Tile sizes and warps for N rows of D units, and whether the programs meet at a barrier
     (SYNC) or are launched one step at a time (STEPWISE). sms: the GPU's multiprocessors (None:
-    no barrier, as in the interpreter).
+    no barrier, as in the interpreter); matrices: how many recurrent matrices the step reads.
 
-    16 rows by 16 or 32 units, 8 warps, the forward's products over blocks of 32 and the
-    backward's over blocks of 64 (BK_BACK), no software pipelining (num_stages=1: Triton's
+    16 rows by 16 or 32 units, 8 warps; the forward's products over blocks of BK = 64 (32 for a
+    step of several recurrent matrices, sLSTM's four, which holds more tiles live), the
+    backward's over blocks of BK_BACK = 128; no software pipelining (num_stages=1: Triton's
     asynchronous copies gave stale reads after the barrier on an H200; the kernels prefetch one
     block ahead themselves). Compiled for sm_90, every stdlib kernel fits in registers at these
-    sizes (larger blocks spill; benchmarks/gpu_compile.py); on an H200, BK_BACK=64 took a third
-    off LSTM's backward at d=1024 against 32. The tiles do not depend on D beyond D <= 32: one
-    compiled kernel serves every hidden size."""
+    sizes (larger blocks spill; benchmarks/gpu_compile.py). On an H200 (LSTM, bf16, B=16, d=1024),
+    BK = 64 / BK_BACK = 128 took 13% off the forward and 10% off forward + backward against
+    32 / 64. The tiles do not depend on D beyond D <= 32: one compiled kernel serves every
+    hidden size."""
     NB = -(-N // 16)
-    tiles = dict(BB=16, BK=32, BK_BACK=64, SYNC=False, STEPWISE=False, num_stages=1, num_warps=8)
+    tiles = dict(BB=16, BK=64 if matrices <= 1 else 32, BK_BACK=128, SYNC=False, STEPWISE=False,
+                 num_stages=1, num_warps=8)
     if D <= 32:  # one program holds every unit: no barrier
         HB = 16 if D <= 16 else 32
     else:
@@ -103,7 +106,7 @@ def _forward(args, tensors, save):
           for _, _, _, m in spec["products"]]
     sms = None if device.type != "cuda" or interpreted() else \
         torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = blocks(N, D, sms)
+    tiles = blocks(N, D, sms, len({p[0] for p in spec["products"]}))
     grid = (-(-D // tiles["HB"]), -(-N // tiles["BB"]))
     sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
     strided = [a for x in seq for a in (x, x.stride(1), x.stride(0))]
@@ -187,7 +190,8 @@ class _Units(torch.autograd.Function):
                     total = part if total is None else total + part
                 grads_in.append(None if total is None else total.reshape(s).to(dtype))
             elif spec["diff_const"][k]:
-                grads_in.append(next(it).sum(0).reshape(s).to(dtype) if m else next(it).sum().reshape(s).to(dtype))
+                partial = next(it)  # [row blocks, ...]: this program's part of the sum
+                grads_in.append((partial.sum(0) if m else partial.sum()).reshape(s).to(dtype))
             else:
                 grads_in.append(None)
         grads_in += [g.view(s).to(dtype) for g, s in zip(ladj, shapes[n_seq + n_const:])]

@@ -1,0 +1,96 @@
+"""Compiling a module's Triton kernels without running them: for a GPU that is not here (Triton's
+compiler runs offline: its wheel carries ptxas, so a kernel lowers to an sm_90 cubin on any
+machine), or ahead of a job (`rcc precompile`), with each kernel's compile time, registers,
+spilled bytes and shared memory read off the cubin.
+
+What a launch specializes is mirrored: pointers 16-byte aligned, integers not marked
+do_not_specialize divisible by 16 (as the benchmarked sizes are), the launch's warps and stages.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from .common import accumulator
+
+# buffers the kernels keep in the accumulator's precision (float32 for half types)
+ACC_BUFFERS = ("p_hist", "p_z", "p_gz", "p_ladj")
+WIDE = ("h_ptr", "dq_ptr", "dk_ptr", "dg_ptr", "ds0_ptr", "dbeta_ptr", "dsT_ptr", "lam_ptr", "da_ptr")
+
+
+def compile_for(jit, constexprs: dict, dtype=torch.float32, arch=90, num_warps=4, num_stages=3,
+                wide=()):
+    """`jit` (a @triton.jit function, or an autotuned one) compiled for sm_`arch`: pointers of
+    `dtype` but the float32 work buffers (`wide`, ACC_BUFFERS, WIDE), every other argument an
+    i32, `constexprs` given."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = jit if hasattr(jit, "params") else jit.fn  # under @triton.autotune
+    elem = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+            torch.float16: "fp16"}[dtype]
+    signature, attrs = {}, {}
+    for k, p in enumerate(fn.params):
+        if not p.is_constexpr and not p.do_not_specialize and p.name != "finish":
+            attrs[(k,)] = [["tt.divisibility", 16]]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name == "p_sync":  # the tiled loop's barrier counters
+            signature[p.name] = "*i32"
+        elif p.name.startswith("p_") or p.name.endswith("_ptr"):
+            is_wide = p.name in WIDE or p.name.startswith(ACC_BUFFERS) or p.name in wide
+            signature[p.name] = f"*{'fp64' if elem == 'fp64' else 'fp32'}" if is_wide else f"*{elem}"
+        elif p.name == "finish":
+            signature[p.name] = "i1"
+        else:
+            signature[p.name] = "i32"
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resources(kernel) -> tuple:
+    """(registers per thread, bytes spilled per thread, shared memory bytes) of a compiled
+    kernel, from cuobjdump's report of its cubin (Triton's wheel carries the tool). Triton's
+    cubins report spills as STACK (the stack frame local memory holds), not LOCAL: both count."""
+    import triton.backends.nvidia
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    spilled = sum(int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
+    return (int(regs.group(1)) if regs else -1), spilled, kernel.metadata.shared
+
+
+def loop_kernels(m, dtype, batch=16, sms=132, label=""):
+    """(label, jit, constexprs, options, wide) of every kernel plan sequential's forward (with
+    and without gradients) and backward launch for module instance `m` (backend triton), for
+    `batch` rows on a GPU of `sms` multiprocessors (an H100 or H200 has 132)."""
+    from .units import blocks, dot_type
+    module = sys.modules[type(m).__module__]
+    kernel = next(k for k in vars(module) if k.endswith("_forward"))[:-len("_forward")]
+    forward, backward = getattr(module, kernel + "_forward"), getattr(module, kernel + "_backward")
+    meta = dict(m._meta, ACC=accumulator(dtype))
+    label = label or kernel
+    if hasattr(module, kernel + "_units"):  # tiled over units: D is a runtime integer
+        matrices = len({p[0] for p in getattr(module, kernel + "_units")["products"]})
+        tiles = blocks(batch, meta.pop("D"), sms, matrices)
+        options = {k: tiles[k] for k in ("num_warps", "num_stages")}
+        meta.update({k: tiles[k] for k in ("BB", "HB", "SYNC")}, DOT=dot_type(dtype))
+        wide = ("p_dw",) + tuple(p.name for p in backward.params if p.name.startswith("p_dx"))
+        return [(f"{label} forward", forward, dict(meta, SAVE=True, BK=tiles["BK"]), options, wide),
+                (f"{label} forward, no gradients", forward, dict(meta, SAVE=False, BK=tiles["BK"]),
+                 options, wide),
+                (f"{label} backward", backward, dict(meta, BK=tiles["BK_BACK"]), options, wide)]
+    return [(f"{label} forward", forward, dict(meta, SAVE=True), {}, ()),
+            (f"{label} forward, no gradients", forward, dict(meta, SAVE=False), {}, ()),
+            (f"{label} backward", backward, meta, {}, ())]

@@ -1,0 +1,39 @@
+"""`rcc precompile`: a cell's Triton kernels compiled ahead of a job, for a GPU that is not here
+(--arch), each with its compile seconds, registers, spills and shared memory."""
+import os
+import subprocess
+import sys
+
+from conftest import stdlib
+
+
+def _rcc(*args, cache=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if cache:
+        env["TRITON_CACHE_DIR"] = str(cache)  # cold: every kernel is compiled
+    return subprocess.run([sys.executable, "-m", "rcc", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_precompile_for_sm90_without_a_gpu(tmp_path):
+    run = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=96", "d=96", "--dtype", "bfloat16",
+               "--arch", "sm_90", cache=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [ln.split("|") for ln in run.stdout.splitlines() if ln.startswith("| GRU")]
+    assert [r[1].strip() for r in rows] == ["GRU forward", "GRU forward, no gradients", "GRU backward"]
+    for r in rows:
+        seconds, regs, spilled, shared = float(r[2]), int(r[3]), int(r[4]), int(r[5])
+        assert seconds > 0 and 0 < regs <= 255 and spilled == 0 and shared >= 0
+    assert "sm_90, bfloat16, 16 rows" in run.stdout
+
+
+def test_precompile_errors_are_clear():
+    no_gpu = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=8", "d=8")
+    assert no_gpu.returncode == 2 and "--arch sm_90" in no_gpu.stderr, no_gpu.stderr
+    missing = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d=8", "--arch", "sm_90")
+    assert missing.returncode == 1 and "d_in" in missing.stderr and "Traceback" not in missing.stderr
+    arch = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=8", "d=8", "--arch", "hopper")
+    assert arch.returncode == 2 and "sm_XY" in arch.stderr
+    batch = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=8", "d=8", "--arch", "sm_90",
+                 "--batch", "0")
+    assert batch.returncode == 2 and "--batch" in batch.stderr
