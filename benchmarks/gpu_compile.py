@@ -63,7 +63,8 @@ CELLS = {  # plan sequential at the sizes of benchmarks/gpu.py (the tiled kernel
     "deltanet": {"K": 128, "V": 128}, "hgrn": {"d": 2048}, "slstm": {"d_in": 1024, "d": 1024},
     "mingru": {"d_in": 1024, "d": 1024}, "elman": {"d_in": 1024, "d": 1024},
     "pararnn_gru": {"d_in": 1024, "d": 1024}, "pararnn_lstm": {"d_in": 1024, "d": 1024},
-    "minlstm": {"d_in": 1024, "d": 1024}, "rglru": {"d": 1024},
+    "minlstm": {"d_in": 1024, "d": 1024}, "rglru": {"d": 1024}, "mlstm": {"K": 128, "V": 128},
+    "gated_deltanet": {"K": 128, "V": 128}, "kda": {"K": 128, "V": 128}, "rwkv7": {"K": 128, "V": 128},
 }
 
 

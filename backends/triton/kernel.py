@@ -252,8 +252,10 @@ class TileKernelPrinter:
     """Prints the forward and backward Triton kernels of `cell`'s loop over time, and `meta`,
     the Python function that computes their constexprs (extents, pads, numbers) from the dims."""
 
-    def __init__(self, cell: ir.CellIR):
+    def __init__(self, cell: ir.CellIR, split=None):
         self.cell = cell
+        # the extent of the axis programs split (value_split.py: the step never mixes it), or None
+        self.split = None if split is None else sympy.sympify(split)
         self.part = part = LoopPartition(cell)
         self.step, self.seq, self.const = part.step, part.seq, part.const
         self.state_node, self.updates = part.state_node, part.updates
@@ -622,8 +624,11 @@ class TileKernelPrinter:
     def _render(self, name, doc, args, flags, pre, loop, post, loop_head, header_lines):
         header = [f'"""{doc}"""'] + (header_lines or
                                      ["n = tl.program_id(0)  # the row (batch x head) this program runs"])
+        if self.split is not None and header_lines is None:
+            header.append("vb = tl.program_id(1)  # the block of columns (the split axis) it owns")
         for e, k in self.extents.items():
-            header += [f"ix{k} = tl.arange(0, P{k})", f"mx{k} = ix{k} < E{k}"]
+            start = "vb * P{k} + ".format(k=k) if self._is_split(e) and header_lines is None else ""
+            header += [f"ix{k} = {start}tl.arange(0, P{k})", f"mx{k} = ix{k} < E{k}"]
         for shape, j in self.shapes.items():
             ks = [self.extent(e) for e in shape]
             r = len(ks)
@@ -652,6 +657,34 @@ class TileKernelPrinter:
         return [f"@_rtt.tuned({pads})  # warps per program (one config unless RCC_AUTOTUNE=1)", jit,
                 f"def {name}(", *sig, "):", *["    " + ln for ln in body]]
 
+    # ---- the split axis ----------------------------------------------------------------------
+    def _is_split(self, e) -> bool:
+        return self.split is not None and sympy.expand(sympy.sympify(e) - self.split) == 0
+
+    def whole(self, shape) -> bool:
+        """Whether a value of `shape` is computed whole by every program of a row (the loop is
+        split and it has no split axis): its adjoint is then each program's part of a sum."""
+        return self.split is not None and not any(self._is_split(e) for e in shape)
+
+    def _once(self, text, shape) -> str:
+        """A gradient that enters from outside (an output's, a final state's): added by the first
+        program of a row only, when each holds a part of the value's adjoint."""
+        return f"tl.where(vb == 0, {text}, 0.0)" if self.whole(shape) else text
+
+    def _part(self, base, shape, per_program) -> str:
+        """The base offset of a stored adjoint; a part goes to program vb's own copy."""
+        return f"vb * ({per_program}) + {base}" if self.whole(shape) else base
+
+    def split_spec(self):
+        """Which extent is split, and which per-step arguments, params and states are whole:
+        their adjoints come back as one part per program, for the runtime to sum."""
+        if self.split is None:
+            return None
+        return {"extent": self.extent(self.split),
+                "seq": [self.whole(self._shape(i)) for i in self.seq],
+                "const": [self.whole(self._shape(i)) for i in self.const],
+                "states": [self.whole(d.shape) for d in self.cell.states]}
+
     # ---- backward --------------------------------------------------------------------------
     def backward_source(self) -> list:
         c = self.cell
@@ -661,8 +694,8 @@ class TileKernelPrinter:
         for i, name in self.dconst.items():
             pre.append(f"{name} = tl.zeros({self.tile(self._shape(i))}, ACC)")
         for k, d in enumerate(c.states):
-            pre.append(f"l{k} = {self.load(f'p_gfinal{k}', f'n * ({self.numel(d.shape)})', d.shape)}"
-                       f"  # d loss / d {t_name(d.name)}")
+            g = self._once(self.load(f'p_gfinal{k}', f'n * ({self.numel(d.shape)})', d.shape), d.shape)
+            pre.append(f"l{k} = {g}  # d loss / d {t_name(d.name)}")
         loop = ["t = T - 1 - tt"]
         for k, d in enumerate(c.states):
             s = self._state_value(k)
@@ -673,7 +706,7 @@ class TileKernelPrinter:
         for k, (name, v, _) in enumerate(c.outputs):
             if v in self.diff:
                 g = self.load(f"p_gout{k}", f"n * gout{k}_sn + t * gout{k}_st", self._shape(v))
-                lines += self._add_adjoint(v, g, True)
+                lines += self._add_adjoint(v, self._once(g, self._shape(v)), True)
         for k, d in enumerate(c.states):
             v = self.updates.get(d.name)
             if v is not None and v in self.diff:
@@ -685,8 +718,9 @@ class TileKernelPrinter:
         for k, i in enumerate(self.seq):
             if i in self.adj:
                 shape = self._shape(i)
-                loop.append(self.store(f"p_d{self.value[i]}", f"(t * N + n) * ({self.numel(shape)})",
-                                       shape, self.adj[i]))
+                numel = self.numel(shape)
+                base = self._part(f"(t * N + n) * ({numel})", shape, f"T * N * ({numel})")
+                loop.append(self.store(f"p_d{self.value[i]}", base, shape, self.adj[i]))
         for k, d in enumerate(c.states):
             leaf = self.state_node.get(d.name)
             if d.name not in self.updates:  # the state passes the step unchanged
@@ -696,10 +730,13 @@ class TileKernelPrinter:
                 loop.append(f"l{k} = {self.adj[leaf]}")
             else:
                 loop.append(f"l{k} = tl.zeros({self.tile(d.shape)}, ACC)")
-        post = [self.store(f"p_dinit{k}", f"n * ({self.numel(d.shape)})", d.shape, f"l{k}")
+        post = [self.store(f"p_dinit{k}", self._part(f"n * ({self.numel(d.shape)})", d.shape,
+                                                     f"N * ({self.numel(d.shape)})"), d.shape, f"l{k}")
                 for k, d in enumerate(c.states)]
-        post += [self.store(f"p_{name}", f"n * ({self.numel(self._shape(i))})", self._shape(i), name)
-                 for i, name in self.dconst.items()]
+        for i, name in self.dconst.items():
+            shape = self._shape(i)
+            base = self._part(f"n * ({self.numel(shape)})", shape, f"N * ({self.numel(shape)})")
+            post.append(self.store(f"p_{name}", base, shape, name))
         args = ([f"p_{self.value[i]}, {self.value[i]}_st, {self.value[i]}_sn" for i in self.seq]
                 + [f"p_{self.value[i]}" for i in self.const]
                 + [f"p_saved{tag}" for tag in self.tag]
@@ -920,14 +957,17 @@ class TileKernelPrinter:
         lines.append("    meta.update({f'P{k}': triton.next_power_of_2(e) for k, e in E.items()})  # tiles")
         for value, k in self.constants.items():
             lines.append(f"    meta['K{k}'] = float({dim_expr(value, names) if value.free_symbols else repr(float(value))})")
-        tiles = [" * ".join(f"meta['P{self.extent(e)}']" for e in shape) for shape in self.shapes if len(shape) > 1]
-        if tiles:  # one program holds the whole step: its largest tile bounds what compiles
+        def pad(e):  # a split axis is a block of it per program
+            k = self.extent(e)
+            return f"_rtt.value_block(meta['E{k}'])" if self._is_split(e) else f"meta['P{k}']"
+        tiles = [" * ".join(pad(e) for e in shape) for shape in self.shapes if len(shape) > 1]
+        if tiles:  # one program holds the whole step (or its columns): its largest tile bounds it
             lines.append(f"    largest = max([{', '.join(tiles)}])")
             lines.append(f"    if largest > {MAX_TILE}:")
             said = doc_text(f"of {self.cell.name} (its step {why})").replace("{", "{{").replace("}", "}}")
-            lines.append("        raise ValueError(f'backend triton, plan sequential: one program holds the whole step "
-                         f"{said}; at these dims its largest tile "
-                         "has {largest} elements, past the " + f"{MAX_TILE}" + " a program compiles in reasonable time "
-                         "and registers. Use backend torch or cpp, or smaller dims')")
+            lines.append("        raise ValueError(f'backend triton, plan sequential: one program holds the whole "
+                         f"step {said}; at these dims its largest tile has {{largest}} elements, past the "
+                         f"{MAX_TILE} a program compiles in reasonable time and registers. Use backend torch "
+                         "or cpp, or smaller dims')")
         lines.append("    return meta")
         return lines

@@ -18,6 +18,7 @@ from ..loop import FusedLoopPrinter
 from ..loop import LoopPartition
 from .kernel import PRELUDE, TileKernelPrinter, t_name
 from .unit_layout import unit_layout
+from .value_split import value_split
 from .units import UnitKernelPrinter
 
 
@@ -41,7 +42,7 @@ class TritonModule:
         # the kernels and the prelude's helpers are module-level functions beside the class
         name = t_name(cell.name) or "cell"
         return (*re.findall(r"def (rcc_\w+)\(", PRELUDE),
-                *(f"{name}_{part}" for part in ("forward", "backward", "meta", "jacobian", "units")))
+                *(f"{name}_{part}" for part in ("forward", "backward", "meta", "jacobian", "units", "split")))
 
 
 class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
@@ -55,13 +56,19 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
         layout = unit_layout(cell, part)
         self.tiled = not isinstance(layout, str)
         self.why = "" if self.tiled else layout  # why the step is not tiled over units
-        self.kernel = UnitKernelPrinter(cell, part, layout) if self.tiled else TileKernelPrinter(cell)
+        split = None if self.tiled else value_split(cell, part)
+        self.kernel = UnitKernelPrinter(cell, part, layout) if self.tiled else TileKernelPrinter(cell, split)
+        if split is not None:
+            self.why += f"; its columns of {split} are split over programs"
         self._fused_init(self.kernel.part)
         self.kernel_source = self.kernel.source()
         name = self.kernel.name
         if self.tiled:
             spec = self.kernel.spec()
             self.kernel_source += f"\n\n{name}_units = {spec!r}  # the kernels' layout, for the runtime\n"
+        else:
+            spec = self.kernel.split_spec()
+            self.kernel_source += f"\n\n{name}_split = {spec!r}  # the axis split over programs\n"
         self.kernels = f"({name}_forward, {name}_backward)"
         self.meta = f"{name}_meta"
         self.class_attrs = [
@@ -93,7 +100,7 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
             f"            {args},",
             f"            {consts},",
             f"            {states}, {shapes},",
-            f"            {built_for})",
+            f"            {built_for}, {self.kernel.name}_split)",
         ]
 
 

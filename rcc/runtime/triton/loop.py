@@ -11,20 +11,37 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from ..layout import check_built_for, rows
 from .common import accumulator, check
 
 
-def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes, built_for):
+def value_block(extent: int) -> int:
+    """Columns of the split axis per program: 32, fewer for a smaller axis."""
+    return min(triton.next_power_of_2(extent), 32)
+
+
+def _columns(meta, split):
+    """The constexprs with the split axis' tile set to a block of it, and the number of blocks."""
+    if split is None:
+        return meta, 1
+    k = split["extent"]
+    block = value_block(meta[f"E{k}"])
+    return dict(meta, **{f"P{k}": block}), -(-meta[f"E{k}"] // block)
+
+
+def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes, built_for, split=None):
     """The loop over time. kernels: (forward, backward) Triton kernels; meta: their constexprs;
     seq: tensors [N, T, *shape] (inner axes contiguous or not); consts: tensors; states:
-    initial states [N, *shape]; out_shapes: each output's declared shape. Returns (outputs
+    initial states [N, *shape]; out_shapes: each output's declared shape; split: the axis the
+    programs of a row split (TileKernelPrinter.split_spec), or None. Returns (outputs
     [N, T, *shape], final states [N, *shape]), differentiable by every tensor."""
     tensors = (*seq, *consts, *states)
     check(tensors)
     check_built_for("backend 'triton'", N * T, N, tensors, built_for)
-    spec = (kernels, meta, T, N, len(seq), len(consts), out_shapes)
+    meta, blocks = _columns(meta, split)
+    spec = (kernels, meta, T, N, len(seq), len(consts), out_shapes, split, blocks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(spec, *tensors)
     else:
@@ -41,7 +58,7 @@ def _strided(seq):
 
 
 def _forward(spec, tensors, save):
-    (forward, _), meta, T, N, n_seq, n_const, out_shapes = spec
+    (forward, _), meta, T, N, n_seq, n_const, out_shapes, _, blocks = spec
     dtype, device = tensors[0].dtype, tensors[0].device
     seq = [rows(x, 2) for x in tensors[:n_seq]]
     consts = [c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
@@ -51,7 +68,7 @@ def _forward(spec, tensors, save):
     saved = [torch.empty(T, *s.shape, dtype=dtype, device=device) if save else f
              for s, f in zip(states, finals)]  # the finals stand in when nothing is saved
     if T > 0:
-        forward[(N,)](*_strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
+        forward[(N, blocks)](*_strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
                       SAVE=save, ACC=accumulator(dtype), **meta)
     else:
         for f, s in zip(finals, states):
@@ -72,7 +89,10 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
-        (_, backward), meta, T, N, n_seq, n_const, out_shapes = ctx.spec
+        (_, backward), meta, T, N, n_seq, n_const, out_shapes, split, blocks = ctx.spec
+        whole = split or {"seq": [False] * n_seq, "const": [False] * n_const,
+                          "states": [False] * len(ctx.kept[2])}
+        parts = lambda w: blocks if w else 1  # noqa: E731 (a part of the adjoint per program)
         seq, consts, states, saved = ctx.kept
         dtype, device = states[0].dtype if states else seq[0].dtype, seq[0].device
         n_out = len(out_shapes)
@@ -84,15 +104,20 @@ class _Loop(torch.autograd.Function):
             gouts += [g, g.stride(1), g.stride(0)]  # [N, T, ...] read as [T, N, ...]
         gfinals = [torch.zeros_like(s) if g is None else rows(g, 1).contiguous()
                    for g, s in zip(grads[n_out:], states)]
-        gseq = [torch.zeros(T, N, x.shape[2], dtype=dtype, device=device) for x in seq]
-        gconst = [torch.zeros(N, c.numel(), dtype=dtype, device=device) for c in consts]
-        ginit = [torch.empty_like(s) for s in states]
+        gseq = [torch.zeros(parts(w), T, N, x.shape[2], dtype=dtype, device=device)
+                for x, w in zip(seq, whole["seq"])]
+        gconst = [torch.zeros(parts(w), N, c.numel(), dtype=dtype, device=device)
+                  for c, w in zip(consts, whole["const"])]
+        ginit = [torch.empty(parts(w), *s.shape, dtype=s.dtype, device=device)
+                 for s, w in zip(states, whole["states"])]
         if T > 0:
-            backward[(N,)](*_strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
+            backward[(N, blocks)](*_strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
                            *ginit, T, N, ACC=accumulator(dtype), **meta)
         else:
             for g, f in zip(ginit, gfinals):
-                g.copy_(f)
+                g.zero_()
+                g[0].copy_(f)
+        gseq, gconst, ginit = ([g.sum(0) for g in x] for x in (gseq, gconst, ginit))
         grads_in = [g.transpose(0, 1).reshape(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
         grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
         grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
