@@ -23,8 +23,10 @@ _FOLD = {
     "mul": lambda a, b: a * b, "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
     "maximum": sympy.Max, "minimum": sympy.Min,
     "silu": lambda a: a / (1 + sympy.exp(-a)), "gelu": lambda a: a * (1 + sympy.erf(a / sympy.sqrt(2))) / 2,
-    "softplus": lambda a: sympy.log(1 + sympy.exp(a)), "logsigmoid": lambda a: -sympy.log(1 + sympy.exp(-a)),
-    "logaddexp": lambda a, b: sympy.log(sympy.exp(a) + sympy.exp(b)),
+    # the stable forms, so a generated module evaluating them at its dims does not overflow
+    "softplus": lambda a: sympy.Max(a, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(a))),
+    "logsigmoid": lambda a: sympy.Min(a, 0) - sympy.log(1 + sympy.exp(-sympy.Abs(a))),
+    "logaddexp": lambda a, b: sympy.Max(a, b) + sympy.log(1 + sympy.exp(-sympy.Abs(a - b))),
     **{op: (lambda rel: lambda a, b: sympy.Piecewise((1, rel(a, b)), (0, True)))(rel)
        for op, rel in (("lt", sympy.Lt), ("le", sympy.Le), ("gt", sympy.Gt), ("ge", sympy.Ge),
                        ("eq", sympy.Eq), ("ne", sympy.Ne))},

@@ -2,7 +2,10 @@
 `rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`,
 `rcc precompile FILE.rnn --dims ... [--dtype D] [--arch sm_90]` (rcc/precompile.py).
 
-Exit status: 0 ok, 1 compile error (printed as FILE:LINE:COL: error: ...), 2 usage.
+Exit status: 0 ok; 1 the cell cannot be compiled (a compile error, printed as FILE:LINE:COL:
+error: ..., or a refusal of the analysis or a backend); 2 the command cannot run as given (usage, a
+file that cannot be read or written); 3 an internal error of rcc (a bug: one line, the traceback
+with RCC_TRACEBACK=1).
 """
 from __future__ import annotations
 
@@ -111,43 +114,82 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.file):
         print(f"rcc: error: no such file: {args.file}", file=sys.stderr)
         return 2
-    try:
-        if args.command == "check":
-            return _check(args)
-        if args.command == "precompile":
-            from .precompile import precompile
-            if args.batch < 1:
-                raise ValueError(f"--batch must be at least 1, got {args.batch}")
-            spilling = precompile(args.file, cell=args.cell, dims=dims, dtype=args.dtype, plan=args.plan,
-                                  arch=args.arch, batch=args.batch)
-            if spilling:
-                print(f"rcc: warning: {spilling} kernels spill registers", file=sys.stderr)
-            return 0
+    if getattr(args, "batch", 1) < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    try:  # what the arguments say, checked before any work
         if args.command == "explain":
-            from .api import explain
-            print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
-                          lengths=args.lengths or (256, 4096, 65536), batch=args.batch,
-                          graph=args.graph, grid=_grid(args.grid),
-                          edge_index=_edge_index(args.edge_index)))
-            return 0
-        from .api import generate
-        code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims,
-                        device=args.device)
+            args.grid = _grid(args.grid)
+        if args.command == "precompile":
+            _precompile_target(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return _run(args, dims)
     except CompileError as e:
         print(e.render(), file=sys.stderr)
         return 1
-    except (NotImplementedError, ValueError, OSError, RuntimeError) as e:
-        print(f"rcc: error: {e}", file=sys.stderr)
+    except OSError as e:  # reading a source or a used file, writing the output
+        where = f": {e.filename}" if e.filename else ""
+        print(f"rcc: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # the analysis' or a backend's refusal
+        print(f"rcc: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"rcc: error: out of memory compiling {args.file}: the analysis evaluates the step "
+              "element by element at literal sizes; give a large size as a dim, or use --plan sequential",
+              file=sys.stderr)
+        return 1
+    except RecursionError:
+        print(f"rcc: error: {args.file} nests too deeply for rcc (expressions, fns or uses)",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug in rcc: say so in one line
+        if os.environ.get("RCC_TRACEBACK"):
+            raise
+        print(f"rcc: internal error: {type(e).__name__}: {e} (a bug in rcc; RCC_TRACEBACK=1 prints "
+              "the traceback)", file=sys.stderr)
+        return 3
+
+
+def _run(args, dims) -> int:
+    if args.command == "check":
+        return _check(args)
+    if args.command == "precompile":
+        from .precompile import precompile
+        spilling = precompile(args.file, cell=args.cell, dims=dims, dtype=args.dtype, plan=args.plan,
+                              arch=args.arch, batch=args.batch)
+        if spilling:
+            print(f"rcc: warning: {spilling} kernels spill registers", file=sys.stderr)
+        return 0
+    if args.command == "explain":
+        from .api import explain
+        print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
+                      lengths=args.lengths or (256, 4096, 65536), batch=args.batch,
+                      graph=args.graph, grid=args.grid, edge_index=_edge_index(args.edge_index)))
+        return 0
+    from .api import generate
+    code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims,
+                    device=args.device)
     out = args.output or _default_output(args.file)
     try:
         with open(out, "w", encoding="utf-8") as f:
             f.write(code)
     except OSError as e:
-        print(f"rcc: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise OSError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}")
     return 0
+
+
+def _precompile_target(args):
+    from .precompile import parse_arch
+    if args.arch is not None:
+        parse_arch(args.arch)
+        return
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("rcc precompile without --arch compiles for this machine's GPU, and there is "
+                         "none: name the target, as --arch sm_90")
 
 
 def _default_output(path) -> str:

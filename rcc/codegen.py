@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import builtins
 import keyword
+import math
 import re
 
 import sympy
@@ -57,7 +58,36 @@ class DimPrinter(PythonCodePrinter):
         return f"math.floor({self._print(e.args[0])})"
 
     def _print_Float(self, f):
-        return repr(float(f))
+        v = float(f)
+        if math.isinf(v):
+            return "math.inf" if v > 0 else "(-math.inf)"
+        return "math.nan" if math.isnan(v) else repr(v)
+
+    def _print_Infinity(self, e):
+        return "math.inf"
+
+    def _print_NegativeInfinity(self, e):
+        return "(-math.inf)"
+
+    def _print_NaN(self, e):
+        return "math.nan"
+
+    # where math raises (overflow, a domain), the IEEE result torch gives (rcc.runtime.dims)
+    def _print_exp(self, e):
+        return f"_dims.exp({self._print(e.args[0])})"
+
+    def _print_log(self, e):
+        if len(e.args) > 1:
+            return f"(_dims.log({self._print(e.args[0])}) / _dims.log({self._print(e.args[1])}))"
+        return f"_dims.log({self._print(e.args[0])})"
+
+    def _print_Pow(self, e, rational=False):
+        if e.is_integer:  # a shape: exact integers
+            return super()._print_Pow(e, rational)
+        base, exponent = e.args
+        if exponent == sympy.Rational(1, 2):
+            return f"_dims.sqrt({self._print(base)})"
+        return f"_dims.pow({self._print(base)}, {self._print(exponent)})"
 
     def _print_Rational(self, r):
         return repr(float(r))

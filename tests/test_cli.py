@@ -80,9 +80,11 @@ def test_bad_dims_flag_exits_2():
     assert r.returncode == 2 and "--dims expects NAME=INT" in r.stderr
 
 
-def test_unwritable_output_exits_1(tmp_path):
+def test_unwritable_output_exits_2(tmp_path):
+    """A file that cannot be read or written: the command cannot run as given (2), not a cell
+    that cannot compile (1)."""
     r = rcc_cli("compile", stdlib("mingru.rnn"), "-o", str(tmp_path / "no" / "such" / "out.py"))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "cannot write" in r.stderr and "Traceback" not in r.stderr
 
 

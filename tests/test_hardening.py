@@ -1,8 +1,10 @@
 """Inputs that used to crash, hang or leak (issue 21): reserved param names, `use` of files that
 are not .rnn sources (never read, never echoed), byte-order marks and CR line endings."""
+import math
 import os
 
 import pytest
+import torch
 
 import rcc
 
@@ -94,3 +96,53 @@ def test_explain_refuses_to_draw_a_huge_grid():
     assert _grid("8x8") == (8, 8)
     with pytest.raises(ValueError, match="at most 4096 nodes"):
         _grid("2000x2000")
+
+
+# ---- the CLI's exit status, and numbers computed from dims ----------------------------------------
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "rcc", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_status_says_whose_fault(tmp_path):
+    """1: the cell cannot be compiled (an analysis refusal, a literal size the analysis cannot
+    hold); 2: the command cannot run as given; 3: a bug in rcc, in one line."""
+    from conftest import stdlib
+    refused = _cli("compile", stdlib("lstm.rnn"), "--plan", "chunk", "-o", str(tmp_path / "o.py"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    huge = tmp_path / "huge.rnn"
+    huge.write_text("cell A() {\n input x[99999999999]\n state h[99999999999]\n h' = tanh(h + x)\n"
+                    " output y = h'\n}\n")
+    big = _cli("compile", str(huge), "-o", str(tmp_path / "o.py"))
+    assert big.returncode == 1 and "out of memory" in big.stderr and "Traceback" not in big.stderr
+    batch = _cli("explain", stdlib("lstm.rnn"), "--batch", "0")
+    assert batch.returncode == 2 and "--batch" in batch.stderr
+
+
+def test_cli_internal_error_is_one_line(monkeypatch, capsys):
+    from conftest import stdlib
+
+    import rcc.cli as cli
+
+    def broken(args, dims):
+        raise TypeError("a bug")
+    monkeypatch.setattr(cli, "_run", broken)
+    monkeypatch.delenv("RCC_TRACEBACK", raising=False)
+    assert cli.main(["check", stdlib("lstm.rnn")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: TypeError: a bug" in err and "RCC_TRACEBACK" in err
+
+
+def test_numbers_from_dims_follow_torch_where_math_raises():
+    """exp overflowing, log(0), a sum of exponentials far apart: inf, -inf and the stable
+    logaddexp, as torch computes them, not a Python exception at construction."""
+    source = ("cell A(d) {\n input x[d]\n state h[d]\n h' = h + x\n"
+              " output y = logaddexp(1000.0, d) + x\n output w = exp(1000 * d) + x\n"
+              " output z = log(d - 1) + x\n}\n")
+    m = rcc.compile(source, backend="torch", plan="sequential")
+    (y, w, z), _ = m(d=3)(torch.zeros(1, 2, 3))
+    assert torch.equal(y, torch.full_like(y, 1000.0)) and torch.isposinf(w).all()
+    assert torch.allclose(z, torch.full_like(z, math.log(2)))
+    (y, w, z), _ = m(d=1)(torch.zeros(1, 2, 1))
+    assert torch.isneginf(z).all()

@@ -80,6 +80,7 @@ class TorchPrinter(ExprPrinter):
             "",
             *self.imports,
             "from rcc import runtime as _rt",
+            "from rcc.runtime import dims as _dims",
             *self.runtime_imports,
             "",
             "",
