@@ -45,15 +45,23 @@ def _edge_index(path):
     import numpy as np
     import torch
 
+    from .runtime.graph import dag_schedule
+
     if path.endswith(".pt"):
-        return torch.as_tensor(torch.load(path, weights_only=True))
-    if path.endswith(".npy"):
-        return torch.as_tensor(np.load(path))
-    pairs = np.loadtxt(path, dtype=np.int64, ndmin=2)
-    if pairs.size and pairs.shape[1] != 2:
-        raise ValueError(f"{path}: expected lines of 'source target', got {pairs.shape[1]} "
-                         "columns")
-    return torch.as_tensor(pairs.reshape(-1, 2).T.copy())
+        edges = torch.as_tensor(torch.load(path, weights_only=True))
+    elif path.endswith(".npy"):
+        edges = torch.as_tensor(np.load(path))
+    else:
+        pairs = np.loadtxt(path, dtype=np.int64, ndmin=2)
+        if pairs.size and pairs.shape[1] != 2:
+            raise ValueError(f"{path}: expected lines of 'source target', got {pairs.shape[1]} "
+                             "columns")
+        edges = torch.as_tensor(pairs.reshape(-1, 2).T.copy())
+    try:  # a graph the file names wrongly (a cycle) is an argument's fault, said before any work
+        dag_schedule(edges, int(edges.max()) + 1 if edges.numel() else 0)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return edges
 
 
 def _parser():
@@ -119,9 +127,10 @@ def main(argv=None) -> int:
     try:  # what the arguments say, checked before any work
         if args.command == "explain":
             args.grid = _grid(args.grid)
+            args.edge_index = _edge_index(args.edge_index)
         if args.command == "precompile":
             _precompile_target(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
         return _run(args, dims)
@@ -166,7 +175,7 @@ def _run(args, dims) -> int:
         from .api import explain
         print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
                       lengths=args.lengths or (256, 4096, 65536), batch=args.batch,
-                      graph=args.graph, grid=args.grid, edge_index=_edge_index(args.edge_index)))
+                      graph=args.graph, grid=args.grid, edge_index=args.edge_index))
         return 0
     from .api import generate
     code = generate(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims,

@@ -78,7 +78,7 @@ def _pairwise_decay(b, cc):
 
 
 @tuned("C", "PK", "BV")  # warps per program
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a new length or batch never recompiles
 def _gla_forward(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K, V, G, g_sk,
                  SAVE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, C: tl.constexpr,
                  PK: tl.constexpr, BV: tl.constexpr):
@@ -103,7 +103,7 @@ def _gla_forward(q_ptr, k_ptr, v_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K,
 
 
 @tuned("C", "PK", "BV")  # warps per program
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N"])  # a new length or batch never recompiles
 def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                   ds0_ptr, T, K, V, G, g_sk, N,
                   ACC: tl.constexpr, MODE: tl.constexpr, C: tl.constexpr, PK: tl.constexpr,
@@ -153,7 +153,7 @@ def _gla_backward(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk
 def _setup(q, v, chunk_size):
     N, T, K = q.shape
     V = v.shape[-1]
-    C = triton.next_power_of_2(max(1, min(int(chunk_size), T, MAX_CHUNK)))
+    C = triton.next_power_of_2(max(1, min(int(chunk_size), MAX_CHUNK)))  # not T's: one kernel for every T
     PK, BV = triton.next_power_of_2(K), min(triton.next_power_of_2(V), 64)
     meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, C, PK, BV), C=C, PK=PK, BV=BV)
     return N, T, K, V, meta, (N, triton.cdiv(V, BV))
@@ -291,7 +291,7 @@ def _unit_lower_inverse(A, ss, PL: tl.constexpr):
 
 
 @tuned("C", "PK", "BV")  # warps per program
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a new length or batch never recompiles
 def _delta_forward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, h_ptr, T, K, V,
                    SAVE: tl.constexpr, HAS_GATE: tl.constexpr, ACC: tl.constexpr,
                    MODE: tl.constexpr, C: tl.constexpr, NH: tl.constexpr, PL: tl.constexpr,
@@ -320,7 +320,7 @@ def _delta_forward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, s0_ptr, o_ptr, sT_ptr, 
 
 
 @tuned("C", "PK", "BV")  # warps per program
-@triton.jit
+@triton.jit(do_not_specialize=["T", "N"])  # a new length or batch never recompiles
 def _delta_backward(q_ptr, k_ptr, u_ptr, beta_ptr, g_ptr, h_ptr, do_ptr, dsT_ptr, dq_ptr, dk_ptr,
                     du_ptr, dbeta_ptr, dg_ptr, ds0_ptr, T, K, V, N,
                     HAS_GATE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
@@ -441,7 +441,7 @@ class _ChunkDelta(torch.autograd.Function):
 def _delta_setup(q, NH, V, K, T, chunk_size):
     """Constexprs and grid: C tokens per chunk (a power of two, at most MAX_CHUNK micro-steps
     where it can), PL micro-steps padded, value blocks of BV."""
-    C = triton.next_power_of_2(max(1, min(int(chunk_size), T, max(1, MAX_CHUNK // NH))))
+    C = triton.next_power_of_2(max(1, min(int(chunk_size), max(1, MAX_CHUNK // NH))))  # not T's
     PL, PK, BV = triton.next_power_of_2(C * NH), triton.next_power_of_2(K), min(triton.next_power_of_2(V), 64)
     meta = dict(ACC=accumulator(q.dtype), MODE=dot_mode(q.dtype, PL, PK, BV), C=C, NH=NH, PL=PL, PK=PK,
                 BV=BV)

@@ -32,7 +32,7 @@ def _compose(a_first, b_first, a_then, b_then):
 
 
 @tuned("M", configs=CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M", "a_st"])  # a new length or batch never recompiles
 def _linear_scan_forward(a_ptr, b_ptr, s0_ptr, out_ptr, T, M, a_st,
                          ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,7 +52,7 @@ def _linear_scan_forward(a_ptr, b_ptr, s0_ptr, out_ptr, T, M, a_st,
 
 
 @tuned("M", configs=CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M", "a_st"])  # a new length or batch never recompiles
 def _linear_scan_backward(a_ptr, s_ptr, s0_ptr, g_ptr, lam_ptr, da_ptr, T, M, a_st,
                           ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,7 +190,7 @@ def _block_source(k: int) -> str:
         "@triton.jit", f"def compose({', '.join(first + then)}):",
         "    # first (A1, b1), then (A2, b2): (A2 A1, A2 b1 + b2)",
         *compose, f"    return {', '.join(outs)}", "", "",
-        '@tuned("M", configs=CONFIGS)', "@triton.jit",
+        '@tuned("M", configs=CONFIGS)', '@triton.jit(do_not_specialize=["T", "M", "A_st"])',
         "def block_scan_forward(A_ptr, b_ptr, s0_ptr, out_ptr, T, M, A_st,",
         "                       ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):",
         "    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)",
