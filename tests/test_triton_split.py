@@ -8,7 +8,8 @@ import torch
 
 import rcc
 import rcc.runtime.triton.loop as loop
-from conftest import STDLIB_DIMS, cell_inputs, run_with_grads, stdlib
+from conftest import STDLIB_DIMS, stdlib
+from test_triton_units import _compare
 
 SPLIT = {"mlstm.rnn": "V", "gla.rnn": "V", "deltanet.rnn": "V", "gated_deltanet.rnn": "V",
          "deltaproduct.rnn": "V", "kda.rnn": "V", "rwkv7.rnn": "V", "rwkv6.rnn": "V",
@@ -27,17 +28,7 @@ def test_columns_split_over_programs_equal_torch(two_columns, name, T):
     dims = dict(STDLIB_DIMS[name], **{SPLIT[name]: 5})
     source = rcc.generate(stdlib(name), backend="triton", plan="sequential", dims=dims)
     assert "_split = {'extent'" in source
-    ref = rcc.compile(stdlib(name), backend="torch", plan="sequential")(**dims).double()
-    mod = rcc.compile(stdlib(name), backend="triton", plan="sequential")(**dims).double()
-    mod.load_state_dict(ref.state_dict())
-    xs, init = cell_inputs(ref, 3, T, (), torch.float64)
-    want, want_grads = run_with_grads(ref, xs, init)
-    got, got_grads = run_with_grads(mod, xs, init)
-    for w, g in zip(list(want) + list(want_grads), list(got) + list(got_grads)):
-        if w is None:
-            assert g is None or not g.abs().any()
-        else:
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11)
+    _compare(stdlib(name), dims, 3, T, torch.float64, {"rtol": 1e-10, "atol": 1e-11})
 
 
 @pytest.mark.parametrize("step", [

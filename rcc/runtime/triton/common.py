@@ -33,6 +33,15 @@ def tuned(*key, configs=None):
     return triton.autotune(configs=configs, key=list(key), cache_results=True)
 
 
+def save_loop(ctx, run_forward, spec, tensors):
+    """The forward of a loop's autograd.Function: run it saving what its backward kernel reads
+    (`kept`), and the tensors for autograd's in-place check."""
+    results, kept = run_forward(spec, tensors, save=True)
+    ctx.save_for_backward(*tensors)  # backward reads `kept`; this makes autograd check versions
+    ctx.spec, ctx.kept, ctx.shapes = spec, kept, [t.shape for t in tensors]
+    return results
+
+
 def accumulator(dtype):
     import triton.language as tl
     # half precisions compute and keep the state in float32

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..layout import check_built_for, rows
-from .common import accumulator, check
+from .common import accumulator, check, save_loop
 
 
 def value_block(extent: int) -> int:
@@ -80,11 +80,7 @@ def _forward(spec, tensors, save):
 class _Loop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, *tensors):
-        results, kept = _forward(spec, tensors, save=True)
-        ctx.save_for_backward(*tensors)  # for autograd's in-place check: backward reads `kept`
-        ctx.spec, ctx.kept = spec, kept
-        ctx.shapes = [t.shape for t in tensors]
-        return results
+        return save_loop(ctx, _forward, spec, tensors)
 
     @staticmethod
     def backward(ctx, *grads):

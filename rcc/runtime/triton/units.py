@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..layout import check_built_for, rows
-from .common import check, interpreted
+from .common import check, interpreted, save_loop
 
 _I32 = 2 ** 31
 
@@ -136,16 +136,12 @@ def dot_type(dtype):
 class _Units(torch.autograd.Function):
     @staticmethod
     def forward(ctx, args, *tensors):
-        results, kept = _forward(args, tensors, save=True)
-        ctx.save_for_backward(*tensors)  # for autograd's in-place check: backward reads `kept`
-        ctx.args, ctx.kept = args, kept
-        ctx.shapes = [t.shape for t in tensors]
-        return results
+        return save_loop(ctx, _forward, args, tensors)
 
     @staticmethod
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
-        (_, backward), spec, meta, T, N, n_seq, n_const, out_shapes = ctx.args
+        (_, backward), spec, meta, T, N, n_seq, n_const, out_shapes = ctx.spec
         seq, consts, hist, zs, slots, tiles, grid, dtype = ctx.kept
         device = hist[0].device
         acc, D = hist[0].dtype, meta["D"]
