@@ -27,10 +27,6 @@ import rcc  # noqa: E402
 from rcc.runtime.triton.common import accumulator  # noqa: E402
 from rcc.runtime.triton.offline import compile_for, loop_kernels, resources  # noqa: E402
 
-def compile_offline(jit, constexprs: dict, dtype=torch.float32, arch=90, wide=(), **options):
-    return compile_for(jit, constexprs, dtype, arch, wide=wide, **options)
-
-
 def sequential_kernels(name, dims, dtype, batch=16, sms=132):
     """(label, jit, constexprs, options, wide) of a stdlib cell's generated loop kernels (with
     gradients), for `batch` rows on a GPU of `sms` multiprocessors."""
@@ -90,7 +86,7 @@ def main():
             kernels = sequential_kernels(name, dims, dtype)
         for label, jit, constexprs, options, wide in kernels:
             start = time.perf_counter()
-            k = compile_offline(jit, constexprs, dtype, args.arch, wide, **options)
+            k = compile_for(jit, constexprs, dtype, args.arch, wide=wide, **options)
             took = time.perf_counter() - start
             regs, spills, _ = resources(k)
             print(f"| {label:<44} | {regs:>4} | {spills:>7} | {k.metadata.shared:>8} |"

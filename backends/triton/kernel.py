@@ -181,6 +181,24 @@ def t_name(hint: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "", hint or "")[:24]
 
 
+def value_hint(cell, i) -> str:
+    """Identifier characters from value i's name (its node's, or the input's, param's or state's
+    it reads), to decorate generated names; "v" when it has none."""
+    n = cell.node(i)
+    return t_name(n.name or (n.attr("name") if n.op in ("input", "param", "state") else "")) or "v"
+
+
+def differentiable(cell, part) -> set:
+    """The values an adjoint flows through: the step's arguments, the states, and what the step
+    computes from them."""
+    diff, step = set(), set(part.step)
+    for n in cell.nodes:
+        if n.id in part.seq or n.id in part.const or n.op == "state" or (
+                n.id in step and any(a in diff for a in n.args)):
+            diff.add(n.id)
+    return diff
+
+
 def _fp32_exact(value) -> bool:
     import struct
     v = float(value)
@@ -271,15 +289,10 @@ class TileKernelPrinter:
         self.tag = [f"{k}_{t_name(d.name)}" for k, d in enumerate(cell.states)]
         self.out_ptr = [f"p_out{k}_{t_name(name)}" for k, (name, _, _) in enumerate(cell.outputs)]
         # which values an adjoint flows through: those computed from an argument or a state
-        self.diff = set()
-        for n in cell.nodes:
-            if n.id in self.seq or n.id in self.const or n.op == "state" or (
-                    n.id in set(self.step) and any(a in self.diff for a in n.args)):
-                self.diff.add(n.id)
+        self.diff = differentiable(cell, part)
 
     def _hint(self, i):
-        n = self.cell.node(i)
-        return t_name(n.name or (n.attr("name") if n.op in ("input", "param", "state") else "")) or "v"
+        return value_hint(self.cell, i)
 
     # ---- extents, shapes, constants --------------------------------------------------------
     def extent(self, expr) -> int:

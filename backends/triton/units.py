@@ -30,7 +30,7 @@ from rcc import ir
 from rcc.codegen import dim_expr, doc_text
 
 from ..pointwise import POINTWISE, pointwise
-from .kernel import TileExprPrinter, t_name
+from .kernel import TileExprPrinter, differentiable, t_name, value_hint
 from .units_adjoint import UnitAdjoints, prefetched
 
 
@@ -49,16 +49,10 @@ class UnitKernelPrinter(UnitAdjoints):
         self.seq_name = [f"x{k}_{self._hint(i)}" for k, i in enumerate(part.seq)]
         self.seq_ptr = [f"p_{x}" for x in self.seq_name]
         self.const_ptr = [f"p_w{k}_{self._hint(i)}" for k, i in enumerate(part.const)]
-        self.diff = set()
-        step = set(part.step)
-        for n in cell.nodes:
-            if n.id in part.seq or n.id in part.const or n.op == "state" or (
-                    n.id in step and any(a in self.diff for a in n.args)):
-                self.diff.add(n.id)
+        self.diff = differentiable(cell, part)
 
     def _hint(self, i):
-        n = self.cell.node(i)
-        return t_name(n.name or (n.attr("name") if n.op in ("input", "param", "state") else "")) or "v"
+        return value_hint(self.cell, i)
 
     def m(self, i) -> int:
         return self.lay.blocks[i]
@@ -136,8 +130,15 @@ class UnitKernelPrinter(UnitAdjoints):
         return [f"tl.load({ptr} + {time} * {x}_st + r2 * {x}_sn + {g} * D + u2, mask=m2, "
                 f"other=0.0).to(ACC)" for g in range(self.m(i))]
 
-    def _hist(self, k, time) -> str:
-        return f"p_hist{self.tag[k]} + (({time}) % NSLOT) * ND + r2 * D + u2"
+    def _hist(self, k, time, cols="u2") -> str:
+        """State k's history at step `time` (slot time % NSLOT), these rows, columns `cols`."""
+        return f"p_hist{self.tag[k]} + (({time}) % NSLOT) * ND + r2 * D + {cols}"
+
+    def _slab(self, ptr, time, m, cols) -> str:
+        """A per-step buffer [T, N, m*D] (products, their adjoints, a seq value's adjoint) at step
+        `time`, these rows, columns `cols`."""
+        md = self.md(m)
+        return f"{ptr} + ({time}) * N * ({md}) + r2 * ({md}) + {cols}"
 
     def _leaves(self) -> list:
         """Names of what the step reads from outside, and the lines loading the params'
@@ -169,16 +170,16 @@ class UnitKernelPrinter(UnitAdjoints):
         for j, p in enumerate(self.lay.products):
             self.value[p.node] = [f"z{j}_{g}" for g in range(p.m)]
             if saved:
-                lines += [f"z{j}_{g} = tl.load(p_z{j} + {time} * N * ({self.md(p.m)}) + "
-                          f"r2 * ({self.md(p.m)}) + {g} * D + u2, mask=m2, other=0.0)" for g in range(p.m)]
+                lines += [f"z{j}_{g} = tl.load({self._slab(f'p_z{j}', time, p.m, f'{g} * D + u2')}, "
+                          "mask=m2, other=0.0)" for g in range(p.m)]
             else:
                 lines += [f"z{j}_{g} = tl.zeros((BB, HB), ACC)" for g in range(p.m)]
         if saved or not self.lay.products:
             return lines
         loads, dots = [], []
         for k in sorted({p.state for p in self.lay.products}):
-            loads.append((f"hk{k}", f"tl.load(p_hist{self.tag[k]} + (({time}) % NSLOT) * ND + r2 * D + "
-                                    "ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0, "
+            hist = self._hist(k, time, "ks[None, :]")
+            loads.append((f"hk{k}", f"tl.load({hist}, mask=rmask[:, None] & kmask[None, :], other=0.0, "
                                     "cache_modifier=\".cg\")"))
         for j, p in enumerate(self.lay.products):
             w = self.const_ptr[p.matrix]
@@ -230,8 +231,7 @@ class UnitKernelPrinter(UnitAdjoints):
         loop += self._products("t", saved=False)
         for j, p in enumerate(self.lay.products):
             loop += ["if SAVE:  # the products, for the backward"]
-            md = self.md(p.m)
-            loop += [f"    tl.store(p_z{j} + t * N * ({md}) + r2 * ({md}) + {g} * D + u2, z{j}_{g}, mask=m2)"
+            loop += [f"    tl.store({self._slab(f'p_z{j}', 't', p.m, f'{g} * D + u2')}, z{j}_{g}, mask=m2)"
                      for g in range(p.m)]
         loop += self._step()
         for k, (name, v, _) in enumerate(c.outputs):
@@ -315,6 +315,5 @@ class UnitKernelPrinter(UnitAdjoints):
             "seq": [self.m(i) for i in part.seq],
             "const": [None if i in self.matrices else self.m(i) for i in part.const],
             "diff_const": [i in self.diff and i not in self.matrices for i in part.const],
-            "out": [self.m(v) if v in self.lay.blocks else 0 for _, v, _ in self.cell.outputs],
             "products": [(p.matrix, p.state, p.transposed, p.m) for p in self.lay.products],
         }

@@ -34,7 +34,6 @@ def prefetched(limit, loads, dots) -> list:
     return lines + [f"    {d}" for d in dots]
 
 
-
 class UnitAdjoints:
     """Mixed into UnitKernelPrinter: its backward kernel."""
 
@@ -45,7 +44,7 @@ class UnitAdjoints:
         for j, p in enumerate(self.lay.products):
             w, md = self.const_ptr[p.matrix], self.md(p.m)
             address = "u2 * ({}) + ks[:, None]".format(md) if p.transposed else "ks[:, None] * D + u2"
-            loads = [("gk", f"tl.load(p_gz{j} + ({time} + 1) * N * ({md}) + r2 * ({md}) + ks[None, :], "
+            loads = [("gk", f"tl.load({self._slab(f'p_gz{j}', f'{time} + 1', p.m, 'ks[None, :]')}, "
                             "mask=rmask[:, None] & kmask[None, :], other=0.0, cache_modifier=\".cg\")"),
                      ("wk", f"tl.load({w} + {address}, mask=kmask[:, None] & umask[None, :], other=0.0)")]
             dot = (f"l{p.state} = tl.dot(gk.to(DOT), wk.to(DOT), l{p.state}, input_precision=\"ieee\", "
@@ -88,8 +87,8 @@ class UnitAdjoints:
                 loop += self._propagate(c.node(i))
         for j, p in enumerate(self.lay.products):
             g = self.adj.get(p.node, ["tl.zeros((BB, HB), ACC)"] * p.m)
-            loop += [f"tl.store(p_gz{j} + t * N * ({self.md(p.m)}) + r2 * ({self.md(p.m)}) + {b} * D + u2, "
-                     f"{g[b]}, mask=m2)" for b in range(p.m)]
+            loop += [f"tl.store({self._slab(f'p_gz{j}', 't', p.m, f'{b} * D + u2')}, {g[b]}, mask=m2)"
+                     for b in range(p.m)]
         for k, i in enumerate(part.seq):
             if i in self.adj:
                 loop += self._store_seq_adjoint(k, i)
@@ -143,8 +142,8 @@ class UnitAdjoints:
         if self.kind(i) == "row":  # this program's units' part: [U, T, N], summed by the runtime
             total = f"tl.sum(tl.broadcast_to({g[0]}, (BB, 1)), 1)"
             return [f"tl.store({ptr} + (u * T + t) * N + rows, {total}, mask=rmask)"]
-        return [f"tl.store({ptr} + t * N * ({self.md(self.m(i))}) + r2 * ({self.md(self.m(i))}) + "
-                f"{b} * D + u2, {g[b]}, mask=m2)" for b in range(self.m(i))]
+        return [f"tl.store({self._slab(ptr, 't', self.m(i), f'{b} * D + u2')}, {g[b]}, mask=m2)"
+                for b in range(self.m(i))]
 
     def _add(self, i, texts, from_kind) -> list:
         """Add `texts` (the blocks of an adjoint of kind `from_kind`) into value i's adjoint,

@@ -14,5 +14,6 @@ from .loop import over_rows, run, value_block
 from .units import run as run_units
 from .scan import block_adjoint, block_scan, linear_adjoint, linear_scan
 
-__all__ = ["check", "interpreted", "tuned", "run", "run_units", "over_rows", "value_block", "linear_scan", "block_scan",
-           "linear_adjoint", "block_adjoint", "chunk_linear_attention", "chunk_delta_rule", "grid_solve"]
+__all__ = ["check", "interpreted", "tuned", "run", "run_units", "over_rows", "value_block",
+           "linear_scan", "block_scan", "linear_adjoint", "block_adjoint", "chunk_linear_attention",
+           "chunk_delta_rule", "grid_solve"]

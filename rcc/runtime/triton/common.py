@@ -33,6 +33,26 @@ def tuned(*key, configs=None):
     return triton.autotune(configs=configs, key=list(key), cache_results=True)
 
 
+def strided(seq) -> list:
+    """Per-step arguments [N, T, ...] as a loop kernel reads them: pointer, time stride, row
+    stride ([T, N, ...] without a copy)."""
+    return [a for x in seq for a in (x, x.stride(1), x.stride(0))]
+
+
+def output_grads(grads, out_shapes, N, T, dtype, device) -> list:
+    """The outputs' gradients as a backward loop kernel reads them (strided); an output without
+    one is a row of zeros read with zero strides."""
+    import math
+
+    from ..layout import rows
+    out = []
+    for g, shape in zip(grads, out_shapes):
+        if g is None:
+            g = torch.zeros(1, 1, math.prod(shape), dtype=dtype, device=device).expand(N, T, -1)
+        out.append(rows(g, 2))
+    return strided(out)
+
+
 def save_loop(ctx, run_forward, spec, tensors):
     """The forward of a loop's autograd.Function: run it saving what its backward kernel reads
     (`kept`), and the tensors for autograd's in-place check."""

@@ -8,13 +8,11 @@ launches the backward kernel.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 
 from ..layout import check_built_for, rows
-from .common import accumulator, check, save_loop
+from .common import accumulator, check, output_grads, save_loop, strided
 
 
 def value_block(extent: int) -> int:
@@ -22,7 +20,7 @@ def value_block(extent: int) -> int:
     return min(triton.next_power_of_2(extent), 32)
 
 
-def _columns(meta, split):
+def columns(meta, split):
     """The constexprs with the split axis' tile set to a block of it, and the number of blocks."""
     if split is None:
         return meta, 1
@@ -40,7 +38,7 @@ def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes, bu
     tensors = (*seq, *consts, *states)
     check(tensors)
     check_built_for("backend 'triton'", N * T, N, tensors, built_for)
-    meta, blocks = _columns(meta, split)
+    meta, blocks = columns(meta, split)
     spec = (kernels, meta, T, N, len(seq), len(consts), out_shapes, split, blocks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _Loop.apply(spec, *tensors)
@@ -48,13 +46,6 @@ def run(kernels, meta: dict, T: int, N: int, seq, consts, states, out_shapes, bu
         results = _forward(spec, tensors, save=False)[0]
     n_out = len(out_shapes)
     return list(results[:n_out]), list(results[n_out:])
-
-
-def _strided(seq):
-    out = []
-    for x in seq:
-        out += [x, x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
-    return out
 
 
 def _forward(spec, tensors, save):
@@ -68,7 +59,7 @@ def _forward(spec, tensors, save):
     saved = [torch.empty(T, *s.shape, dtype=dtype, device=device) if save else f
              for s, f in zip(states, finals)]  # the finals stand in when nothing is saved
     if T > 0:
-        forward[(N, blocks)](*_strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
+        forward[(N, blocks)](*strided(seq), *consts, *states, *outs, *finals, *saved, T, N,
                       SAVE=save, ACC=accumulator(dtype), **meta)
     else:
         for f, s in zip(finals, states):
@@ -92,12 +83,7 @@ class _Loop(torch.autograd.Function):
         seq, consts, states, saved = ctx.kept
         dtype, device = states[0].dtype if states else seq[0].dtype, seq[0].device
         n_out = len(out_shapes)
-        gouts = []
-        for g, shape in zip(grads[:n_out], out_shapes):
-            if g is None:  # no gradient: one row of zeros, read with zero strides
-                g = torch.zeros(1, 1, math.prod(shape), dtype=dtype, device=device).expand(N, T, -1)
-            g = rows(g, 2)
-            gouts += [g, g.stride(1), g.stride(0)]  # [N, T, ...] read as [T, N, ...]
+        gouts = output_grads(grads[:n_out], out_shapes, N, T, dtype, device)
         gfinals = [torch.zeros_like(s) if g is None else rows(g, 1).contiguous()
                    for g, s in zip(grads[n_out:], states)]
         gseq = [torch.zeros(parts(w), T, N, x.shape[2], dtype=dtype, device=device)
@@ -107,7 +93,7 @@ class _Loop(torch.autograd.Function):
         ginit = [torch.empty(parts(w), *s.shape, dtype=s.dtype, device=device)
                  for s, w in zip(states, whole["states"])]
         if T > 0:
-            backward[(N, blocks)](*_strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
+            backward[(N, blocks)](*strided(seq), *consts, *saved, *gouts, *gfinals, *gseq, *gconst,
                            *ginit, T, N, ACC=accumulator(dtype), **meta)
         else:
             for g, f in zip(ginit, gfinals):

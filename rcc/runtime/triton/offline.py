@@ -91,8 +91,8 @@ def loop_kernels(m, dtype, batch=16, sms=132, label=""):
                 (f"{label} forward, no gradients", forward, dict(meta, SAVE=False, BK=tiles["BK"]),
                  options, wide),
                 (f"{label} backward", backward, dict(meta, BK=tiles["BK_BACK"]), options, wide)]
-    from .loop import _columns
-    meta, _ = _columns(meta, getattr(module, kernel + "_split", None))  # the block of a split axis
+    from .loop import columns
+    meta, _ = columns(meta, getattr(module, kernel + "_split", None))  # the block of a split axis
     return [(f"{label} forward", forward, dict(meta, SAVE=True), {}, ()),
             (f"{label} forward, no gradients", forward, dict(meta, SAVE=False), {}, ()),
             (f"{label} backward", backward, meta, {}, ())]

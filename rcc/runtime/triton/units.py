@@ -14,12 +14,10 @@ changes a result.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..layout import check_built_for, rows
-from .common import check, interpreted, save_loop
+from .common import accumulator, check, interpreted, output_grads, save_loop, strided
 
 _I32 = 2 ** 31
 
@@ -109,18 +107,12 @@ def _forward(args, tensors, save):
     tiles = blocks(N, D, sms, len({p[0] for p in spec["products"]}))
     grid = (-(-D // tiles["HB"]), -(-N // tiles["BB"]))
     sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
-    strided = [a for x in seq for a in (x, x.stride(1), x.stride(0))]
     if T > 0 and N > 0:
         consts_meta = {k: v for k, v in meta.items() if k != "D"}
-        _launch(forward, grid, tiles, T, lambda: (*strided, *consts, *hist, *outs, *zs, sync), 0,
-                (slots, T, N, D), SAVE=save, ACC=_tl_acc(dtype), DOT=dot_type(dtype), **consts_meta)
+        _launch(forward, grid, tiles, T, lambda: (*strided(seq), *consts, *hist, *outs, *zs, sync), 0,
+                (slots, T, N, D), SAVE=save, ACC=accumulator(dtype), DOT=dot_type(dtype), **consts_meta)
     finals = [h[T % slots].to(dtype).view(s.shape) for h, s in zip(hist, states)]
     return (*outs, *finals), (seq, consts, hist, zs, slots, tiles, grid, dtype)
-
-
-def _tl_acc(dtype):
-    import triton.language as tl
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def dot_type(dtype):
@@ -130,7 +122,7 @@ def dot_type(dtype):
     import triton.language as tl
     if dtype in (torch.bfloat16, torch.float16) and not interpreted():
         return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return _tl_acc(dtype)
+    return accumulator(dtype)
 
 
 class _Units(torch.autograd.Function):
@@ -146,12 +138,7 @@ class _Units(torch.autograd.Function):
         device = hist[0].device
         acc, D = hist[0].dtype, meta["D"]
         n_out = len(out_shapes)
-        gouts = []
-        for g, shape in zip(grads[:n_out], out_shapes):
-            if g is None:  # no gradient: one row of zeros, read with zero strides
-                g = torch.zeros(1, 1, max(math.prod(shape), 1), dtype=dtype, device=device).expand(N, T, -1)
-            g = rows(g, 2)
-            gouts += [g, g.stride(1), g.stride(0)]
+        gouts = output_grads(grads[:n_out], out_shapes, N, T, dtype, device)
         ladj = [torch.zeros(N, D, dtype=acc, device=device) if g is None else rows(g, 1).to(acc).clone()
                 for g in grads[n_out:]]
         gz = [torch.empty(T, N, m * D, dtype=acc, device=device) for _, _, _, m in spec["products"]]
@@ -161,12 +148,11 @@ class _Units(torch.autograd.Function):
         dconst = [torch.zeros(grid[1], m * D if m else U, dtype=acc, device=device)
                   for m, d in zip(spec["const"], spec["diff_const"]) if d]
         sync = torch.zeros(grid[1], dtype=torch.int32, device=device)
-        strided = [a for x in seq for a in (x, x.stride(1), x.stride(0))]
         if T > 0 and N > 0:
             consts_meta = {k: v for k, v in meta.items() if k != "D"}
-            _launch(backward, grid, tiles, T, lambda: (*strided, *consts, *hist, *zs, *gouts, *ladj, *gz,
-                                                       *dseq, *dconst, sync),
-                    T - 1, (slots, T, N, D), backward=True, ACC=_tl_acc(dtype), DOT=dot_type(dtype),
+            _launch(backward, grid, tiles, T, lambda: (*strided(seq), *consts, *hist, *zs, *gouts, *ladj,
+                                                       *gz, *dseq, *dconst, sync),
+                    T - 1, (slots, T, N, D), backward=True, ACC=accumulator(dtype), DOT=dot_type(dtype),
                     **consts_meta)
         shapes = ctx.shapes
         grads_in = []
