@@ -41,17 +41,35 @@ def plan_kernels(dtype, K=128, V=128):
     acc = accumulator(dtype)
     block = dict(scan.CONFIGS[0].kwargs)
     BV = min(V, 64)
-    gla = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, PK=K, BV=BV)
     delta = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, NH=1, PL=16, PK=K, BV=BV)
-    return [(label, jit, constexprs, {}, ()) for label, jit, constexprs in [
+    plain = [(label, jit, constexprs, {}, ()) for label, jit, constexprs in [
         ("linear scan forward", scan._linear_scan_forward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("linear scan backward", scan._linear_scan_backward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("block scan k=2 forward", scan._block_kernel(2), dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
-        (f"chunk GLA forward K=V={K}", chunk._gla_forward, dict(gla, SAVE=True)),
-        (f"chunk GLA backward K=V={K}", chunk._gla_backward, gla),
         (f"chunk delta rule forward K=V={K}", chunk._delta_forward, dict(delta, SAVE=True, HAS_GATE=True)),
         (f"chunk delta rule backward K=V={K}", chunk._delta_backward, dict(delta, HAS_GATE=True)),
     ]]
+    return plain + gla_kernels(dtype, K, V)
+
+
+def gla_kernels(dtype, K=128, V=128):
+    """Chunked gated linear attention's kernels (forward and backward, per-key and scalar decays)."""
+    from rcc.runtime.triton import chunk_gla
+    from rcc.runtime.triton.common import dot_type
+    meta = dict(ACC=accumulator(dtype), DOT=dot_type(dtype), C=64, BK=chunk_gla.block(K, dtype),
+                BV=chunk_gla.block(V, dtype))
+    scores = {k: meta[k] for k in ("ACC", "DOT", "C", "BK")}
+    wide = ("b_ptr", "a_ptr", "da_ptr", "s_out_ptr", "dq_ptr", "dk_ptr")
+    options = dict(num_warps=chunk_gla.WARPS)
+    return [(f"chunk GLA {label} K=V={K}", jit, constexprs, options, wide) for label, jit, constexprs in [
+        ("states", chunk_gla._chunk_states, dict(meta, REVERSE=False)),
+        ("states' gradients", chunk_gla._chunk_states, dict(meta, REVERSE=True)),
+        ("scores", chunk_gla._chunk_scores, dict(scores, SCALAR=False)),
+        ("scores, scalar decay", chunk_gla._chunk_scores, dict(scores, SCALAR=True)),
+        ("output", chunk_gla._chunk_output, meta),
+        ("dv", chunk_gla._chunk_dv, meta),
+        ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=False)),
+        ("dq dk, scalar decay", chunk_gla._chunk_dqk, dict(meta, SCALAR=True))]]
 
 
 CELLS = {  # plan sequential at the sizes of benchmarks/gpu.py (the tiled kernels serve every d > 32)

@@ -68,6 +68,16 @@ def accumulator(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def dot_type(dtype):
+    """The products' operand type: half types on tensor cores (float32 accumulate), float32
+    and float64 exactly. The interpreter's half-type products are wrong (Triton 3.9): there,
+    they run in float32."""
+    import triton.language as tl
+    if dtype in (torch.bfloat16, torch.float16) and not interpreted():
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return accumulator(dtype)
+
+
 def check(tensors, what="backend 'triton'"):
     """One float dtype, and a device the kernels can run on."""
     dtype, device = tensors[0].dtype, tensors[0].device

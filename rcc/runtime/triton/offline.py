@@ -75,7 +75,8 @@ def loop_kernels(m, dtype, batch=16, sms=132, label=""):
     """(label, jit, constexprs, options, wide) of every kernel plan sequential's forward (with
     and without gradients) and backward launch for module instance `m` (backend triton), for
     `batch` rows on a GPU of `sms` multiprocessors (an H100 or H200 has 132)."""
-    from .units import blocks, dot_type
+    from .common import dot_type
+    from .units import blocks
     module = sys.modules[type(m).__module__]
     kernel = next(k for k in vars(module) if k.endswith("_forward"))[:-len("_forward")]
     forward, backward = getattr(module, kernel + "_forward"), getattr(module, kernel + "_backward")

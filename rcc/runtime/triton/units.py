@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import check_built_for, rows
-from .common import accumulator, check, interpreted, output_grads, save_loop, strided
+from .common import accumulator, check, dot_type, interpreted, output_grads, save_loop, strided
 
 _I32 = 2 ** 31
 
@@ -113,16 +113,6 @@ def _forward(args, tensors, save):
                 (slots, T, N, D), SAVE=save, ACC=accumulator(dtype), DOT=dot_type(dtype), **consts_meta)
     finals = [h[T % slots].to(dtype).view(s.shape) for h, s in zip(hist, states)]
     return (*outs, *finals), (seq, consts, hist, zs, slots, tiles, grid, dtype)
-
-
-def dot_type(dtype):
-    """The products' operand type: half types on tensor cores (float32 accumulate), float32
-    and float64 exactly. The interpreter's half-type products are wrong (Triton 3.9): there,
-    they run in float32."""
-    import triton.language as tl
-    if dtype in (torch.bfloat16, torch.float16) and not interpreted():
-        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return accumulator(dtype)
 
 
 class _Units(torch.autograd.Function):

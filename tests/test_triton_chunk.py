@@ -1,0 +1,72 @@
+"""Backend triton's chunked kernels (plan chunk) against the torch reference (rcc.runtime.chunk,
+itself checked against loops of the recurrences in test_runtime_chunk.py), in Triton's
+interpreter: forward and backward, float64 and float32, T not a multiple of the chunk or the
+sub-chunk, key and value sizes that are not powers of two (several blocks), initial states,
+and log-decays near -inf and near 0."""
+import pytest
+import torch
+
+from rcc.runtime import chunk as reference
+
+F64, F32 = torch.float64, torch.float32
+
+
+def _gradients(fn, inputs, cotangents):
+    outs = fn(*inputs)
+    loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
+    wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    return list(outs) + list(torch.autograd.grad(loss, wrt))
+
+
+def _compare(fn, ref, inputs, cotangents, dtype):
+    got, want = _gradients(fn, inputs, cotangents), _gradients(ref, inputs, cotangents)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        if dtype == F64:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+        else:  # float32 noise on values of order one
+            torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5 * max(1.0, w.abs().max().item()))
+
+
+def _gla_inputs(N, T, K, V, G, dtype, log_decay=None, seed=0):
+    torch.manual_seed(seed)
+    q, k = (torch.randn(N, T, K, dtype=dtype) for _ in range(2))
+    v = torch.randn(N, T, V, dtype=dtype)
+    if log_decay is None:
+        g = -torch.nn.functional.softplus(torch.randn(N, T, G, dtype=dtype))
+    else:
+        g = torch.full((N, T, G), log_decay, dtype=dtype)
+    s0 = torch.randn(N, K, V, dtype=dtype)
+    cot = [torch.randn(N, T, V, dtype=dtype), torch.randn(N, K, V, dtype=dtype)]
+    return [x.requires_grad_() for x in (q, k, v, g, s0)], cot
+
+
+@pytest.mark.parametrize("N,T,K,V,G,chunk,dtype,log_decay", [
+    (2, 9, 3, 2, 3, 16, F64, None), (1, 1, 4, 4, 4, 64, F64, None),  # T = 1
+    (3, 21, 5, 7, 1, 16, F64, None),  # G = 1: a scalar decay
+    (2, 40, 3, 70, 3, 16, F64, None),  # three blocks of value columns
+    (1, 130, 48, 80, 48, 64, F64, None),  # two blocks of keys, three of values, a partial chunk
+    (2, 130, 6, 5, 1, 64, F64, None), (2, 15, 5, 4, 5, 32, F32, None), (1, 130, 33, 17, 1, 64, F32, None),
+    (1, 70, 5, 4, 5, 64, F64, -60.0), (1, 70, 5, 4, 1, 64, F64, -60.0),  # decays near 0
+    (1, 70, 5, 4, 5, 64, F64, -1e-6), (1, 70, 5, 4, 1, 64, F32, -1e-6),  # decays near 1
+    (1, 70, 5, 4, 5, 64, F32, -60.0)])
+def test_chunk_linear_attention(N, T, K, V, G, chunk, dtype, log_decay):
+    from rcc.runtime.triton import chunk_linear_attention
+    inputs, cot = _gla_inputs(N, T, K, V, G, dtype, log_decay)
+    _compare(lambda *x: chunk_linear_attention(*x, chunk_size=chunk),
+             lambda *x: reference.chunk_linear_attention(*x, chunk_size=chunk), inputs, cot, dtype)
+
+
+def test_chunk_linear_attention_without_initial_state_or_cotangents():
+    """S0 None is zeros; an output whose gradient is not asked for (only o, or only S_T) counts
+    as zero."""
+    from rcc.runtime.triton import chunk_linear_attention
+    (q, k, v, g, _), _ = _gla_inputs(2, 19, 4, 3, 4, F64)
+    for pick in (0, 1):
+        got = torch.autograd.grad(chunk_linear_attention(q, k, v, g)[pick].sum(), [q, k, v, g])
+        want = torch.autograd.grad(reference.chunk_linear_attention(q, k, v, g)[pick].sum(), [q, k, v, g],
+                                   allow_unused=True, materialize_grads=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    o, S = chunk_linear_attention(q[:, :0], k[:, :0], v[:, :0], g[:, :0])
+    assert o.shape == (2, 0, 3) and S.shape == (2, 4, 3) and not S.any()
