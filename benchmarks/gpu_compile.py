@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 
 import rcc  # noqa: E402
 from rcc.runtime.triton.common import accumulator  # noqa: E402
-from rcc.runtime.triton.offline import compile_for, loop_kernels, resources  # noqa: E402
+from rcc.runtime.triton.offline import chunk_launches, compile_for, loop_kernels, resources  # noqa: E402
 
 def sequential_kernels(name, dims, dtype, batch=16, sms=132):
     """(label, jit, constexprs, options, wide) of a stdlib cell's generated loop kernels (with
@@ -37,39 +37,18 @@ def sequential_kernels(name, dims, dtype, batch=16, sms=132):
 
 def plan_kernels(dtype, K=128, V=128):
     """The plans' library kernels at flash-linear-attention's head sizes."""
-    from rcc.runtime.triton import chunk, scan
+    from rcc.runtime.triton import scan
     acc = accumulator(dtype)
     block = dict(scan.CONFIGS[0].kwargs)
-    BV = min(V, 64)
-    delta = dict(ACC=acc, MODE=chunk.dot_mode(dtype, 16, K, BV), C=16, NH=1, PL=16, PK=K, BV=BV)
-    plain = [(label, jit, constexprs, {}, ()) for label, jit, constexprs in [
+    scans = [(label, jit, constexprs, {}, ()) for label, jit, constexprs in [
         ("linear scan forward", scan._linear_scan_forward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("linear scan backward", scan._linear_scan_backward, dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
         ("block scan k=2 forward", scan._block_kernel(2), dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **block)),
-        (f"chunk delta rule forward K=V={K}", chunk._delta_forward, dict(delta, SAVE=True, HAS_GATE=True)),
-        (f"chunk delta rule backward K=V={K}", chunk._delta_backward, dict(delta, HAS_GATE=True)),
     ]]
-    return plain + gla_kernels(dtype, K, V)
-
-
-def gla_kernels(dtype, K=128, V=128):
-    """Chunked gated linear attention's kernels (forward and backward, per-key and scalar decays)."""
-    from rcc.runtime.triton import chunk_gla
-    from rcc.runtime.triton.common import dot_type
-    meta = dict(ACC=accumulator(dtype), DOT=dot_type(dtype), C=64, BK=chunk_gla.block(K, dtype),
-                BV=chunk_gla.block(V, dtype))
-    scores = {k: meta[k] for k in ("ACC", "DOT", "C", "BK")}
-    wide = ("b_ptr", "a_ptr", "da_ptr", "s_out_ptr", "dq_ptr", "dk_ptr")
-    options = dict(num_warps=chunk_gla.WARPS)
-    return [(f"chunk GLA {label} K=V={K}", jit, constexprs, options, wide) for label, jit, constexprs in [
-        ("states", chunk_gla._chunk_states, dict(meta, REVERSE=False)),
-        ("states' gradients", chunk_gla._chunk_states, dict(meta, REVERSE=True)),
-        ("scores", chunk_gla._chunk_scores, dict(scores, SCALAR=False)),
-        ("scores, scalar decay", chunk_gla._chunk_scores, dict(scores, SCALAR=True)),
-        ("output", chunk_gla._chunk_output, meta),
-        ("dv", chunk_gla._chunk_dv, meta),
-        ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=False)),
-        ("dq dk, scalar decay", chunk_gla._chunk_dqk, dict(meta, SCALAR=True))]]
+    return (scans + chunk_launches("linear_attention", dtype, K, V, label="chunk GLA")
+            + chunk_launches("linear_attention", dtype, K, V, scalar_decay=True, label="chunk RetNet")
+            + chunk_launches("delta_rule", dtype, K, V, label="chunk delta rule")
+            + chunk_launches("delta_rule", dtype, K, V, n_h=2, label="chunk DeltaProduct n_h=2"))
 
 
 CELLS = {  # plan sequential at the sizes of benchmarks/gpu.py (the tiled kernels serve every d > 32)

@@ -1,6 +1,6 @@
 """The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`,
 `rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`,
-`rcc precompile FILE.rnn --dims ... [--dtype D] [--arch sm_90]` (rcc/precompile.py).
+`rcc precompile FILE.rnn --dims ... [--dtype D] [--plan P] [--arch sm_90]` (rcc/precompile.py).
 
 Exit status: 0 ok; 1 the cell cannot be compiled (a compile error, printed as FILE:LINE:COL:
 error: ..., or a refusal of the analysis or a backend); 2 the command cannot run as given (usage, a
@@ -102,7 +102,7 @@ def _parser():
     pc.add_argument("--cell")
     pc.add_argument("--dims", nargs="*", metavar="NAME=INT", help="every dim of the cell")
     pc.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    pc.add_argument("--plan", default="sequential", choices=["sequential"],
+    pc.add_argument("--plan", default="sequential", choices=["sequential", "chunk"],
                     help="the plan whose kernels to compile")
     pc.add_argument("--arch", help="the GPU to compile for, as sm_90 (default: this machine's GPU)")
     pc.add_argument("--batch", type=int, default=16, help="rows per call (batch x heads)")

@@ -1,4 +1,4 @@
-"""`rcc precompile FILE.rnn --dims ... [--dtype] [--plan sequential] [--arch sm_90] [--batch N]`:
+"""`rcc precompile FILE.rnn --dims ... [--dtype] [--plan sequential|chunk] [--arch sm_90] [--batch N]`:
 every Triton kernel a forward (with and without gradients) and a backward of the cell will
 launch, compiled ahead of a job, each in its own process, with its compile seconds, registers,
 spilled bytes and shared memory.
@@ -33,11 +33,14 @@ def _module(path, cell, dims, plan):
 def _kernels(path, cell, dims, plan, dtype, batch, sms):
     import torch
 
-    from .runtime.triton.offline import loop_kernels
-    if plan != "sequential":
-        raise NotImplementedError(f"rcc precompile covers plan sequential; plan '{plan}' compiles "
-                                  "its kernels on the first call")
-    return loop_kernels(_module(path, cell, dims, plan), getattr(torch, dtype), batch, sms)
+    from .runtime.triton.offline import chunk_kernels, loop_kernels
+    if plan not in ("sequential", "chunk"):
+        raise NotImplementedError(f"rcc precompile covers plans sequential and chunk; plan '{plan}' "
+                                  "compiles its kernels on the first call")
+    m = _module(path, cell, dims, plan)
+    if plan == "chunk":
+        return chunk_kernels(m, getattr(torch, dtype))
+    return loop_kernels(m, getattr(torch, dtype), batch, sms)
 
 
 def _compile_one(job):
@@ -78,10 +81,11 @@ def precompile(path, cell=None, dims=None, dtype="bfloat16", plan="sequential", 
     out(f"{len(rows)} kernels for sm_{arch}, {dtype}, {batch} rows, dims "
         f"{' '.join(f'{k}={v}' for k, v in dims.items()) or '-'} ({workers} processes, "
         f"{time.perf_counter() - start:.1f} s):")
-    out(f"| {'kernel':<44} | compile s | regs | spilled B | shared B |")
-    out(f"|{'-' * 46}|----------:|-----:|----------:|---------:|")
+    width = max([44] + [len(r[0]) for r in rows])
+    out(f"| {'kernel':<{width}} | compile s | regs | spilled B | shared B |")
+    out(f"|{'-' * (width + 2)}|----------:|-----:|----------:|---------:|")
     for label, seconds, regs, spilled, shared in rows:
-        out(f"| {label:<44} | {seconds:>9.1f} | {regs:>4} | {spilled:>9} | {shared:>8} |")
+        out(f"| {label:<{width}} | {seconds:>9.1f} | {regs:>4} | {spilled:>9} | {shared:>8} |")
     if gpu:
         _run_once(path, cell, dims, plan, dtype, batch, out)
     return sum(1 for r in rows if r[3] > 0)

@@ -37,3 +37,18 @@ def test_precompile_errors_are_clear():
     batch = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=8", "d=8", "--arch", "sm_90",
                  "--batch", "0")
     assert batch.returncode == 2 and "--batch" in batch.stderr
+
+
+def test_precompile_plan_chunk(tmp_path):
+    """Plan chunk's kernels (the library's, at the cell's key and value sizes): DeltaProduct's
+    seven (forward and backward), none spilling; a cell whose chunk form has no Triton kernel is
+    told so."""
+    run = _rcc("precompile", stdlib("deltaproduct.rnn"), "--dims", "K=64", "V=48", "--dtype", "bfloat16",
+               "--plan", "chunk", "--arch", "sm_90", cache=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [ln.split("|") for ln in run.stdout.splitlines() if ln.startswith("| DeltaProduct chunk")]
+    assert len(rows) == 7 and all(r[1].strip().endswith("K=64 V=48") for r in rows), run.stdout
+    assert all(int(r[4]) == 0 and float(r[2]) > 0 for r in rows), run.stdout
+    mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16", "--plan", "chunk",
+                 "--arch", "sm_90")
+    assert mlstm.returncode == 1 and "max-plus" in mlstm.stderr and "Traceback" not in mlstm.stderr

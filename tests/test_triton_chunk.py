@@ -70,3 +70,34 @@ def test_chunk_linear_attention_without_initial_state_or_cotangents():
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     o, S = chunk_linear_attention(q[:, :0], k[:, :0], v[:, :0], g[:, :0])
     assert o.shape == (2, 0, 3) and S.shape == (2, 4, 3) and not S.any()
+
+
+def _delta_inputs(N, T, n_h, K, V, gate, dtype, log_decay=None, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(N, T, K, dtype=dtype)
+    k = torch.nn.functional.normalize(torch.randn(N, T, n_h, K, dtype=dtype), dim=-1)
+    beta = torch.sigmoid(torch.randn(N, T, n_h, dtype=dtype))
+    u = torch.randn(N, T, n_h, V, dtype=dtype)
+    g = None
+    if gate:
+        g = (-torch.nn.functional.softplus(torch.randn(N, T, dtype=dtype)) if log_decay is None
+             else torch.full((N, T), log_decay, dtype=dtype)).requires_grad_()
+    s0 = torch.randn(N, K, V, dtype=dtype)
+    cot = [torch.randn(N, T, V, dtype=dtype), torch.randn(N, K, V, dtype=dtype)]
+    return [x.requires_grad_() for x in (q, k, u, beta)] + [g, s0.requires_grad_()], cot
+
+
+@pytest.mark.parametrize("N,T,n_h,K,V,gate,chunk,dtype,log_decay", [
+    (2, 9, 1, 3, 2, True, 4, F64, None), (1, 1, 1, 4, 4, False, 16, F64, None),  # T = 1
+    (2, 11, 2, 3, 5, True, 4, F64, None),  # DeltaProduct: two micro-steps per token
+    (1, 13, 3, 4, 3, True, 2, F64, None),  # three: slots past 3 C are identity steps
+    (2, 40, 1, 5, 70, False, 64, F64, None),  # three blocks of value columns
+    (1, 130, 1, 48, 80, True, 64, F64, None),  # two key blocks, three value blocks, a partial chunk
+    (1, 130, 2, 33, 17, True, 64, F32, None), (2, 15, 1, 5, 4, True, 64, F32, None),
+    (1, 70, 2, 5, 4, True, 64, F64, -60.0), (1, 70, 3, 5, 4, True, 64, F64, -60.0),  # gates near 0
+    (1, 70, 1, 5, 4, True, 64, F64, -1e-6), (1, 70, 1, 5, 4, True, 64, F32, -60.0)])  # near 1
+def test_chunk_delta_rule(N, T, n_h, K, V, gate, chunk, dtype, log_decay):
+    from rcc.runtime.triton import chunk_delta_rule
+    inputs, cot = _delta_inputs(N, T, n_h, K, V, gate, dtype, log_decay)
+    _compare(lambda *x: chunk_delta_rule(*x, chunk_size=chunk),
+             lambda *x: reference.chunk_delta_rule(*x, chunk_size=chunk), inputs, cot, dtype)

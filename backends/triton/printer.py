@@ -157,8 +157,8 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
 
 
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
-    """Plan chunk: the torch plan's module, the chunkwise form a Triton kernel pair
-    (rcc/runtime/triton/chunk.py)."""
+    """Plan chunk: the torch plan's module, the chunkwise form Triton kernels
+    (rcc/runtime/triton/chunk_gla.py, chunk_delta.py)."""
 
     def __init__(self, form, source_name=""):
         why = triton_lacks(form)
@@ -167,10 +167,19 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
                 f"backend 'triton' has no kernel for {why} (cell '{form.cell.name}'); plan "
                 "'chunk' runs it on backend 'torch', plan 'sequential' on 'triton'")
         super().__init__(form, source_name)
+        if form.kind == "linear":
+            K = form.cell.states[[d.name for d in form.cell.states].index(form.state)].shape[-2]
+            launches = dict(kernels="linear_attention", state=form.state, extra_values=len(form.folded),
+                            scalar_decay=form.cell.node(form.log_decay).type.shape[-1:] != (K,))
+        else:
+            launches = dict(kernels="delta_rule", state=form.state, n_h=len(form.keys))
+        self.class_attrs = self.class_attrs + [
+            f"    CHUNK_KERNELS = {launches!r}  # what the Triton kernels run (for rcc precompile)"]
 
 
 def triton_lacks(form) -> str:
-    """What of a chunk form rcc/runtime/triton/chunk.py's kernels do not run ('' if none)."""
+    """What of a chunk form the Triton chunk kernels (chunk_gla.py, chunk_delta.py) do not run ('' if
+    none)."""
     if form.kind not in ("linear", "delta"):
         return ("the chunkwise diagonal-plus-rank-one form (KDA, RWKV-7, Comba: a decay and a "
                 "rank-one read per step)")

@@ -3,11 +3,11 @@
 common.py: devices, dtypes and autotuning; loop.py: the generated loop-over-time
 kernels' launcher with gradients (plan sequential); units.py: the same, tiled over
 hidden units; scan.py: the linear and block scans (plans
-scan and newton); chunk_gla.py: chunkwise gated linear attention, chunk.py: the chunkwise
-gated delta rule / DeltaProduct (plan chunk); grid.py: pLSTM's 2D parallel form (plan chunk over
+scan and newton); chunk_gla.py: chunkwise gated linear attention, chunk_delta.py: the
+chunkwise gated delta rule / DeltaProduct (plan chunk); grid.py: pLSTM's 2D parallel form (plan chunk over
 grid2d).
 """
-from .chunk import chunk_delta_rule
+from .chunk_delta import chunk_delta_rule
 from .chunk_gla import chunk_linear_attention
 from .common import check, interpreted, tuned
 from .grid import grid_solve

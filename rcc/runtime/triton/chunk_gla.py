@@ -34,7 +34,6 @@ from .common import accumulator, check, dot_type
 
 SUB_ROWS = 16  # rows of a sub-chunk (the smallest tl.dot)
 SUB = tl.constexpr(SUB_ROWS)
-WARPS = 8  # 4 spill the backward's [C, C] tiles (sm_90, bfloat16, K = V = 128)
 
 
 @triton.jit
@@ -300,6 +299,20 @@ def _setup(q, v, g, chunk_size):
     return (N, T, K, V, G, NC), b, meta, 0 if G == 1 else 1
 
 
+def kept(dtype):
+    """The type of the chunk states kept between kernels: the inputs' (as the products read
+    them), but float32 for float16 (its range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def launch(dtype) -> dict:
+    """Warps and pipeline stages of every chunk kernel: 8 warps (at 4 the backward's [C, C] tiles
+    spill, sm_90, bfloat16, K = V = 128); float32 and float64 products have no tensor-core path
+    and, pipelined over 3 stages, need more shared memory than an H100 has: 1 stage."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return dict(num_warps=8, num_stages=3 if half else 1)
+
+
 def block(size, dtype) -> int:
     """Keys or values per block: 64 on half types, 32 on float32 and float64 (twice the bytes:
     at 64 the backward's [C, C] tiles spill at 8 warps), 16 at least (the smallest tl.dot)."""
@@ -314,11 +327,10 @@ def _blocks(K, V, meta):
 def _states(x, y, b, s_in, sizes, meta, g_sk, reverse=False):
     """The sequential kernel: (per-chunk states or their gradients [N, NC, K, V], last one)."""
     N, T, K, V, G, NC = sizes
-    h = torch.empty(N, NC, K, V, dtype=x.dtype if x.dtype != torch.float16 else torch.float32,
-                    device=x.device)
+    h = torch.empty(N, NC, K, V, dtype=kept(x.dtype), device=x.device)
     s_out = torch.empty(N, K, V, dtype=b.dtype, device=x.device)
     _chunk_states[_blocks(K, V, meta) + (N,)](x, y, b, s_in, h, s_out, T, NC, K, V, G, g_sk,
-                                              REVERSE=reverse, num_warps=WARPS, **meta)
+                                              REVERSE=reverse, **launch(x.dtype), **meta)
     return h, s_out
 
 
@@ -327,7 +339,7 @@ def _scores(q, k, b, sizes, meta, g_sk):
     A = torch.empty(N, NC * meta["C"], meta["C"], dtype=b.dtype, device=q.device)
     meta = {k: meta[k] for k in ("ACC", "DOT", "C", "BK")}
     _chunk_scores[(meta["C"] // SUB_ROWS, NC, N)](q, k, b, A, T, K, G, g_sk, SCALAR=G == 1,
-                                                  num_warps=WARPS, **meta)
+                                                  **launch(q.dtype), **meta)
     return A
 
 
@@ -341,7 +353,7 @@ class _ChunkGLA(torch.autograd.Function):
         A = _scores(q, k, b, sizes, meta, g_sk)
         o = torch.empty(N, T, V, dtype=q.dtype, device=q.device)
         _chunk_output[(triton.cdiv(V, meta["BV"]), NC, N)](q, v, b, h, A, o, T, K, V, G, g_sk,
-                                                           num_warps=WARPS, **meta)
+                                                           **launch(q.dtype), **meta)
         ctx.save_for_backward(q, k, v, g, S0, S_T)
         ctx.chunk_size = chunk_size
         return o, S_T.to(S0.dtype)
@@ -358,11 +370,11 @@ class _ChunkGLA(torch.autograd.Function):
         dh, dS0 = _states(q, do, b, dS_T, sizes, meta, g_sk, reverse=True)
         dv = torch.empty_like(v)
         dA = torch.empty_like(A)
-        _chunk_dv[(NC, N)](k, v, b, A, do, dh, dv, dA, T, K, V, G, g_sk, num_warps=WARPS,
+        _chunk_dv[(NC, N)](k, v, b, A, do, dh, dv, dA, T, K, V, G, g_sk, **launch(q.dtype),
                            **meta)
         dq, dk = (torch.empty(N, T, K, dtype=b.dtype, device=q.device) for _ in range(2))
         _chunk_dqk[(triton.cdiv(K, meta["BK"]) * (meta["C"] // SUB_ROWS), NC, N)](
-            q, k, v, b, h, dh, do, dA, dq, dk, T, K, V, G, g_sk, SCALAR=G == 1, num_warps=WARPS,
+            q, k, v, b, h, dh, do, dA, dq, dk, T, K, V, G, g_sk, SCALAR=G == 1, **launch(q.dtype),
             **meta)
         # dL/dB_t for the global prefix sums B of the log-decays; dg_t sums it from t on
         q, k = q.to(dq.dtype), k.to(dk.dtype)

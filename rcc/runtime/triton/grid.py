@@ -26,11 +26,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _mm, _wide, dot_mode
 from .common import accumulator, check, interpreted, tuned
 
 MAX_CHUNK = 8  # P is an [E, E] tile, E = 2 c^2 <= 128
 MAX_CHUNK_WITHOUT_DOT = 4  # without tl.dot (float64, the interpreter) a product is an [E, E, E] tile
+
+
+@triton.jit
+def _mm(a, b, MODE: tl.constexpr):
+    # a [M, K] @ b [K, N]: MODE 0 products and a sum (any size, any float type); 1 tl.dot in full
+    # precision; 2 tl.dot on bfloat16 operands, float32 accumulation (half-precision inputs)
+    if MODE == 0:
+        return tl.sum(a[:, :, None] * b[None, :, :], 1)
+    elif MODE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16)).to(a.dtype)
+
+
+def dot_mode(dtype, *sizes) -> int:
+    """_mm's MODE: tl.dot where the GPU compiler takes it (every size at least 16, not float64),
+    on bfloat16 operands for half-precision inputs; else products and sums (the interpreter)."""
+    if interpreted() or dtype == torch.float64 or min(sizes) < 16:
+        return 0
+    return 2 if dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def _wide(dtype):
+    """The float type of the kernels' work buffers (saved chunk states, partial gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit

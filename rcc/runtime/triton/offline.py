@@ -97,3 +97,50 @@ def loop_kernels(m, dtype, batch=16, sms=132, label=""):
     return [(f"{label} forward", forward, dict(meta, SAVE=True), {}, ()),
             (f"{label} forward, no gradients", forward, dict(meta, SAVE=False), {}, ()),
             (f"{label} backward", backward, meta, {}, ())]
+
+
+def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk"):
+    """(label, jit, constexprs, options, wide) of every kernel a forward and backward of plan
+    chunk launches: `kernels` "linear_attention" (per-key or scalar decays) or "delta_rule" (n_h
+    micro-steps a token), at key and value sizes K, V."""
+    from . import chunk_delta, chunk_gla
+    from .common import dot_type
+    base = dict(ACC=accumulator(dtype), DOT=dot_type(dtype))
+    blocks = dict(BK=chunk_gla.block(K, dtype), BV=chunk_gla.block(V, dtype))
+    options = chunk_gla.launch(dtype)
+    if kernels == "linear_attention":
+        meta = dict(base, C=64, **blocks)
+        scores = dict(base, C=64, BK=blocks["BK"], SCALAR=scalar_decay)
+        wide = ("b_ptr", "a_ptr", "da_ptr", "s_out_ptr", "dq_ptr", "dk_ptr")
+        launches = [("states", chunk_gla._chunk_states, dict(meta, REVERSE=False)),
+                    ("states' gradients", chunk_gla._chunk_states, dict(meta, REVERSE=True)),
+                    ("scores", chunk_gla._chunk_scores, scores),
+                    ("output", chunk_gla._chunk_output, meta),
+                    ("dv", chunk_gla._chunk_dv, meta),
+                    ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=scalar_decay))]
+    else:
+        CT, PL = chunk_delta.slots(n_h, 64)
+        meta = dict(base, NH=n_h, CT=CT, PL=PL)
+        states = dict(meta, PK=max(16, 1 << (K - 1).bit_length()), BV=chunk_delta.STATE_BV)
+        wide = ("gc_ptr", "a_ptr", "tinv_ptr", "s_out_ptr", "dq_ptr", "dk_ptr", "dw_ptr", "dgam_ptr",
+                "dgl_ptr", "du_ptr", "dbeta_ptr", "ddelta_ptr")
+        launches = [("WY form", chunk_delta._delta_wy, dict(meta, **blocks)),
+                    ("states", chunk_delta._delta_states, dict(states, REVERSE=False)),
+                    ("states' gradients", chunk_delta._delta_states, dict(states, REVERSE=True)),
+                    ("output", chunk_delta._delta_output, dict(meta, BACKWARD=False, **blocks)),
+                    ("dDelta in chunk", chunk_delta._delta_output, dict(meta, BACKWARD=True, **blocks)),
+                    ("dq dk dW", chunk_delta._delta_dqkw, dict(meta, **blocks)),
+                    ("WY form backward", chunk_delta._delta_wy_backward, dict(meta, **blocks))]
+    return [(f"{label} {name} K={K} V={V}", jit, constexprs, options, wide)
+            for name, jit, constexprs in launches]
+
+
+def chunk_kernels(m, dtype, label=""):
+    """chunk_launches of module instance `m` (backend triton, plan chunk)."""
+    spec = getattr(type(m), "CHUNK_KERNELS", None)
+    if spec is None:
+        raise NotImplementedError(f"{type(m).__name__} launches no chunk kernels of the sequence plan")
+    K, V = (int(n) for n in m.shapes[spec["state"]][-2:])
+    return chunk_launches(spec["kernels"], dtype, K, V + spec.get("extra_values", 0),
+                          spec.get("scalar_decay", False), spec.get("n_h", 1),
+                          label or f"{type(m).__name__} chunk")
