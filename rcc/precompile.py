@@ -1,7 +1,7 @@
-"""`rcc precompile FILE.rnn --dims ... [--dtype] [--plan sequential|chunk] [--arch sm_90] [--batch N]`:
-every Triton kernel a forward (with and without gradients) and a backward of the cell will
-launch, compiled ahead of a job, each in its own process, with its compile seconds, registers,
-spilled bytes and shared memory.
+"""`rcc precompile FILE.rnn --dims ... [--dtype] [--plan P] [--arch sm_90] [--batch N]`: every
+Triton kernel a forward (with and without gradients) and a backward of the cell will launch in
+plan P (sequential, the default, chunk, scan or newton), compiled ahead of a job, each in its own
+process, with its compile seconds, registers, spilled bytes and shared memory.
 
 With --arch, no GPU is needed: the kernels are lowered for that architecture here (a check of
 compile time and registers, and Triton's cache filled for a launch that specializes the same
@@ -33,13 +33,12 @@ def _module(path, cell, dims, plan):
 def _kernels(path, cell, dims, plan, dtype, batch, sms):
     import torch
 
-    from .runtime.triton.offline import chunk_kernels, loop_kernels
-    if plan not in ("sequential", "chunk"):
-        raise NotImplementedError(f"rcc precompile covers plans sequential and chunk; plan '{plan}' "
-                                  "compiles its kernels on the first call")
+    from .runtime.triton.offline import chunk_kernels, loop_kernels, scan_kernels
     m = _module(path, cell, dims, plan)
     if plan == "chunk":
         return chunk_kernels(m, getattr(torch, dtype))
+    if plan in ("scan", "newton"):
+        return scan_kernels(m, getattr(torch, dtype))
     return loop_kernels(m, getattr(torch, dtype), batch, sms)
 
 

@@ -52,3 +52,19 @@ def test_precompile_plan_chunk(tmp_path):
     mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16", "--plan", "chunk",
                  "--arch", "sm_90")
     assert mlstm.returncode == 1 and "max-plus" in mlstm.stderr and "Traceback" not in mlstm.stderr
+
+
+def test_precompile_plans_scan_and_newton(tmp_path):
+    """Plan scan's linear scan (forward and backward) and plan newton's generated Jacobian kernel
+    with its block scan, none spilling."""
+    scan = _rcc("precompile", stdlib("hgrn.rnn"), "--dims", "d=64", "--plan", "scan", "--arch", "sm_90",
+                cache=tmp_path / "scan")
+    assert scan.returncode == 0, scan.stderr[-3000:]
+    rows = [ln.split("|") for ln in scan.stdout.splitlines() if ln.startswith("| HGRN")]
+    assert [r[1].strip() for r in rows] == ["HGRN linear scan", "HGRN linear scan backward"]
+    newton = _rcc("precompile", stdlib("pararnn_lstm.rnn"), "--dims", "d_in=24", "d=40", "--plan",
+                  "newton", "--arch", "sm_90", cache=tmp_path / "newton")
+    assert newton.returncode == 0, newton.stderr[-3000:]
+    rows = [ln.split("|") for ln in newton.stdout.splitlines() if ln.startswith("| ParaLSTM")]
+    assert [r[1].strip() for r in rows] == ["ParaLSTM Jacobian", "ParaLSTM block scan k=2"]
+    assert all(int(r[4]) == 0 for r in rows), newton.stdout

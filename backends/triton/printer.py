@@ -107,6 +107,18 @@ class TritonPrinter(TritonModule, FusedLoopPrinter, TorchPrinter):
 class ScanPrinter(TritonModule, torch_plans.ScanPrinter):
     """Plan scan: the torch plan's module, its linear scans Triton kernels (rcc/runtime/triton/scan.py)."""
 
+    def __init__(self, form, source_name=""):
+        super().__init__(form, source_name)
+        self.class_attrs = self.class_attrs + [scan_kernels(len(form.states) if form.matrix else 1, True)]
+
+
+def scan_kernels(block: int, backward: bool) -> str:
+    """The class attribute naming the scan kernels a plan launches (for rcc precompile): the
+    linear scan (block 1) or the block scan of `block` x `block` blocks, and whether a backward
+    scan kernel runs (plan newton's backward is a forward scan over reversed time)."""
+    spec = dict(block=block, backward=backward)
+    return f"    SCAN_KERNELS = {spec!r}  # what the Triton scans run (for rcc precompile)"
+
 
 class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
     """Plan newton: the torch plan's module with the Jacobian (each iteration's residual and
@@ -122,6 +134,7 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
             "    def __init__(self, *args, **kwargs):",
             "        super().__init__(*args, **kwargs)",
             f"        self._meta = {self.kernel.name}_meta(self.dims)  # the kernel's constexprs",
+            scan_kernels(len(form.states), False),
         ]
 
     def _solve(self, lines):

@@ -144,3 +144,28 @@ def chunk_kernels(m, dtype, label=""):
     return chunk_launches(spec["kernels"], dtype, K, V + spec.get("extra_values", 0),
                           spec.get("scalar_decay", False), spec.get("n_h", 1),
                           label or f"{type(m).__name__} chunk")
+
+
+def scan_kernels(m, dtype, label=""):
+    """(label, jit, constexprs, options, wide) of every kernel plans scan and newton launch for
+    module instance `m` (backend triton): plan newton's generated Jacobian kernel, then the
+    linear or block scan (forward, and plan scan's backward)."""
+    from . import scan
+    spec = getattr(type(m), "SCAN_KERNELS", None)
+    if spec is None:
+        raise NotImplementedError(f"{type(m).__name__} launches no scan kernels")
+    label = label or type(m).__name__
+    module = sys.modules[type(m).__module__]
+    acc = accumulator(dtype)
+    out = [(f"{label} Jacobian", jit, dict(m._meta, ACC=acc), {}, ())
+           for name, jit in vars(module).items() if name.endswith("_jacobian")]
+    meta = dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **scan.CONFIGS[0].kwargs)
+    options = dict(num_warps=scan.CONFIGS[0].num_warps)
+    if spec["block"] == 1:
+        out.append((f"{label} linear scan", scan._linear_scan_forward, meta, options, ()))
+        if spec["backward"]:
+            out.append((f"{label} linear scan backward", scan._linear_scan_backward, meta, options, ()))
+    else:  # its backward is the same kernel over reversed time
+        out.append((f"{label} block scan k={spec['block']}", scan._block_kernel(spec["block"]), meta,
+                    options, ()))
+    return out
