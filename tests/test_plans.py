@@ -45,7 +45,7 @@ def test_plan_equals_sequential(name, plan, T):
 
 def _triton_runs(name, plan):
     """Backend triton's kernels cover this plan's form (the dplr chunk form has none: it says so,
-    tests/test_stdlib_dplr.py)."""
+    tests/test_stdlib_forms.py)."""
     if plan != "chunk":
         return plan in rcc.api.TRITON_PLANS
     from rcc.api import build_ir

@@ -50,11 +50,13 @@ def _gla_inputs(N, T, K, V, G, dtype, log_decay=None, seed=0):
     (1, 70, 5, 4, 5, 64, F64, -60.0), (1, 70, 5, 4, 1, 64, F64, -60.0),  # decays near 0
     (1, 70, 5, 4, 5, 64, F64, -1e-6), (1, 70, 5, 4, 1, 64, F32, -1e-6),  # decays near 1
     (1, 70, 5, 4, 5, 64, F32, -60.0)])
-def test_chunk_linear_attention(N, T, K, V, G, chunk, dtype, log_decay):
+@pytest.mark.parametrize("prev", [False, True])  # o_t reads the state after step t, or before (RWKV-6)
+def test_chunk_linear_attention(N, T, K, V, G, chunk, dtype, log_decay, prev):
     from rcc.runtime.triton import chunk_linear_attention
     inputs, cot = _gla_inputs(N, T, K, V, G, dtype, log_decay)
-    _compare(lambda *x: chunk_linear_attention(*x, chunk_size=chunk),
-             lambda *x: reference.chunk_linear_attention(*x, chunk_size=chunk), inputs, cot, dtype)
+    _compare(lambda *x: chunk_linear_attention(*x, chunk_size=chunk, prev=prev),
+             lambda *x: reference.chunk_linear_attention(*x, chunk_size=chunk, prev=prev), inputs, cot,
+             dtype)
 
 
 def test_chunk_linear_attention_without_initial_state_or_cotangents():

@@ -198,8 +198,6 @@ def triton_lacks(form) -> str:
                 "rank-one read per step)")
     if form.maxplus:
         return "a max-plus state computed before the chunkwise form (the stabilised mLSTM)"
-    if any(r.prev for r in form.readouts):
-        return "a read of the state before the step (o = q @ S, RWKV-6) in the chunkwise form"
     return ""
 
 

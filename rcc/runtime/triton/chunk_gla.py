@@ -62,11 +62,11 @@ def _decays(b_ptr, rows, kk, kmask, G, g_sk, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "NC"])  # a new length or batch never recompiles
-def _chunk_states(x_ptr, y_ptr, b_ptr, s_in_ptr, states_ptr, s_out_ptr, T, NC, K, V, G, g_sk,
+def _chunk_states(x_ptr, y_ptr, b_ptr, bq_ptr, s_in_ptr, states_ptr, s_out_ptr, T, NC, K, V, G, g_sk,
                   REVERSE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr):
     """Forward (x = k, y = v): h[c] = the state entering chunk c, s_out = the last state.
-    REVERSE (x = q, y = do, s_in = dS_T): h[c] = the gradient of the state leaving chunk c,
+    REVERSE (x = q, its decays bq, y = do, s_in = dS_T): h[c] = the gradient of the state leaving chunk c,
     s_out = dS_0."""
     ik, iv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kk, vv, cc = ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV), tl.arange(0, C)
@@ -86,7 +86,7 @@ def _chunk_states(x_ptr, y_ptr, b_ptr, s_in_ptr, states_ptr, s_out_ptr, T, NC, K
         b = _decays(b_ptr, n * NC * C + t, kk, kmask, G, g_sk, ACC)
         b_end = tl.load(b_ptr + (n * NC * C + c * C + C - 1) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
         if REVERSE:
-            x = x * tl.exp(b)
+            x = x * tl.exp(_decays(bq_ptr, n * NC * C + t, kk, kmask, G, g_sk, ACC))
         else:
             x = x * tl.exp(b_end[None, :] - b)
         S = tl.exp(b_end)[:, None] * S + _dot(tl.trans(x), y, ACC, DOT)
@@ -94,9 +94,11 @@ def _chunk_states(x_ptr, y_ptr, b_ptr, s_in_ptr, states_ptr, s_out_ptr, T, NC, K
 
 
 @triton.jit(do_not_specialize=["T"])
-def _chunk_scores(q_ptr, k_ptr, b_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexpr,
-                  ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """A[t, j] (t's chunk's column j): the causal scores of sub-chunk program_id(0)'s rows."""
+def _chunk_scores(q_ptr, k_ptr, b_ptr, bq_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexpr,
+                  STRICT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr):
+    """A[t, j] (t's chunk's column j): the causal scores of sub-chunk program_id(0)'s rows, the
+    queries' decays bq (b, or STRICT, b of the step before: j < t)."""
     i_s, c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     base = n * tl.num_programs(1) * C  # the row's first step in the padded arrays
     rr = tl.arange(0, SUB)
@@ -111,9 +113,9 @@ def _chunk_scores(q_ptr, k_ptr, b_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexp
             qi = _tile(q_ptr, n * T + t_i, kk, t_i < T, kk < K, K, ACC)
             kj = _tile(k_ptr, n * T + t_j, kk, t_j < T, kk < K, K, ACC)
             acc += _dot(qi, tl.trans(kj), ACC, DOT)
-        bi = tl.load(b_ptr + (base + t_i) * G).to(ACC)
+        bi = tl.load(bq_ptr + (base + t_i) * G).to(ACC)
         bj = tl.load(b_ptr + (base + t_j) * G).to(ACC)
-        causal = cc[None, :] <= (i_s * SUB + rr)[:, None]
+        causal = cc[None, :] + STRICT <= (i_s * SUB + rr)[:, None]
         A = tl.where(causal, acc * tl.exp(tl.where(causal, bi[:, None] - bj[None, :], 0.0)), 0.0)
         tl.store(a_ptr + (base + t_i)[:, None] * C + cc[None, :], A)
     else:
@@ -123,9 +125,9 @@ def _chunk_scores(q_ptr, k_ptr, b_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexp
             for kb in range(0, tl.cdiv(K, BK)):
                 kk = kb * BK + tl.arange(0, BK)
                 kmask = kk < K
-                b_ref = tl.load(b_ptr + (base + r0) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
+                b_ref = tl.load(bq_ptr + (base + r0) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
                 qi = _tile(q_ptr, n * T + t_i, kk, t_i < T, kmask, K, ACC)
-                qi *= tl.exp(_decays(b_ptr, base + t_i, kk, kmask, G, g_sk, ACC) - b_ref[None, :])
+                qi *= tl.exp(_decays(bq_ptr, base + t_i, kk, kmask, G, g_sk, ACC) - b_ref[None, :])
                 kj = _tile(k_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC)
                 kj *= tl.exp(b_ref[None, :] - _decays(b_ptr, base + t_j, kk, kmask, G, g_sk, ACC))
                 acc += _dot(qi, tl.trans(kj), ACC, DOT)
@@ -135,11 +137,11 @@ def _chunk_scores(q_ptr, k_ptr, b_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexp
             kk = kb * BK + tl.arange(0, BK)
             kmask = kk < K
             qi = _tile(q_ptr, n * T + t_i, kk, t_i < T, kmask, K, ACC)
-            bi = _decays(b_ptr, base + t_i, kk, kmask, G, g_sk, ACC)
+            bi = _decays(bq_ptr, base + t_i, kk, kmask, G, g_sk, ACC)
             for jj in range(0, SUB):
                 kj = _vector(k_ptr, n * T + r0 + jj, kk, kmask, r0 + jj < T, K, ACC)
                 bj = tl.load(b_ptr + (base + r0 + jj) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
-                seen = (rr >= jj)[:, None]
+                seen = (rr >= jj + STRICT)[:, None]
                 terms = qi * kj[None, :] * tl.exp(tl.where(seen, bi - bj[None, :], 0.0))
                 col = tl.sum(tl.where(seen, terms, 0.0), 1)
                 acc += tl.where(rr[None, :] == jj, col[:, None], 0.0)
@@ -147,16 +149,17 @@ def _chunk_scores(q_ptr, k_ptr, b_ptr, a_ptr, T, K, G, g_sk, SCALAR: tl.constexp
 
 
 @triton.jit
-def _causal_scores(a_ptr, base, c, cc, C: tl.constexpr, ACC: tl.constexpr):
-    # the chunk's [C, C] scores, zero above the diagonal (never written there)
+def _causal_scores(a_ptr, base, c, cc, C: tl.constexpr, STRICT: tl.constexpr, ACC: tl.constexpr):
+    # the chunk's [C, C] scores, zero above the diagonal (never written there; STRICT: and on it)
     A = tl.load(a_ptr + (base + c * C + cc)[:, None] * C + cc[None, :]).to(ACC)
-    return tl.where(cc[None, :] <= cc[:, None], A, 0.0)
+    return tl.where(cc[None, :] + STRICT <= cc[:, None], A, 0.0)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _chunk_output(q_ptr, v_ptr, b_ptr, states_ptr, a_ptr, o_ptr, T, K, V, G, g_sk, ACC: tl.constexpr,
-                  DOT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o = (q e^b) S + A v for one (value block, chunk, row)."""
+def _chunk_output(q_ptr, v_ptr, bq_ptr, states_ptr, a_ptr, o_ptr, T, K, V, G, g_sk,
+                  STRICT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """o = (q e^bq) S + A v for one (value block, chunk, row)."""
     iv, c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC = tl.num_programs(1)
     cc, vv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
@@ -165,17 +168,17 @@ def _chunk_output(q_ptr, v_ptr, b_ptr, states_ptr, a_ptr, o_ptr, T, K, V, G, g_s
     for kb in range(0, tl.cdiv(K, BK)):
         kk = kb * BK + tl.arange(0, BK)
         q = _tile(q_ptr, n * T + t, kk, t < T, kk < K, K, ACC)
-        q *= tl.exp(_decays(b_ptr, n * NC * C + t, kk, kk < K, G, g_sk, ACC))
+        q *= tl.exp(_decays(bq_ptr, n * NC * C + t, kk, kk < K, G, g_sk, ACC))
         S = _tile(states_ptr + (n * NC + c) * K * V, kk, vv, kk < K, vv < V, V, ACC)
         o += _dot(q, S, ACC, DOT)
     v = _tile(v_ptr, n * T + t, vv, t < T, vv < V, V, ACC)
-    o += _dot(_causal_scores(a_ptr, n * NC * C, c, cc, C, ACC), v, ACC, DOT)
+    o += _dot(_causal_scores(a_ptr, n * NC * C, c, cc, C, STRICT, ACC), v, ACC, DOT)
     tl.store(o_ptr + (n * T + t)[:, None] * V + vv[None, :], o, mask=(t < T)[:, None] & (vv < V)[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dv(k_ptr, v_ptr, b_ptr, a_ptr, do_ptr, dstates_ptr, dv_ptr, da_ptr, T, K, V, G, g_sk,
-              ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              STRICT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr):
     """One (chunk, row): dv = A^T do + (k e^{b_C - b}) dS' over the value blocks, and the scores'
     gradient dA = do v^T (causal)."""
@@ -184,7 +187,7 @@ def _chunk_dv(k_ptr, v_ptr, b_ptr, a_ptr, do_ptr, dstates_ptr, dv_ptr, da_ptr, T
     base = n * NC * C
     cc = tl.arange(0, C)
     t = c * C + cc
-    A = _causal_scores(a_ptr, base, c, cc, C, ACC)
+    A = _causal_scores(a_ptr, base, c, cc, C, STRICT, ACC)
     dA = tl.zeros((C, C), ACC)
     for vb in range(0, tl.cdiv(V, BV)):
         vv = vb * BV + tl.arange(0, BV)
@@ -200,18 +203,20 @@ def _chunk_dv(k_ptr, v_ptr, b_ptr, a_ptr, do_ptr, dstates_ptr, dv_ptr, da_ptr, T
             dv += _dot(k, _tile(dstates_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC), ACC, DOT)
         tl.store(dv_ptr + (n * T + t)[:, None] * V + vv[None, :], dv,
                  mask=(t < T)[:, None] & (vv < V)[None, :])
-    tl.store(da_ptr + (base + t)[:, None] * C + cc[None, :], tl.where(cc[None, :] <= cc[:, None], dA, 0.0))
+    dA = tl.where(cc[None, :] + STRICT <= cc[:, None], dA, 0.0)
+    tl.store(da_ptr + (base + t)[:, None] * C + cc[None, :], dA)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, dstates_ptr, do_ptr, da_ptr, dq_ptr, dk_ptr, T, K, V,
-               G, g_sk, SCALAR: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, bq_ptr, states_ptr, dstates_ptr, do_ptr, da_ptr, dq_ptr,
+               dk_ptr, T, K, V, G, g_sk, SCALAR: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk of one (key block x sub-chunk, chunk, row), less each step's own term dA_tt (k_t,
     q_t) (added by the caller: left in, its rounding would not cancel in q dq - k dk, the log-decays'
     gradient, which is ~e^{-60} when the decays are): through the scores (dq_i = sum_{j<i} dA_ij
     k_j e^{b_i - b_j}, dk_j = sum_{i>j} dA_ij q_i e^{b_i - b_j}, split at reference rows as in
-    `_chunk_scores`) and through the states (dq = e^b do S^T, dk = e^{b_C - b} v dS'^T)."""
+    `_chunk_scores`, with the queries' decays bq in place of b_i) and through the states (dq =
+    e^bq do S^T, dk = e^{b_C - b} v dS'^T)."""
     NS: tl.constexpr = C // SUB
     i_s, c, n = tl.program_id(0) % NS, tl.program_id(1), tl.program_id(2)
     kk = (tl.program_id(0) // NS) * BK + tl.arange(0, BK)
@@ -223,51 +228,55 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, dstates_ptr, do_ptr, da_p
     t_i = r0 + rr
     i_ok = t_i < T
     bi = _decays(b_ptr, base + t_i, kk, kmask, G, g_sk, ACC)
+    bqi = _decays(bq_ptr, base + t_i, kk, kmask, G, g_sk, ACC)
     if SCALAR:
         cc = tl.arange(0, C)
         t_j = c * C + cc
         bj = tl.load(b_ptr + (base + t_j) * G).to(ACC)
+        bqj = tl.load(bq_ptr + (base + t_j) * G).to(ACC)
         b_i = tl.load(b_ptr + (base + t_i) * G).to(ACC)
+        bq_i = tl.load(bq_ptr + (base + t_i) * G).to(ACC)
         before = cc[None, :] < (i_s * SUB + rr)[:, None]  # [i rows, chunk columns]: j < i
         dA = tl.load(da_ptr + (base + t_i)[:, None] * C + cc[None, :]).to(ACC)
-        dA = tl.where(before, dA * tl.exp(tl.where(before, b_i[:, None] - bj[None, :], 0.0)), 0.0)
+        dA = tl.where(before, dA * tl.exp(tl.where(before, bq_i[:, None] - bj[None, :], 0.0)), 0.0)
         dq = _dot(dA, _tile(k_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC), ACC, DOT)
         after = (i_s * SUB + rr)[None, :] < cc[:, None]  # [chunk rows, i columns]: i < row
         dAt = tl.load(da_ptr + (base + t_j)[:, None] * C + (i_s * SUB + rr)[None, :]).to(ACC)
-        dAt = tl.where(after, dAt * tl.exp(tl.where(after, bj[:, None] - b_i[None, :], 0.0)), 0.0)
+        dAt = tl.where(after, dAt * tl.exp(tl.where(after, bqj[:, None] - b_i[None, :], 0.0)), 0.0)
         dk = _dot(tl.trans(dAt), _tile(q_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC), ACC, DOT)
     else:
         dq = tl.zeros((SUB, BK), ACC)
-        b_ref = tl.load(b_ptr + (base + r0) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
+        b_ref = tl.load(bq_ptr + (base + r0) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
         for j in range(0, i_s):  # earlier sub-chunks, through this one's first row
             t_j = rr + j * SUB + c * C
             kj = _tile(k_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC)
             kj *= tl.exp(b_ref[None, :] - _decays(b_ptr, base + t_j, kk, kmask, G, g_sk, ACC))
             dA = tl.load(da_ptr + (base + t_i)[:, None] * C + (rr + j * SUB)[None, :]).to(ACC)
             dq += _dot(dA, kj, ACC, DOT)
-        dq *= tl.exp(bi - b_ref[None, :])
+        dq *= tl.exp(bqi - b_ref[None, :])
         dk = tl.zeros((SUB, BK), ACC)
         b_ref = tl.load(b_ptr + (base + r0 + SUB - 1) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
         for m in range(i_s + 1, NS):  # later sub-chunks, through this one's last row
             t_m = rr + m * SUB + c * C
             qm = _tile(q_ptr, n * T + t_m, kk, t_m < T, kmask, K, ACC)
-            qm *= tl.exp(_decays(b_ptr, base + t_m, kk, kmask, G, g_sk, ACC) - b_ref[None, :])
+            qm *= tl.exp(_decays(bq_ptr, base + t_m, kk, kmask, G, g_sk, ACC) - b_ref[None, :])
             dA = tl.load(da_ptr + (base + t_m)[:, None] * C + (i_s * SUB + rr)[None, :]).to(ACC)
             dk += _dot(tl.trans(dA), qm, ACC, DOT)
         dk *= tl.exp(b_ref[None, :] - bi)
         for jj in range(0, SUB):  # the diagonal block, a step at a time (but each step's own term)
             t = r0 + jj
             bj = tl.load(b_ptr + (base + t) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
+            bqj = tl.load(bq_ptr + (base + t) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
             kj = _vector(k_ptr, n * T + t, kk, kmask, t < T, K, ACC)
             qj = _vector(q_ptr, n * T + t, kk, kmask, t < T, K, ACC)
             dA_col = tl.load(da_ptr + (base + t_i) * C + i_s * SUB + jj).to(ACC)  # dA[i, jj]
             dA_row = tl.load(da_ptr + (base + t) * C + i_s * SUB + rr).to(ACC)  # dA[jj, i]
             after = (rr > jj)[:, None]
             dq += tl.where(after, dA_col[:, None] * kj[None, :]
-                           * tl.exp(tl.where(after, bi - bj[None, :], 0.0)), 0.0)
+                           * tl.exp(tl.where(after, bqi - bj[None, :], 0.0)), 0.0)
             upto = (rr < jj)[:, None]
             dk += tl.where(upto, dA_row[:, None] * qj[None, :]
-                           * tl.exp(tl.where(upto, bj[None, :] - bi, 0.0)), 0.0)
+                           * tl.exp(tl.where(upto, bqj[None, :] - bi, 0.0)), 0.0)
     b_end = tl.load(b_ptr + (base + c * C + C - 1) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
     dq_state = tl.zeros((SUB, BK), ACC)
     dk_state = tl.zeros((SUB, BK), ACC)
@@ -277,26 +286,30 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, dstates_ptr, do_ptr, da_p
         dS = _tile(dstates_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC)
         dq_state += _dot(_tile(do_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(S), ACC, DOT)
         dk_state += _dot(_tile(v_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(dS), ACC, DOT)
-    dq += tl.exp(bi) * dq_state
+    dq += tl.exp(bqi) * dq_state
     dk += tl.exp(b_end[None, :] - bi) * dk_state
     out = (n * T + t_i)[:, None] * K + kk[None, :]
     tl.store(dq_ptr + out, dq, mask=i_ok[:, None] & kmask[None, :])
     tl.store(dk_ptr + out, dk, mask=i_ok[:, None] & kmask[None, :])
 
 
-def _setup(q, v, g, chunk_size):
-    """Sizes, constexprs and the chunk-local log-decay sums b [N, NC * C, G] (accumulator type)."""
+def _setup(q, v, g, chunk_size, prev):
+    """Sizes, constexprs, the chunk-local log-decay sums b [N, NC * C, G] (accumulator type) and
+    the queries' bq: b, or with prev (o_t reads the state before step t) b of the step before (0
+    at a chunk's start), an exclusive sum."""
     N, T, K = q.shape
     V, G = v.shape[-1], g.shape[-1]
     C = min(64, max(SUB_ROWS, triton.next_power_of_2(int(chunk_size))))  # not T's: one kernel for every T
     NC = triton.cdiv(T, C)
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    b = torch.zeros(N, NC * C, G, dtype=wide, device=q.device)
-    b[:, :T] = g
-    b = b.view(N, NC, C, G).cumsum(2).view(N, NC * C, G)
+    b = torch.zeros(N, NC, C, G, dtype=wide, device=q.device)
+    b.view(N, NC * C, G)[:, :T] = g
+    b = b.cumsum(2)
+    bq = torch.cat([torch.zeros_like(b[:, :, :1]), b[:, :, :-1]], 2) if prev else b
     meta = dict(ACC=accumulator(q.dtype), DOT=dot_type(q.dtype), C=C, BK=block(K, q.dtype),
                 BV=block(V, q.dtype))
-    return (N, T, K, V, G, NC), b, meta, 0 if G == 1 else 1
+    sizes = (N, T, K, V, G, NC)
+    return sizes, b.view(N, NC * C, G), bq.reshape(N, NC * C, G), meta, 0 if G == 1 else 1
 
 
 def kept(dtype):
@@ -324,76 +337,82 @@ def _blocks(K, V, meta):
     return triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"])
 
 
-def _states(x, y, b, s_in, sizes, meta, g_sk, reverse=False):
+def _states(x, y, b, bq, s_in, sizes, meta, g_sk, reverse=False):
     """The sequential kernel: (per-chunk states or their gradients [N, NC, K, V], last one)."""
     N, T, K, V, G, NC = sizes
     h = torch.empty(N, NC, K, V, dtype=kept(x.dtype), device=x.device)
     s_out = torch.empty(N, K, V, dtype=b.dtype, device=x.device)
-    _chunk_states[_blocks(K, V, meta) + (N,)](x, y, b, s_in, h, s_out, T, NC, K, V, G, g_sk,
+    _chunk_states[_blocks(K, V, meta) + (N,)](x, y, b, bq, s_in, h, s_out, T, NC, K, V, G, g_sk,
                                               REVERSE=reverse, **launch(x.dtype), **meta)
     return h, s_out
 
 
-def _scores(q, k, b, sizes, meta, g_sk):
+def _scores(q, k, b, bq, sizes, meta, g_sk, prev):
     N, T, K, V, G, NC = sizes
     A = torch.empty(N, NC * meta["C"], meta["C"], dtype=b.dtype, device=q.device)
     meta = {k: meta[k] for k in ("ACC", "DOT", "C", "BK")}
-    _chunk_scores[(meta["C"] // SUB_ROWS, NC, N)](q, k, b, A, T, K, G, g_sk, SCALAR=G == 1,
-                                                  **launch(q.dtype), **meta)
+    _chunk_scores[(meta["C"] // SUB_ROWS, NC, N)](q, k, b, bq, A, T, K, G, g_sk, SCALAR=G == 1,
+                                                  STRICT=int(prev), **launch(q.dtype), **meta)
     return A
 
 
 class _ChunkGLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, S0, chunk_size):
+    def forward(ctx, q, k, v, g, S0, chunk_size, prev):
         q, k, v, g, S0 = (x.contiguous() for x in (q, k, v, g, S0))
-        sizes, b, meta, g_sk = _setup(q, v, g, chunk_size)
+        sizes, b, bq, meta, g_sk = _setup(q, v, g, chunk_size, prev)
         N, T, K, V, G, NC = sizes
-        h, S_T = _states(k, v, b, S0, sizes, meta, g_sk)
-        A = _scores(q, k, b, sizes, meta, g_sk)
+        h, S_T = _states(k, v, b, bq, S0, sizes, meta, g_sk)
+        A = _scores(q, k, b, bq, sizes, meta, g_sk, prev)
         o = torch.empty(N, T, V, dtype=q.dtype, device=q.device)
-        _chunk_output[(triton.cdiv(V, meta["BV"]), NC, N)](q, v, b, h, A, o, T, K, V, G, g_sk,
-                                                           **launch(q.dtype), **meta)
+        _chunk_output[(triton.cdiv(V, meta["BV"]), NC, N)](q, v, bq, h, A, o, T, K, V, G, g_sk,
+                                                           STRICT=int(prev), **launch(q.dtype), **meta)
         ctx.save_for_backward(q, k, v, g, S0, S_T)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.prev = chunk_size, prev
         return o, S_T.to(S0.dtype)
 
     @staticmethod
     def backward(ctx, do, dS_T):
         q, k, v, g, S0, S_T = ctx.saved_tensors
-        sizes, b, meta, g_sk = _setup(q, v, g, ctx.chunk_size)
+        prev = ctx.prev
+        sizes, b, bq, meta, g_sk = _setup(q, v, g, ctx.chunk_size, prev)
         N, T, K, V, G, NC = sizes
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dS_T = torch.zeros_like(S_T) if dS_T is None else dS_T.contiguous()
-        h, _ = _states(k, v, b, S0, sizes, meta, g_sk)  # recomputed, not kept
-        A = _scores(q, k, b, sizes, meta, g_sk)
-        dh, dS0 = _states(q, do, b, dS_T, sizes, meta, g_sk, reverse=True)
+        h, _ = _states(k, v, b, bq, S0, sizes, meta, g_sk)  # recomputed, not kept
+        A = _scores(q, k, b, bq, sizes, meta, g_sk, prev)
+        dh, dS0 = _states(q, do, b, bq, dS_T, sizes, meta, g_sk, reverse=True)
         dv = torch.empty_like(v)
         dA = torch.empty_like(A)
-        _chunk_dv[(NC, N)](k, v, b, A, do, dh, dv, dA, T, K, V, G, g_sk, **launch(q.dtype),
-                           **meta)
+        _chunk_dv[(NC, N)](k, v, b, A, do, dh, dv, dA, T, K, V, G, g_sk, STRICT=int(prev),
+                           **launch(q.dtype), **meta)
         dq, dk = (torch.empty(N, T, K, dtype=b.dtype, device=q.device) for _ in range(2))
         _chunk_dqk[(triton.cdiv(K, meta["BK"]) * (meta["C"] // SUB_ROWS), NC, N)](
-            q, k, v, b, h, dh, do, dA, dq, dk, T, K, V, G, g_sk, SCALAR=G == 1, **launch(q.dtype),
+            q, k, v, b, bq, h, dh, do, dA, dq, dk, T, K, V, G, g_sk, SCALAR=G == 1, **launch(q.dtype),
             **meta)
-        # dL/dB_t for the global prefix sums B of the log-decays; dg_t sums it from t on
+        # dL/dB_t for the global prefix sums B of the log-decays (q_t scaled by e^{B_t}, or by
+        # e^{B_(t-1)} with prev; k_t by e^{-B_t}); dg_t sums it from t on
         q, k = q.to(dq.dtype), k.to(dk.dtype)
-        dB = q * dq - k * dk
+        if prev:
+            dB = -k * dk
+            dB[:, :-1] += (q * dq)[:, 1:]
+        else:
+            dB = q * dq - k * dk
+            own = (do.to(dq.dtype) * v.to(dq.dtype)).sum(-1, keepdim=True)  # dA_tt
+            dq += own * k
+            dk += own * q
         dB[:, -1] += (S_T * dS_T.to(S_T.dtype)).sum(-1)
-        own = (do.to(dq.dtype) * v.to(dq.dtype)).sum(-1, keepdim=True)  # dA_tt
-        dq += own * k
-        dk += own * q
         dg = dB.flip(1).cumsum(1).flip(1)
         if G == 1:
             dg = dg.sum(-1, keepdim=True)
-        return dq.to(do.dtype), dk.to(do.dtype), dv, dg.to(g.dtype), dS0.to(S0.dtype), None
+        return dq.to(do.dtype), dk.to(do.dtype), dv, dg.to(g.dtype), dS0.to(S0.dtype), None, None
 
 
-def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64):
+def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64, prev=False):
     """Gated linear attention (as rcc.runtime.chunk.chunk_linear_attention), by Triton kernels.
     q, k [N, T, K]; v [N, T, V]; log_decay [N, T, K] (per key) or [N, T, 1] (scalar); S0
     [N, K, V] or None (zeros). Returns (o [N, T, V], S_T [N, K, V]). chunk_size is rounded to a
-    power of two from 16 to 64 steps."""
+    power of two from 16 to 64 steps. prev: o_t reads the state before step t (RWKV-6's form)."""
     N, T, K = q.shape
     V = v.shape[-1]
     if S0 is None:
@@ -401,4 +420,4 @@ def chunk_linear_attention(q, k, v, log_decay, S0=None, chunk_size=64):
     check([q, k, v, log_decay, S0], "chunk_linear_attention (backend 'triton')")
     if T == 0:
         return q.new_zeros(N, 0, V), S0.clone()
-    return _ChunkGLA.apply(q, k, v, log_decay, S0, chunk_size)
+    return _ChunkGLA.apply(q, k, v, log_decay, S0, chunk_size, bool(prev))
