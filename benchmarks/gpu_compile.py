@@ -48,7 +48,8 @@ def plan_kernels(dtype, K=128, V=128):
     return (scans + chunk_launches("linear_attention", dtype, K, V, label="chunk GLA")
             + chunk_launches("linear_attention", dtype, K, V, scalar_decay=True, label="chunk RetNet")
             + chunk_launches("delta_rule", dtype, K, V, label="chunk delta rule")
-            + chunk_launches("delta_rule", dtype, K, V, n_h=2, label="chunk DeltaProduct n_h=2"))
+            + chunk_launches("delta_rule", dtype, K, V, n_h=2, label="chunk DeltaProduct n_h=2")
+            + chunk_launches("dplr", dtype, K, V, label="chunk KDA"))
 
 
 CELLS = {  # plan sequential at the sizes of benchmarks/gpu.py (the tiled kernels serve every d > 32)

@@ -307,12 +307,14 @@ def test_explain_names_the_structure_and_plan(name):
 
 
 def test_triton_names_the_form_it_lacks():
-    with pytest.raises(NotImplementedError, match="diagonal-plus-rank-one"):
-        rcc.compile(stdlib("kda.rnn"), backend="triton", plan="chunk")
-    # plan auto on backend triton runs the fused loop instead
+    with pytest.raises(NotImplementedError, match="max-plus"):
+        rcc.compile(stdlib("mlstm.rnn"), backend="triton", plan="chunk")
+    # plan auto on backend triton runs the fused loop instead; the diagonal-plus-rank-one form runs
     import sys
-    cls = rcc.compile(stdlib("kda.rnn"), backend="triton")
+    cls = rcc.compile(stdlib("mlstm.rnn"), backend="triton")
     assert "(backend triton, plan sequential)" in sys.modules[cls.__module__].__doc__
+    cls = rcc.compile(stdlib("kda.rnn"), backend="triton")
+    assert "(backend triton, plan chunk)" in sys.modules[cls.__module__].__doc__
 
 
 # ---- vector states folded into the matrix state's chunkwise form -----------------------------

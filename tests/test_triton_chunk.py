@@ -103,3 +103,33 @@ def test_chunk_delta_rule(N, T, n_h, K, V, gate, chunk, dtype, log_decay):
     inputs, cot = _delta_inputs(N, T, n_h, K, V, gate, dtype, log_decay)
     _compare(lambda *x: chunk_delta_rule(*x, chunk_size=chunk),
              lambda *x: reference.chunk_delta_rule(*x, chunk_size=chunk), inputs, cot, dtype)
+
+
+def _dplr_inputs(N, T, M, K, V, G1, dtype, log_decay=None, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(N, T, K, dtype=dtype)
+    key = torch.nn.functional.normalize(torch.randn(N, T, M, K, dtype=dtype), dim=-1)
+    a = -torch.sigmoid(torch.randn(N, T, M, 1, dtype=dtype)) * key  # KDA's removal, -beta k
+    b = key * torch.sigmoid(torch.randn(N, T, M, K, dtype=dtype))
+    k = 0.5 * torch.randn(N, T, M, K, dtype=dtype)
+    u = torch.randn(N, T, M, V, dtype=dtype)
+    g = (-torch.nn.functional.softplus(torch.randn(N, T, M, G1, dtype=dtype)) if log_decay is None
+         else torch.full((N, T, M, G1), log_decay, dtype=dtype))
+    s0 = torch.randn(N, K, V, dtype=dtype)
+    cot = [torch.randn(N, T, V, dtype=dtype), torch.randn(N, K, V, dtype=dtype)]
+    return [x.requires_grad_() for x in (q, g, a, b, k, u, s0)], cot
+
+
+@pytest.mark.parametrize("N,T,M,K,V,G1,chunk,dtype,log_decay", [
+    (2, 9, 1, 3, 2, 3, 16, F64, None), (1, 1, 1, 4, 4, 4, 64, F64, None),  # T = 1
+    (2, 11, 2, 3, 5, 3, 4, F64, None),  # two micro-steps a token (per-key gated DeltaProduct)
+    (1, 13, 3, 4, 3, 1, 2, F64, None),  # three, and one decay for every key (Comba)
+    (1, 70, 1, 20, 6, 20, 64, F64, None), (1, 130, 1, 48, 20, 1, 64, F64, None),
+    (1, 70, 2, 5, 4, 5, 64, F64, -60.0), (1, 70, 1, 5, 4, 5, 64, F64, -1e-6),
+    (1, 70, 1, 20, 6, 20, 64, F32, None)])
+def test_chunk_dplr(N, T, M, K, V, G1, chunk, dtype, log_decay):
+    from rcc.runtime.dplr import chunk_dplr as torch_dplr
+    from rcc.runtime.triton import chunk_dplr
+    inputs, cot = _dplr_inputs(N, T, M, K, V, G1, dtype, log_decay)
+    _compare(lambda *x: chunk_dplr(*x, chunk_size=chunk), lambda *x: torch_dplr(*x, chunk_size=chunk),
+             inputs, cot, dtype)

@@ -184,6 +184,9 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
             K = form.cell.states[[d.name for d in form.cell.states].index(form.state)].shape[-2]
             launches = dict(kernels="linear_attention", state=form.state, extra_values=len(form.folded),
                             scalar_decay=form.cell.node(form.log_decay).type.shape[-1:] != (K,))
+        elif form.kind == "dplr":
+            launches = dict(kernels="dplr", state=form.state, n_h=len(form.steps),
+                            scalar_decay=form.cell.node(form.steps[0].log_decay).type.shape[-1] == 1)
         else:
             launches = dict(kernels="delta_rule", state=form.state, n_h=len(form.keys))
         self.class_attrs = self.class_attrs + [
@@ -191,11 +194,8 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
 
 
 def triton_lacks(form) -> str:
-    """What of a chunk form the Triton chunk kernels (chunk_gla.py, chunk_delta.py) do not run ('' if
-    none)."""
-    if form.kind not in ("linear", "delta"):
-        return ("the chunkwise diagonal-plus-rank-one form (KDA, RWKV-7, Comba: a decay and a "
-                "rank-one read per step)")
+    """What of a chunk form the Triton chunk kernels (chunk_gla.py, chunk_delta.py, dplr.py)
+    do not run ('' if none)."""
     if form.maxplus:
         return "a max-plus state computed before the chunkwise form (the stabilised mLSTM)"
     return ""

@@ -210,13 +210,15 @@ def _chunk_dv(k_ptr, v_ptr, b_ptr, a_ptr, do_ptr, dstates_ptr, dv_ptr, da_ptr, T
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, bq_ptr, states_ptr, dstates_ptr, do_ptr, da_ptr, dq_ptr,
                dk_ptr, T, K, V, G, g_sk, SCALAR: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DIAG: tl.constexpr = 0,
+               STATES: tl.constexpr = 1):
     """dq, dk of one (key block x sub-chunk, chunk, row), less each step's own term dA_tt (k_t,
     q_t) (added by the caller: left in, its rounding would not cancel in q dq - k dk, the log-decays'
     gradient, which is ~e^{-60} when the decays are): through the scores (dq_i = sum_{j<i} dA_ij
     k_j e^{b_i - b_j}, dk_j = sum_{i>j} dA_ij q_i e^{b_i - b_j}, split at reference rows as in
     `_chunk_scores`, with the queries' decays bq in place of b_i) and through the states (dq =
-    e^bq do S^T, dk = e^{b_C - b} v dS'^T)."""
+    e^bq do S^T, dk = e^{b_C - b} v dS'^T). DIAG: with each step's own term; STATES 0: through the
+    scores only (another form's pair of score and key vectors, dplr.py)."""
     NS: tl.constexpr = C // SUB
     i_s, c, n = tl.program_id(0) % NS, tl.program_id(1), tl.program_id(2)
     kk = (tl.program_id(0) // NS) * BK + tl.arange(0, BK)
@@ -236,11 +238,11 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, bq_ptr, states_ptr, dstates_ptr, do_p
         bqj = tl.load(bq_ptr + (base + t_j) * G).to(ACC)
         b_i = tl.load(b_ptr + (base + t_i) * G).to(ACC)
         bq_i = tl.load(bq_ptr + (base + t_i) * G).to(ACC)
-        before = cc[None, :] < (i_s * SUB + rr)[:, None]  # [i rows, chunk columns]: j < i
+        before = cc[None, :] < (i_s * SUB + rr)[:, None] + DIAG  # [i rows, chunk columns]: j < i
         dA = tl.load(da_ptr + (base + t_i)[:, None] * C + cc[None, :]).to(ACC)
         dA = tl.where(before, dA * tl.exp(tl.where(before, bq_i[:, None] - bj[None, :], 0.0)), 0.0)
         dq = _dot(dA, _tile(k_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC), ACC, DOT)
-        after = (i_s * SUB + rr)[None, :] < cc[:, None]  # [chunk rows, i columns]: i < row
+        after = (i_s * SUB + rr)[None, :] < cc[:, None] + DIAG  # [chunk rows, i columns]: i < row
         dAt = tl.load(da_ptr + (base + t_j)[:, None] * C + (i_s * SUB + rr)[None, :]).to(ACC)
         dAt = tl.where(after, dAt * tl.exp(tl.where(after, bqj[:, None] - b_i[None, :], 0.0)), 0.0)
         dk = _dot(tl.trans(dAt), _tile(q_ptr, n * T + t_j, kk, t_j < T, kmask, K, ACC), ACC, DOT)
@@ -271,23 +273,24 @@ def _chunk_dqk(q_ptr, k_ptr, v_ptr, b_ptr, bq_ptr, states_ptr, dstates_ptr, do_p
             qj = _vector(q_ptr, n * T + t, kk, kmask, t < T, K, ACC)
             dA_col = tl.load(da_ptr + (base + t_i) * C + i_s * SUB + jj).to(ACC)  # dA[i, jj]
             dA_row = tl.load(da_ptr + (base + t) * C + i_s * SUB + rr).to(ACC)  # dA[jj, i]
-            after = (rr > jj)[:, None]
+            after = (rr + DIAG > jj)[:, None]
             dq += tl.where(after, dA_col[:, None] * kj[None, :]
                            * tl.exp(tl.where(after, bqi - bj[None, :], 0.0)), 0.0)
-            upto = (rr < jj)[:, None]
+            upto = (rr < jj + DIAG)[:, None]
             dk += tl.where(upto, dA_row[:, None] * qj[None, :]
                            * tl.exp(tl.where(upto, bqj[None, :] - bi, 0.0)), 0.0)
-    b_end = tl.load(b_ptr + (base + c * C + C - 1) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
-    dq_state = tl.zeros((SUB, BK), ACC)
-    dk_state = tl.zeros((SUB, BK), ACC)
-    for vb in range(0, tl.cdiv(V, BV)):
-        vv = vb * BV + tl.arange(0, BV)
-        S = _tile(states_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC)
-        dS = _tile(dstates_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC)
-        dq_state += _dot(_tile(do_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(S), ACC, DOT)
-        dk_state += _dot(_tile(v_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(dS), ACC, DOT)
-    dq += tl.exp(bqi) * dq_state
-    dk += tl.exp(b_end[None, :] - bi) * dk_state
+    if STATES:
+        b_end = tl.load(b_ptr + (base + c * C + C - 1) * G + kk * g_sk, mask=kmask, other=0.0).to(ACC)
+        dq_state = tl.zeros((SUB, BK), ACC)
+        dk_state = tl.zeros((SUB, BK), ACC)
+        for vb in range(0, tl.cdiv(V, BV)):
+            vv = vb * BV + tl.arange(0, BV)
+            S = _tile(states_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC)
+            dS = _tile(dstates_ptr + (n * NC + c) * K * V, kk, vv, kmask, vv < V, V, ACC)
+            dq_state += _dot(_tile(do_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(S), ACC, DOT)
+            dk_state += _dot(_tile(v_ptr, n * T + t_i, vv, i_ok, vv < V, V, ACC), tl.trans(dS), ACC, DOT)
+        dq += tl.exp(bqi) * dq_state
+        dk += tl.exp(b_end[None, :] - bi) * dk_state
     out = (n * T + t_i)[:, None] * K + kk[None, :]
     tl.store(dq_ptr + out, dq, mask=i_ok[:, None] & kmask[None, :])
     tl.store(dk_ptr + out, dk, mask=i_ok[:, None] & kmask[None, :])

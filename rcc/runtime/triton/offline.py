@@ -102,7 +102,7 @@ def loop_kernels(m, dtype, batch=16, sms=132, label=""):
 def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk"):
     """(label, jit, constexprs, options, wide) of every kernel a forward and backward of plan
     chunk launches: `kernels` "linear_attention" (per-key or scalar decays) or "delta_rule" (n_h
-    micro-steps a token), at key and value sizes K, V."""
+    micro-steps a token) or "dplr" (n_h micro-steps), at key and value sizes K, V."""
     from . import chunk_delta, chunk_gla
     from .common import dot_type
     base = dict(ACC=accumulator(dtype), DOT=dot_type(dtype))
@@ -118,6 +118,20 @@ def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk
                     ("output", chunk_gla._chunk_output, meta),
                     ("dv", chunk_gla._chunk_dv, meta),
                     ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=scalar_decay))]
+    elif kernels == "dplr":
+        from . import dplr
+        PL = chunk_delta.slots(n_h, 64)[1]
+        scores = dict(base, C=PL, BK=blocks["BK"], SCALAR=scalar_decay)
+        pairs = dict(base, C=PL, **blocks, SCALAR=scalar_decay, STATES=0)
+        states = dict(base, PL=PL, PK=max(16, 1 << (K - 1).bit_length()), BV=dplr.STATE_BV)
+        wide = ("b_ptr", "bq_ptr", "a_ptr", "da_ptr", "dq_ptr", "dk_ptr", "x_ptr", "inc_ptr", "dec_ptr",
+                "s_in_ptr", "states_ptr", "w_ptr", "s_out_ptr")
+        launches = [("scores (reads)", chunk_gla._chunk_scores, dict(scores, STRICT=1)),
+                    ("scores (outputs)", chunk_gla._chunk_scores, dict(scores, STRICT=0)),
+                    ("states and reads", dplr._dplr_states, dict(states, REVERSE=False)),
+                    ("their gradients", dplr._dplr_states, dict(states, REVERSE=True)),
+                    ("scores' gradients (reads)", chunk_gla._chunk_dqk, dict(pairs, DIAG=0)),
+                    ("scores' gradients (outputs)", chunk_gla._chunk_dqk, dict(pairs, DIAG=1))]
     else:
         CT, PL = chunk_delta.slots(n_h, 64)
         meta = dict(base, NH=n_h, CT=CT, PL=PL)
