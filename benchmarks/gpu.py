@@ -5,14 +5,16 @@ run, in one process:
     python benchmarks/gpu.py --only gla lstm --repeats 20
     TRITON_INTERPRET=1 python benchmarks/gpu.py --smoke   # tiny shapes on CPU: checks the script
 
-- gla, delta_rule, gated_delta_rule: flash-linear-attention's chunk kernels (chunk_gla,
-  chunk_delta_rule, chunk_gated_delta_rule) on their shapes, B=8, T=4096, H=16, K=V=128, bf16,
-  against rcc's stdlib cell of the same recurrence (gla.rnn, deltanet.rnn, gated_deltanet.rnn)
-  with plan 'auto' on backend triton;
+- gla, delta_rule, gated_delta_rule, kda: flash-linear-attention's chunk kernels (chunk_gla,
+  chunk_delta_rule, chunk_gated_delta_rule, chunk_kda) on their shapes, B=8, T=4096, H=16,
+  K=V=128, bf16, against rcc's stdlib cell of the same recurrence (gla.rnn, deltanet.rnn,
+  gated_deltanet.rnn, kda.rnn) with plan 'auto' on backend triton;
 - hgrn: fla's chunk_hgrn, B=8, T=4096, D=2048 (H*K), bf16, against hgrn.rnn;
 - lstm, gru: torch.nn.LSTM / GRU (cuDNN) with copied weights, and FlashRNN's fused kernels
   (backends triton_fused and cuda_fused, its own random weights, the same shapes), B=16, T=1024,
-  d=d_in=256 and 1024 (--d), bf16, against lstm.rnn / gru.rnn.
+  d=d_in=256 and 1024 (--d), bf16, against lstm.rnn / gru.rnn;
+- newton: ParaGRU (pararnn_gru.rnn) plan newton against its plan sequential, both backend triton,
+  B=8, T=65536, d=d_in=256 and 1024 (--d), float32 (ParaRNN's long-sequence setting).
 
 Each row is timed forward under no_grad and forward + backward (the gradients of sum(outputs)
 by the inputs and params). Before timing, rcc's output is checked against its peer where the
@@ -38,9 +40,10 @@ SHAPES = {  # the issue's shapes; --smoke shrinks them to run in Triton's interp
     "linear": dict(B=8, T=4096, H=16, K=128, V=128),
     "hgrn": dict(B=8, T=4096, D=2048),
     "rnn": dict(B=16, T=1024, D=256),  # D: --d
+    "newton": dict(B=8, T=65536),  # D: --d
 }
 SMOKE = {"linear": dict(B=1, T=5, H=2, K=4, V=4), "hgrn": dict(B=1, T=5, D=8),
-         "rnn": dict(B=1, T=4, D=8)}
+         "rnn": dict(B=1, T=4, D=8), "newton": dict(B=1, T=6)}
 
 
 def stdlib(name):
@@ -85,6 +88,15 @@ def check(name, got, want, tol):
             sys.exit(f"{name}: rcc differs from its peer by {err:.3g}")
 
 
+def differs(got, want, tol):
+    """'' if got matches want within tol (relative to want's scale), else the difference."""
+    for g, w in zip(got, want):
+        err = (g.float() - w.float()).abs().max().item()
+        if not err <= tol * max(1.0, w.float().abs().max().item()):
+            return f"rcc differs from it by {err:.3g}: no ratio"
+    return ""
+
+
 def leaf(shape, args, scale=1.0, fn=None):
     x = torch.randn(shape, device=args.device, dtype=torch.float32) * scale
     return (fn(x) if fn else x).to(args.dtype).requires_grad_()
@@ -94,13 +106,13 @@ def leaf(shape, args, scale=1.0, fn=None):
 def bench_linear(args, op):
     s = (SMOKE if args.smoke else SHAPES)["linear"]
     B, T, H, K, V = s["B"], s["T"], s["H"], s["K"], s["V"]
-    cell = {"gla": "gla", "delta_rule": "deltanet", "gated_delta_rule": "gated_deltanet"}[op]
+    cell = {"gla": "gla", "delta_rule": "deltanet", "gated_delta_rule": "gated_deltanet", "kda": "kda"}[op]
     m = rcc.compile(stdlib(cell), backend="triton")(K=K, V=V).to(args.device, args.dtype)
     q, v = leaf((B, T, H, K), args), leaf((B, T, H, V), args)
     normalize = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731 (the delta rule's keys)
     k = leaf((B, T, H, K), args, fn=normalize if op != "gla" else None)
     log_decay = lambda x: torch.nn.functional.logsigmoid(x) / 16  # noqa: E731
-    g = leaf((B, T, H, K) if op == "gla" else (B, T, H), args, fn=log_decay)
+    g = leaf((B, T, H, K) if op in ("gla", "kda") else (B, T, H), args, fn=log_decay)
     beta = leaf((B, T, H), args, fn=torch.sigmoid)
     by_name = {"q": q, "k": k, "v": v, "gk": g, "g": g, "beta": beta}
     inputs = [by_name[n] for n in m.INPUTS]
@@ -120,7 +132,7 @@ def bench_linear(args, op):
             return (fla(q, k, v, g, scale=scale)[0],)
         if op == "delta_rule":
             return (fla(q, k, v, beta, scale=scale)[0],)
-        return (fla(q, k, v, g, beta, scale=scale)[0],)
+        return (fla(q, k, v, g, beta, scale=scale)[0],)  # gated_delta_rule, kda
     try:
         with torch.no_grad():
             want = theirs()
@@ -130,8 +142,12 @@ def bench_linear(args, op):
         skipped("flash-linear-attention chunk_" + op, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
         return
     with torch.no_grad():
-        check(op, ours(), want, 2e-2)
+        why = differs(ours(), want, 2e-2)
     row("flash-linear-attention chunk_" + op, *base)
+    if why:
+        row("rcc " + cell, *mine)
+        skipped("rcc " + cell + " against it", why)
+        return
     row("rcc " + cell, *mine, base=base)
 
 
@@ -150,6 +166,9 @@ def _fla(op):
     if op == "delta_rule":
         from fla.ops.delta_rule import chunk_delta_rule
         return chunk_delta_rule
+    if op == "kda":
+        from fla.ops.kda import chunk_kda
+        return chunk_kda
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     return chunk_gated_delta_rule
 
@@ -227,12 +246,37 @@ def _bench_rnn(args, kind, B, T, D):
     row(f"rcc {kind}", *mine, base=base)
 
 
+def bench_newton(args):
+    """ParaGRU plan newton against plan sequential (both backend triton), float32, long T."""
+    s = (SMOKE if args.smoke else SHAPES)["newton"]
+    for D in ([4] if args.smoke else args.d):
+        cls = {plan: rcc.compile(stdlib("pararnn_gru"), backend="triton", plan=plan)
+               for plan in ("sequential", "newton")}
+        seq = cls["sequential"](d_in=D, d=D).to(args.device, torch.float32)
+        newton = cls["newton"](d_in=D, d=D).to(args.device, torch.float32)
+        newton.load_state_dict(seq.state_dict())
+        x = leaf((s["B"], s["T"], D), args).float().detach().requires_grad_()
+        leaves = [x] + list(seq.parameters())
+        header(f"newton: ParaGRU B={s['B']} T={s['T']} d={D} float32")
+        base = timed(lambda: (seq(x)[0],), leaves, args)
+        with torch.no_grad():
+            want, got = seq(x)[0], newton(x)[0]
+        row("rcc ParaGRU plan sequential", *base)
+        mine = timed(lambda: (newton(x)[0],), [x] + list(newton.parameters()), args)
+        why = differs((got,), (want,), 1e-3)
+        stats = getattr(newton, "last_stats", {})
+        row(f"rcc ParaGRU plan newton ({stats.get('iterations', '?')} iterations)", *mine,
+            base=None if why else base)
+        if why:
+            skipped("rcc ParaGRU plan newton against it", why)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="*", default=["gla", "delta_rule", "gated_delta_rule", "hgrn",
-                                                 "lstm", "gru"])
+    p.add_argument("--only", nargs="*", default=["gla", "delta_rule", "gated_delta_rule", "kda", "hgrn",
+                                                 "lstm", "gru", "newton"])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--d", type=int, nargs="*", default=[256, 1024], help="hidden sizes of lstm, gru")
+    p.add_argument("--d", type=int, nargs="*", default=[256, 1024], help="hidden sizes of lstm, gru, newton")
     p.add_argument("--flashrnn", nargs="*", default=["triton_fused", "cuda_fused"],
                    help="FlashRNN's backends to time (cuda_fused builds an extension: minutes)")
     p.add_argument("--warmup", type=int, default=3)
@@ -250,8 +294,10 @@ def main():
     torch.manual_seed(0)
     print_machine(gpu=args.device if args.device.type == "cuda" else None)
     for name in args.only:
-        if name in ("gla", "delta_rule", "gated_delta_rule"):
+        if name in ("gla", "delta_rule", "gated_delta_rule", "kda"):
             bench_linear(args, name)
+        elif name == "newton":
+            bench_newton(args)
         elif name == "hgrn":
             bench_hgrn(args)
         elif name in ("lstm", "gru"):

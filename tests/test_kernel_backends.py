@@ -16,6 +16,8 @@ BACKENDS = ["cpp", "triton"]
 def _pair(name, dims, dtype, backend="cpp"):
     ref = rcc.compile(stdlib(name), backend="torch", plan="sequential")(**dims).to(dtype)
     mod = rcc.compile(stdlib(name), backend=backend)(**dims).to(dtype)
+    if hasattr(mod, "chunk_size"):  # plan chunk: one sub-chunk a chunk, cheaper in the interpreter
+        mod.chunk_size = 16  # (chunks of 64 and their sub-chunks: tests/test_triton_chunk.py)
     mod.load_state_dict(ref.state_dict())
     return ref, mod
 

@@ -41,14 +41,19 @@ def test_precompile_errors_are_clear():
 
 def test_precompile_plan_chunk(tmp_path):
     """Plan chunk's kernels (the library's, at the cell's key and value sizes): DeltaProduct's
-    seven (forward and backward), none spilling; a cell whose chunk form has no Triton kernel is
-    told so."""
+    seven (forward and backward) and RWKV-6's six, none spilling; a cell whose chunk form has no
+    Triton kernel is told so."""
     run = _rcc("precompile", stdlib("deltaproduct.rnn"), "--dims", "K=64", "V=48", "--dtype", "bfloat16",
                "--plan", "chunk", "--arch", "sm_90", cache=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [ln.split("|") for ln in run.stdout.splitlines() if ln.startswith("| DeltaProduct chunk")]
     assert len(rows) == 7 and all(r[1].strip().endswith("K=64 V=48") for r in rows), run.stdout
     assert all(int(r[4]) == 0 and float(r[2]) > 0 for r in rows), run.stdout
+    rwkv6 = _rcc("precompile", stdlib("rwkv6.rnn"), "--dims", "K=32", "V=32", "--plan", "chunk",
+                 "--arch", "sm_90", cache=tmp_path)  # reads before the step: the strict scores
+    assert rwkv6.returncode == 0, rwkv6.stderr[-3000:]
+    rows = [ln.split("|") for ln in rwkv6.stdout.splitlines() if ln.startswith("| RWKV6 chunk")]
+    assert len(rows) == 6 and all(int(r[4]) == 0 for r in rows), rwkv6.stdout
     mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16", "--plan", "chunk",
                  "--arch", "sm_90")
     assert mlstm.returncode == 1 and "max-plus" in mlstm.stderr and "Traceback" not in mlstm.stderr

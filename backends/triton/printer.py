@@ -183,7 +183,8 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
         if form.kind == "linear":
             K = form.cell.states[[d.name for d in form.cell.states].index(form.state)].shape[-2]
             launches = dict(kernels="linear_attention", state=form.state, extra_values=len(form.folded),
-                            scalar_decay=form.cell.node(form.log_decay).type.shape[-1:] != (K,))
+                            scalar_decay=form.cell.node(form.log_decay).type.shape[-1:] != (K,),
+                            prev=bool(form.readouts[0].prev))
         elif form.kind == "dplr":
             launches = dict(kernels="dplr", state=form.state, n_h=len(form.steps),
                             scalar_decay=form.cell.node(form.steps[0].log_decay).type.shape[-1] == 1)

@@ -36,6 +36,8 @@ def compile_for(jit, constexprs: dict, dtype=torch.float32, arch=90, num_warps=4
     elem = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
             torch.float16: "fp16"}[dtype]
     signature, attrs = {}, {}
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **constexprs}  # a launch's defaults
     for k, p in enumerate(fn.params):
         if not p.is_constexpr and not p.do_not_specialize and p.name != "finish":
             attrs[(k,)] = [["tt.divisibility", 16]]
@@ -99,10 +101,11 @@ def loop_kernels(m, dtype, batch=16, sms=132, label=""):
             (f"{label} backward", backward, meta, {}, ())]
 
 
-def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk"):
+def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk", prev=False):
     """(label, jit, constexprs, options, wide) of every kernel a forward and backward of plan
     chunk launches: `kernels` "linear_attention" (per-key or scalar decays) or "delta_rule" (n_h
-    micro-steps a token) or "dplr" (n_h micro-steps), at key and value sizes K, V."""
+    micro-steps a token) or "dplr" (n_h micro-steps), at key and value sizes K, V; prev: linear
+    attention's outputs read the state before the step."""
     from . import chunk_delta, chunk_gla
     from .common import dot_type
     base = dict(ACC=accumulator(dtype), DOT=dot_type(dtype))
@@ -110,13 +113,14 @@ def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk
     options = chunk_gla.launch(dtype)
     if kernels == "linear_attention":
         meta = dict(base, C=64, **blocks)
-        scores = dict(base, C=64, BK=blocks["BK"], SCALAR=scalar_decay)
+        strict = dict(meta, STRICT=int(prev))
+        scores = dict(base, C=64, BK=blocks["BK"], SCALAR=scalar_decay, STRICT=int(prev))
         wide = ("b_ptr", "a_ptr", "da_ptr", "s_out_ptr", "dq_ptr", "dk_ptr")
         launches = [("states", chunk_gla._chunk_states, dict(meta, REVERSE=False)),
                     ("states' gradients", chunk_gla._chunk_states, dict(meta, REVERSE=True)),
                     ("scores", chunk_gla._chunk_scores, scores),
-                    ("output", chunk_gla._chunk_output, meta),
-                    ("dv", chunk_gla._chunk_dv, meta),
+                    ("output", chunk_gla._chunk_output, strict),
+                    ("dv", chunk_gla._chunk_dv, strict),
                     ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=scalar_decay))]
     elif kernels == "dplr":
         from . import dplr
@@ -157,7 +161,7 @@ def chunk_kernels(m, dtype, label=""):
     K, V = (int(n) for n in m.shapes[spec["state"]][-2:])
     return chunk_launches(spec["kernels"], dtype, K, V + spec.get("extra_values", 0),
                           spec.get("scalar_decay", False), spec.get("n_h", 1),
-                          label or f"{type(m).__name__} chunk")
+                          label or f"{type(m).__name__} chunk", spec.get("prev", False))
 
 
 def scan_kernels(m, dtype, label=""):
