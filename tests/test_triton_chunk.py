@@ -133,3 +133,27 @@ def test_chunk_dplr(N, T, M, K, V, G1, chunk, dtype, log_decay):
     inputs, cot = _dplr_inputs(N, T, M, K, V, G1, dtype, log_decay)
     _compare(lambda *x: chunk_dplr(*x, chunk_size=chunk), lambda *x: torch_dplr(*x, chunk_size=chunk),
              inputs, cot, dtype)
+
+
+def test_a_new_length_or_batch_never_recompiles():
+    """Every chunk and scan kernel takes the length, the number of chunks and the rows (batch x
+    heads) unspecialized: Triton would otherwise compile a new kernel for T=1, for a multiple of 16
+    and for every other length or batch. Only the head sizes (K, V, the decay's width) are."""
+    from rcc.runtime.triton import chunk_delta, chunk_gla, dplr, scan
+    kernels = {}
+    for mod in (chunk_gla, chunk_delta, dplr, scan):
+        for name, k in vars(mod).items():
+            if not name.startswith(("_chunk_", "_delta_", "_dplr_", "_linear_scan")):
+                continue  # a helper, inlined into the kernels that call it
+            while type(k).__name__ == "Autotuner":
+                k = k.fn
+            if hasattr(k, "params"):  # compiled for a GPU
+                kernels[name] = {p.name: p.do_not_specialize for p in k.params}
+            elif type(k).__name__ == "InterpretedFunction":  # in the interpreter
+                free = k.kwargs.get("do_not_specialize") or ()
+                kernels[name] = {a: a in free for a in k.arg_names}
+    assert len(kernels) == 13, sorted(kernels)
+    for name, args in kernels.items():
+        for arg, unspecialized in args.items():
+            if arg in ("T", "NC", "N", "M", "a_st", "A_st"):
+                assert unspecialized, (name, arg)

@@ -189,7 +189,7 @@ def _delta_output(q_ptr, k_ptr, gc_ptr, states_ptr, delta_ptr, do_ptr, out_ptr, 
                  mask=is_q[:, None] & (vv < V)[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])  # a new length or batch never recompiles
 def _delta_dqkw(q_ptr, k_ptr, gc_ptr, states_ptr, dstates_ptr, delta_ptr, ddelta_ptr, do_ptr,
                 dq_ptr, dk_ptr, dw_ptr, dgam_ptr, dgl_ptr, T, K, V, N,
                 ACC: tl.constexpr, DOT: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
