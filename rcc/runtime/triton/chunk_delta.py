@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_gla import SUB, SUB_ROWS, _dot, _tile, block, kept, launch
+from .chunk_gla import SUB, SUB_ROWS, _dot, _nth_chunk, _state_slice, _tile, block, kept, launch
 from .common import accumulator, check, dot_type
 
 
@@ -120,17 +120,13 @@ def _delta_states(q_ptr, k_ptr, do_ptr, gc_ptr, w_ptr, x_ptr, s_in_ptr, states_p
     iv, n = tl.program_id(0), tl.program_id(1)
     kc, vv = tl.arange(0, PK), iv * BV + tl.arange(0, BV)
     kmask, vmask = kc < K, vv < V
-    s_off = kc[:, None] * V + vv[None, :]
-    S = tl.load(s_in_ptr + n * K * V + s_off, mask=kmask[:, None] & vmask[None, :], other=0.0).to(ACC)
+    s_off, s_mask, S = _state_slice(s_in_ptr, n, kc, vv, K, V, ACC)
     for i in range(0, NC):
-        if REVERSE:
-            c = NC - 1 - i
-        else:
-            c = i
+        c = _nth_chunk(i, NC, REVERSE)
         ss, tok, micro, valid, is_q = _slots(c, T, NH, CT, PL)
         gam, gam_L = _gates(gc_ptr, n, c, ss, NC, NH, CT, ACC)
         rows = n * NC * PL + c * PL + ss
-        tl.store(states_ptr + (n * NC + c) * K * V + s_off, S, mask=kmask[:, None] & vmask[None, :])
+        tl.store(states_ptr + (n * NC + c) * K * V + s_off, S, mask=s_mask)
         kd = _tile(k_ptr, n * T * NH + micro, kc, valid, kmask, K, ACC) * tl.exp(gam_L - gam)[:, None]
         w = _tile(w_ptr, rows, kc, ss < PL, kmask, K, ACC)
         x = _tile(x_ptr, rows, vv, ss < PL, vmask, V, ACC)
@@ -145,7 +141,7 @@ def _delta_states(q_ptr, k_ptr, do_ptr, gc_ptr, w_ptr, x_ptr, s_in_ptr, states_p
             delta = x - _dot(w, S, ACC, DOT)
             tl.store(delta_ptr + rows[:, None] * V + vv[None, :], delta, mask=vmask[None, :])
             S = tl.exp(gam_L) * S + _dot(tl.trans(kd), delta, ACC, DOT)
-    tl.store(s_out_ptr + n * K * V + s_off, S, mask=kmask[:, None] & vmask[None, :])
+    tl.store(s_out_ptr + n * K * V + s_off, S, mask=s_mask)
 
 
 @triton.jit

@@ -61,6 +61,23 @@ def _decays(b_ptr, rows, kk, kmask, G, g_sk, ACC: tl.constexpr):
     return tl.load(b_ptr + rows[:, None] * G + kk[None, :] * g_sk, mask=kmask[None, :], other=0.0).to(ACC)
 
 
+@triton.jit
+def _state_slice(s_in_ptr, n, kk, vv, K, V, ACC: tl.constexpr):
+    # a sequential kernel's slice of row n's [K, V] state: offsets, mask, its initial value
+    s_off = kk[:, None] * V + vv[None, :]
+    s_mask = (kk < K)[:, None] & (vv < V)[None, :]
+    return s_off, s_mask, tl.load(s_in_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _nth_chunk(i, NC, REVERSE: tl.constexpr):
+    # the chunk a sequential kernel visits i-th: in order, or REVERSE from the last
+    if REVERSE:
+        return NC - 1 - i
+    else:
+        return i
+
+
 @triton.jit(do_not_specialize=["T", "NC"])  # a new length or batch never recompiles
 def _chunk_states(x_ptr, y_ptr, b_ptr, bq_ptr, s_in_ptr, states_ptr, s_out_ptr, T, NC, K, V, G, g_sk,
                   REVERSE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, C: tl.constexpr,
@@ -71,14 +88,9 @@ def _chunk_states(x_ptr, y_ptr, b_ptr, bq_ptr, s_in_ptr, states_ptr, s_out_ptr, 
     ik, iv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kk, vv, cc = ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV), tl.arange(0, C)
     kmask, vmask = kk < K, vv < V
-    s_off = kk[:, None] * V + vv[None, :]
-    s_mask = kmask[:, None] & vmask[None, :]
-    S = tl.load(s_in_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
+    s_off, s_mask, S = _state_slice(s_in_ptr, n, kk, vv, K, V, ACC)
     for i in range(0, NC):
-        if REVERSE:
-            c = NC - 1 - i
-        else:
-            c = i
+        c = _nth_chunk(i, NC, REVERSE)
         tl.store(states_ptr + (n * NC + c) * K * V + s_off, S, mask=s_mask)
         t = c * C + cc
         x = _tile(x_ptr, n * T + t, kk, t < T, kmask, K, ACC)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import chunk_gla
 from .chunk_delta import slots
-from .chunk_gla import _dot, _tile, kept, launch
+from .chunk_gla import _dot, _nth_chunk, _state_slice, _tile, kept, launch
 from .common import accumulator, check, dot_type
 
 
@@ -41,14 +41,9 @@ def _dplr_states(p_ptr, x_ptr, at_ptr, inc_ptr, dec_ptr, s_in_ptr, states_ptr, w
     iv, n = tl.program_id(0), tl.program_id(1)
     kc, vv, ss = tl.arange(0, PK), iv * BV + tl.arange(0, BV), tl.arange(0, PL)
     kmask, vmask = kc < K, vv < V
-    s_off = kc[:, None] * V + vv[None, :]
-    s_mask = kmask[:, None] & vmask[None, :]
-    S = tl.load(s_in_ptr + n * K * V + s_off, mask=s_mask, other=0.0).to(ACC)
+    s_off, s_mask, S = _state_slice(s_in_ptr, n, kc, vv, K, V, ACC)
     for i in range(0, NC):
-        if REVERSE:
-            c = NC - 1 - i
-        else:
-            c = i
+        c = _nth_chunk(i, NC, REVERSE)
         rows = (n * NC + c) * PL + ss
         tl.store(states_ptr + (n * NC + c) * K * V + s_off, S, mask=s_mask)
         P = _tile(p_ptr, rows, kc, ss < PL, kmask, K, ACC)
