@@ -146,3 +146,14 @@ def test_numbers_from_dims_follow_torch_where_math_raises():
     assert torch.allclose(z, torch.full_like(z, math.log(2)))
     (y, w, z), _ = m(d=1)(torch.zeros(1, 2, 1))
     assert torch.isneginf(z).all()
+
+
+def test_an_index_no_size_can_hold_is_located():
+    """x[10**20] of an axis of size d: the analysis runs the cell at small sizes, and none holds
+    that index; the error says which index, where (not "no small dims satisfy...")."""
+    source = ("cell C(d) {\n  input x[d]\n  state h\n  h' = h + x[99999999999999999999]\n"
+              "  output y = h'\n}\n")
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile(source)
+    assert "index 99999999999999999999 is out of range for an axis of size d" in e.value.message
+    assert (e.value.line, e.value.col) == (4, 14) and "^^^^" in e.value.render()

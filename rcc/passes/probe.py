@@ -90,18 +90,26 @@ def probe_dims(cell: ir.CellIR, offset: int = 0) -> dict:
         values = {d.name: d.static for d in cell.dims if d.static is not None}
         for i, d in enumerate(free):
             values[d.name] = (2 + i + offset) * scale
-        if _constraints_hold(cell, values):
+        failing = _failing_constraint(cell, values)
+        if failing is None:
             return values
-    raise ValueError(f"no small dims satisfy the constraints of cell {cell.name}")
+    # the analysis needs sizes it can enumerate: a constraint no such size meets (x[10**20])
+    # is the user's to see, where it was written
+    from ..errors import CompileError
+    tried = ", ".join(f"{k}={v}" for k, v in values.items())
+    what = failing.failure or f"{failing.what} {failing.expr} is not a positive integer"
+    raise CompileError(f"{what} at any size the analysis runs the cell at (up to {tried})",
+                       failing.span)
 
 
-def _constraints_hold(cell, values) -> bool:
+def _failing_constraint(cell, values):
+    """The first of the cell's constraints that `values` break, or None."""
     subs = {ir.dim_symbol(k): v for k, v in values.items()}
     for c in cell.constraints:
         v = sympy.sympify(c.expr).subs(subs)
         if not (v.is_integer and v > 0):
-            return False
-    return True
+            return c
+    return None
 
 
 class Probe:
