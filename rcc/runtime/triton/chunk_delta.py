@@ -327,13 +327,16 @@ def _forward_pass(q, k, u, beta, gc, S0, sizes, meta):
     h = torch.empty(N, NC, K, V, dtype=kept(q.dtype), device=dev)
     delta = torch.empty(N, NC * PL, V, dtype=kept(q.dtype), device=dev)
     S_T = torch.empty(N, K, V, dtype=wide, device=dev)
-    _delta_states[(triton.cdiv(V, STATE_BV), N)](q, k, q, gc, w, uw, S0, h, delta, S_T, T, NC, K, V,
-                                                REVERSE=False, PK=max(16, triton.next_power_of_2(K)),
-                                                BV=STATE_BV, **launch(q.dtype), **meta)
+    tiles = state_tiles(K)
+    _delta_states[(triton.cdiv(V, tiles["BV"]), N)](q, k, q, gc, w, uw, S0, h, delta, S_T, T, NC, K, V,
+                                                   REVERSE=False, **tiles, **launch(q.dtype), **meta)
     return dict(tinv=tinv, w=w, uw=uw, h=h, delta=delta, S_T=S_T, blocks=blocks)
 
 
-STATE_BV = 32  # value columns per program of the sequential kernel (all keys: W S needs them)
+def state_tiles(K) -> dict:
+    """The tiles of a sequential kernel that holds every key of the state (the delta rule's W S,
+    the diagonal-plus-rank-one reads P S need them): all K keys, 32 value columns a program."""
+    return dict(PK=max(16, triton.next_power_of_2(K)), BV=32)
 
 
 class _ChunkDelta(torch.autograd.Function):
@@ -374,9 +377,10 @@ class _ChunkDelta(torch.autograd.Function):
         dh = torch.empty(N, NC, K, V, dtype=kept(q.dtype), device=dev)
         d_delta = torch.empty(N, NC * PL, V, dtype=wide, device=dev)
         dS0 = torch.empty(N, K, V, dtype=wide, device=dev)
-        _delta_states[(triton.cdiv(V, STATE_BV), N)](
-            q, k2, do, gc, f["w"], intra, dS_T, dh, d_delta, dS0, T, NC, K, V, REVERSE=True,
-            PK=max(16, triton.next_power_of_2(K)), BV=STATE_BV, **launch(q.dtype), **meta)
+        tiles = state_tiles(K)
+        _delta_states[(triton.cdiv(V, tiles["BV"]), N)](
+            q, k2, do, gc, f["w"], intra, dS_T, dh, d_delta, dS0, T, NC, K, V, REVERSE=True, **tiles,
+            **launch(q.dtype), **meta)
         parts = triton.cdiv(K, blocks["BK"])
         dq = torch.empty(N, T, K, dtype=wide, device=dev)
         dk = torch.empty(N, T * NH, K, dtype=wide, device=dev)

@@ -319,12 +319,19 @@ def _setup(q, v, g, chunk_size, prev):
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     b = torch.zeros(N, NC, C, G, dtype=wide, device=q.device)
     b.view(N, NC * C, G)[:, :T] = g
-    b = b.cumsum(2)
-    bq = torch.cat([torch.zeros_like(b[:, :, :1]), b[:, :, :-1]], 2) if prev else b
+    b, before = decay_sums(b)
+    bq = before if prev else b
     meta = dict(ACC=accumulator(q.dtype), DOT=dot_type(q.dtype), C=C, BK=block(K, q.dtype),
                 BV=block(V, q.dtype))
     sizes = (N, T, K, V, G, NC)
     return sizes, b.view(N, NC * C, G), bq.reshape(N, NC * C, G), meta, 0 if G == 1 else 1
+
+
+def decay_sums(g):
+    """Log-decays per chunk [N, NC, C, G] -> their sums from the chunk's start through each step,
+    and through the step before (0 at the start)."""
+    b = g.cumsum(2)
+    return b, torch.cat([torch.zeros_like(b[:, :, :1]), b[:, :, :-1]], 2)
 
 
 def kept(dtype):

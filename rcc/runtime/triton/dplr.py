@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import chunk_gla
-from .chunk_delta import slots
+from .chunk_delta import slots, state_tiles
 from .chunk_gla import _dot, _nth_chunk, _state_slice, _tile, kept, launch
 from .common import accumulator, check, dot_type
 
@@ -103,8 +103,7 @@ class _Pieces:
         qm[:, :, -1] = q  # the read-out after a token's last micro-step
         self.qs, self.as_, self.bs, self.ks, self.us = (_to_slots(x, CT, PL) for x in (qm, a, b, k, u))
         self.G1 = G1 = g.shape[-1]
-        G = _chunks(_to_slots(g.to(wide), CT, PL), PL).cumsum(2)
-        Gx = torch.cat([torch.zeros_like(G[:, :, :1]), G[:, :, :-1]], 2)
+        G, Gx = chunk_gla.decay_sums(_chunks(_to_slots(g.to(wide), CT, PL), PL))
         self.G, self.Gx = G.view(N, NC * PL, G1), Gx.reshape(N, NC * PL, G1)
         self.meta = dict(ACC=accumulator(q.dtype), DOT=dot_type(q.dtype), C=PL,
                          BK=chunk_gla.block(K, q.dtype), BV=chunk_gla.block(V, q.dtype))
@@ -130,11 +129,10 @@ class _Pieces:
         states = torch.empty(N, NC, K, V, dtype=self.wide, device=x.device)
         w = torch.empty(N, NC, PL, V, dtype=self.wide, device=x.device)
         s_out = torch.empty(N, K, V, dtype=self.wide, device=x.device)
-        meta = dict(ACC=self.meta["ACC"], DOT=self.meta["DOT"], PL=PL,
-                    PK=max(16, triton.next_power_of_2(K)), BV=STATE_BV)
+        meta = dict(ACC=self.meta["ACC"], DOT=self.meta["DOT"], PL=PL, **state_tiles(K))
         low = kept(self.qs.dtype)  # P and A~ as the products read them (bf16 for bf16 inputs)
         args = [self.P.to(low), x, self.at.to(low), inc, self.decay, s_in.to(self.wide)]
-        _dplr_states[(triton.cdiv(V, STATE_BV), N)](*[t.contiguous() for t in args], states, w, s_out, NC,
+        _dplr_states[(triton.cdiv(V, meta["BV"]), N)](*[t.contiguous() for t in args], states, w, s_out, NC,
                                                     K, V, REVERSE=reverse, **launch(self.qs.dtype), **meta)
         return states, w, s_out
 
@@ -147,8 +145,6 @@ class _Pieces:
         o = self.queries() @ self.h + self.Mqa @ self.W + self.Mqk @ self.uc
         return _from_slots(o.reshape(self.N, -1, self.V), self.T, self.M, self.CT, self.PL)[:, :, -1]
 
-
-STATE_BV = 32  # value columns per program of the sequential kernel (all keys)
 
 
 def _pair(p, x, y, bq, dM, diag):

@@ -106,7 +106,7 @@ def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk
     chunk launches: `kernels` "linear_attention" (per-key or scalar decays) or "delta_rule" (n_h
     micro-steps a token) or "dplr" (n_h micro-steps), at key and value sizes K, V; prev: linear
     attention's outputs read the state before the step."""
-    from . import chunk_delta, chunk_gla
+    from . import chunk_delta, chunk_gla, dplr
     from .common import dot_type
     base = dict(ACC=accumulator(dtype), DOT=dot_type(dtype))
     blocks = dict(BK=chunk_gla.block(K, dtype), BV=chunk_gla.block(V, dtype))
@@ -123,11 +123,10 @@ def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk
                     ("dv", chunk_gla._chunk_dv, strict),
                     ("dq dk", chunk_gla._chunk_dqk, dict(meta, SCALAR=scalar_decay))]
     elif kernels == "dplr":
-        from . import dplr
         PL = chunk_delta.slots(n_h, 64)[1]
         scores = dict(base, C=PL, BK=blocks["BK"], SCALAR=scalar_decay)
         pairs = dict(base, C=PL, **blocks, SCALAR=scalar_decay, STATES=0)
-        states = dict(base, PL=PL, PK=max(16, 1 << (K - 1).bit_length()), BV=dplr.STATE_BV)
+        states = dict(base, PL=PL, **chunk_delta.state_tiles(K))
         wide = ("b_ptr", "bq_ptr", "a_ptr", "da_ptr", "dq_ptr", "dk_ptr", "x_ptr", "inc_ptr", "dec_ptr",
                 "s_in_ptr", "states_ptr", "w_ptr", "s_out_ptr")
         launches = [("scores (reads)", chunk_gla._chunk_scores, dict(scores, STRICT=1)),
@@ -139,7 +138,7 @@ def chunk_launches(kernels, dtype, K, V, scalar_decay=False, n_h=1, label="chunk
     else:
         CT, PL = chunk_delta.slots(n_h, 64)
         meta = dict(base, NH=n_h, CT=CT, PL=PL)
-        states = dict(meta, PK=max(16, 1 << (K - 1).bit_length()), BV=chunk_delta.STATE_BV)
+        states = dict(meta, **chunk_delta.state_tiles(K))
         wide = ("gc_ptr", "a_ptr", "tinv_ptr", "s_out_ptr", "dq_ptr", "dk_ptr", "dw_ptr", "dgam_ptr",
                 "dgl_ptr", "du_ptr", "dbeta_ptr", "ddelta_ptr")
         launches = [("WY form", chunk_delta._delta_wy, dict(meta, **blocks)),
