@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ from . import ir
 from . import syntax as S
 from .builder import GraphBuilder, fmt_number
 from .errors import CompileError, Span
+from .passes.generalize import generalize, literal_sizes, remember
 from .shapes import broadcast, fmt_shape, same_dim
 
 
@@ -68,6 +70,11 @@ _RESERVED_INPUTS = {"self": "m(self=x) would clash with the module's own 'self'"
 # Bounds that turn typos (`for j in 0..1000000000`, `split(x, 10**9)`) into errors, not hangs.
 MAX_UNROLL = 16384  # loop iterations unrolled in one cell, and parts of one split()
 MAX_AXIS = 2 ** 63 - 1  # a tensor axis size must fit in int64
+# fn calls nest at most this deep (each level is some 8 Python frames of elaboration, each
+# expression level of a body 3: elaboration runs with room for both)
+MAX_INLINE_DEPTH = 512
+MAX_INLINED = 16384  # fn calls inlined in one cell (`fn g(a) = f(a) + f(a)` doubles them)
+_RECURSION_LIMIT = 10000
 _RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
 
 
@@ -88,6 +95,7 @@ class Elaborator(GraphBuilder):
         # (fn name, call span) while inlining; not `call_stack`, which is the stack() builtin
         self.inline_stack: list = []
         self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
+        self.inlined = 0  # fn calls inlined so far, against MAX_INLINED
         self.state_leaf: dict = {}  # state name -> the id of its declaration's node
         # the predecessor forms being elaborated, innermost last: (scope id, agg, k)
         self.scopes: list = []
@@ -594,6 +602,14 @@ class Elaborator(GraphBuilder):
     def inline(self, e: S.Call):
         fn = self.fns[e.func]
         chain = [name for name, _ in self.inline_stack]
+        self.inlined += 1
+        if self.inlined > MAX_INLINED:
+            raise CompileError(f"more than {MAX_INLINED} fn calls to inline in cell "
+                               f"'{self.cell.name}' (each call of an fn copies its body; fns "
+                               "calling others twice double the count at each level)", e.span)
+        if len(chain) >= MAX_INLINE_DEPTH:
+            raise CompileError(f"fn calls nest more than {MAX_INLINE_DEPTH} deep ({chain[0]} -> "
+                               f"{chain[1]} -> ... -> {chain[-1]} -> {e.func})", e.span)
         if e.func in chain:
             cycle = " -> ".join(chain[chain.index(e.func):] + [e.func])
             raise CompileError(f"fn '{e.func}' calls itself ({cycle}); recursion is not allowed",
@@ -617,7 +633,10 @@ class Elaborator(GraphBuilder):
             # cell body), with one note per fn body it passed through, outermost first.
             inner = getattr(err, "fn_message", err.message)
             here = ((f"in fn '{fn.name}', here", err.span),) if err.span else ()
-            wrapped = CompileError(f"{inner} (in fn '{e.func}')", e.span, notes=here + err.notes)
+            notes = here + err.notes
+            if len(notes) > 8:  # fns nested deeply: the outermost calls and the innermost cause
+                notes = notes[:3] + notes[-5:]
+            wrapped = CompileError(f"{inner} (in fn '{e.func}')", e.span, notes=notes)
             wrapped.fn_message = inner
             raise wrapped from None
         finally:
@@ -863,12 +882,21 @@ def _call_name(e) -> str:
 def elaborate(cell: S.Cell, fns: dict, dims: Optional[dict] = None) -> ir.CellIR:
     """Build the IR of `cell`. `dims` gives values for dims needed in integer contexts; a needed
     dim not in `dims` takes its default, else NeedStatic is raised for the caller to decide."""
-    dims = dict(dims or {})
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old_limit, _RECURSION_LIMIT))
+    try:
+        return _elaborate(cell, fns, dict(dims or {}))
+    finally:
+        sys.setrecursionlimit(old_limit)
+
+
+def _elaborate(cell: S.Cell, fns: dict, dims: dict) -> ir.CellIR:
     static: dict = {}
     while True:
         try:
             out = Elaborator(cell, fns, static).run()
             ir.verify(out)
+            _remember_general(cell, fns, {**dims, **static}, out)
             return out
         except NeedStatic as need:
             missing = []
@@ -883,3 +911,17 @@ def elaborate(cell: S.Cell, fns: dict, dims: Optional[dict] = None) -> ir.CellIR
                     static[name] = value
             if missing:
                 raise
+
+
+def _remember_general(cell: S.Cell, fns: dict, dims: dict, out: ir.CellIR) -> None:
+    """Elaborate the cell's general form (its literal sizes as hidden dims) for the analysis
+    (rcc.passes.generalize); a form that does not elaborate is simply not kept."""
+    sizes = literal_sizes(cell)
+    if not sizes:
+        return
+    general_cell, general_fns = generalize(cell, fns, sizes)
+    try:
+        general = elaborate(general_cell, general_fns, dims)
+    except (CompileError, NeedStatic):
+        return
+    remember(out, general)

@@ -16,6 +16,7 @@ import sympy
 
 from . import ir
 from .errors import CompileError
+from .passes.generalize import general_of, instance_of
 from .passes.linearize import ZERO, Linearizer
 from .lowrank import NotLowRank, filled, micro_steps
 from .passes.verify import chunk_form_mismatch, refusal
@@ -182,6 +183,12 @@ def chunk_form(cell) -> ChunkForm:
     IR's structure, then checked to reproduce the step exactly (rcc.passes.verify): a form that
     does not is refused, whatever the pattern matched. (Cached: the analysis, the cost model and
     the printer all ask; a refusal is not cached and is recomputed.)"""
+    general = general_of(cell)
+    if general is not None:  # verified on the family the cell belongs to (rcc.passes.generalize)
+        verified = chunk_form(general)
+        form = _structural_chunk_form(cell)
+        if instance_of(verified, form):
+            return form
     try:
         form = _structural_chunk_form(cell)
     except NotChunkable as e:

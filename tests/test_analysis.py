@@ -100,3 +100,12 @@ def test_detected_structure_matches_autograd(name, dims):
         assert comps == [dims["K"]] * dims["V"]  # each column of S[K, V] evolves alone
     else:
         assert comps == [n]
+
+
+def test_a_rotation_of_rows_is_not_a_householder_factor_because_two_rows_swap_like_one():
+    """At K=2 rotating the rows swaps them: I - (e1 - e2)(e1 - e2)^T, a reflection. The fact must
+    hold at both probe sizes, and at K=3 a rotation is no reflection."""
+    src = ("cell M(K, V) {\n    input k[K], v[V]\n    state S[K, V]\n"
+           "    S' = concat(S[1:K], S[0:1], axis=0) + outer(k, v)\n    output o = sum(S', 0)\n}\n")
+    a = rcc.analyze(src)
+    assert a.structure == "dense" and a.n_householder == 0 and a.plans == ("sequential",)

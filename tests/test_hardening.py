@@ -106,8 +106,9 @@ def _cli(*args):
 
 
 def test_cli_exit_status_says_whose_fault(tmp_path):
-    """1: the cell cannot be compiled (an analysis refusal, a literal size the analysis cannot
-    hold); 2: the command cannot run as given; 3: a bug in rcc, in one line."""
+    """1: the cell cannot be compiled (an analysis refusal); 2: the command cannot run as given;
+    3: a bug in rcc, in one line. A huge literal size compiles: the analysis probes the cell's
+    family at small sizes (rcc.passes.generalize)."""
     from conftest import stdlib
     refused = _cli("compile", stdlib("lstm.rnn"), "--plan", "chunk", "-o", str(tmp_path / "o.py"))
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
@@ -115,7 +116,7 @@ def test_cli_exit_status_says_whose_fault(tmp_path):
     huge.write_text("cell A() {\n input x[99999999999]\n state h[99999999999]\n h' = tanh(h + x)\n"
                     " output y = h'\n}\n")
     big = _cli("compile", str(huge), "-o", str(tmp_path / "o.py"))
-    assert big.returncode == 1 and "out of memory" in big.stderr and "Traceback" not in big.stderr
+    assert big.returncode == 0 and big.stderr == "", big.stderr
     batch = _cli("explain", stdlib("lstm.rnn"), "--batch", "0")
     assert batch.returncode == 2 and "--batch" in batch.stderr
 

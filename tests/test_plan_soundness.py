@@ -185,3 +185,29 @@ def test_chunk_refused_with_the_reason(update, why):
     with pytest.raises(rcc.CompileError) as e:
         rcc.compile(src, plan="chunk")
     assert why in str(e.value) and "legal plans: sequential" in str(e.value)
+
+
+def _written_with_literals(src, dims):
+    """`src` with its dims written as literal sizes (9, 10, 11: past the ones probed as written,
+    so the analysis probes the cell's family, rcc.passes.generalize)."""
+    import re
+
+    header = re.match(r"cell (\w+)\(([^)]*)\)", src)
+    sizes = {name: 9 + i for i, name in enumerate(dims)}
+    body = re.sub(r"\b(" + "|".join(dims) + r")\b", lambda m: str(sizes[m.group(1)]),
+                  src[header.end():])
+    return f"cell {header.group(1)}()" + body
+
+
+LITERAL_SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
+                            suppress_health_check=[HealthCheck.too_slow])
+
+
+@LITERAL_SETTINGS
+@given(cell=st.one_of(matrix_cells(), normalised_cells(), vector_cells()),
+       T=st.sampled_from([1, 9]))
+def test_cells_with_literal_sizes_have_the_legal_plans_of_their_dims_and_each_is_exact(cell, T):
+    src, dims = cell
+    written = _written_with_literals(src, dims)
+    assert rcc.analyze(written).plans == rcc.analyze(src).plans, written
+    _assert_plans_equal_sequential(written, {}, T, ())

@@ -22,6 +22,7 @@ import sympy
 
 from .. import ir
 from ..errors import CompileError
+from .generalize import general_of
 from .probe import Probe, flat, jacobian, probe_dims
 
 STRUCTURES = ("scalar", "diagonal", "block-diagonal", "householder", "diagonal+low-rank", "dense")
@@ -67,21 +68,56 @@ class Analysis:
 _RECURSION_LIMIT = 3000  # (8000 overflowed the C stack at 400 nested tanh)
 
 
+# The symbolic derivative of a step costs about the cube of its depth in nonlinear functions
+# (64 nested tanh: 3 s) and grows with the size of its expression tree, which a value used twice
+# a level doubles (`a = sigmoid(a) * a` ten times: 3,000 nodes, 5 s): past these, the analysis
+# says so at once rather than run for minutes
+MAX_NONLINEAR_DEPTH = 64
+MAX_TREE = 1024
+# the ops that nest no nonlinear function (leaves, arithmetic, piecewise-linear, comparisons)
+_LINEAR = {"input", "param", "state", "const", "zeros", "ones", "eye", "slot", "pred", "neg",
+           "add", "sub", "mul", "matmul", "outer", "sum", "mean", "concat", "stack", "getitem",
+           "take", "transpose", "where", "relu", "abs", "sign", "maximum", "minimum", "amax",
+           "lt", "le", "gt", "ge", "eq", "ne"}
+
+
 def analyze_ir(cell: ir.CellIR) -> Analysis:
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, _RECURSION_LIMIT))
     try:
+        _check_size(general_of(cell) or cell)
         return _analyze(cell)
     except RecursionError:
-        raise CompileError(
-            f"cell '{cell.name}' nests its step too deeply for rcc's analysis (it differentiates "
-            "the step symbolically); plan 'sequential' needs no analysis: "
-            "rcc.compile(..., plan='sequential')", cell.span) from None
+        raise _too_deep(cell, "") from None
     finally:
         sys.setrecursionlimit(old)
 
 
-def _analyze(cell: ir.CellIR) -> Analysis:
+def _too_deep(cell, why):
+    return CompileError(
+        f"cell '{cell.name}' nests its step too deeply for rcc's analysis (it differentiates "
+        f"the step symbolically{why}); plan 'sequential' needs no analysis: "
+        "rcc.compile(..., plan='sequential')", cell.span)
+
+
+def _check_size(cell):
+    """Refuse, before any work, a step whose symbolic derivative would take minutes."""
+    depth, tree = {}, {}
+    for n in cell.nodes:
+        depth[n.id] = max((depth[a] for a in n.args), default=0) + (n.op not in _LINEAR)
+        tree[n.id] = 1 + sum(tree[a] for a in n.args)
+    roots = [v for _, v in cell.updates]
+    if roots and max(depth[v] for v in roots) > MAX_NONLINEAR_DEPTH:
+        raise _too_deep(cell, f": more than {MAX_NONLINEAR_DEPTH} nonlinear functions deep")
+    if roots and max(tree[v] for v in roots) > MAX_TREE:
+        raise _too_deep(cell, f": its expression tree, values used twice counted twice, has "
+                              f"more than {MAX_TREE} operations")
+
+
+def _analyze(written: ir.CellIR) -> Analysis:
+    # a cell with literal sizes is probed as its family (rcc.passes.generalize); the facts name
+    # states only, and report the shapes as written
+    cell = general_of(written) or written
     if cell.topology != "seq":
         raise NotImplementedError(
             f"the state-transition analysis covers cells over seq; cell '{cell.name}' runs over "
@@ -109,7 +145,7 @@ def _analyze(cell: ir.CellIR) -> Analysis:
         for i, row in enumerate(j):
             read[owner[i]] |= {owner[c] for c, e in enumerate(row) if e != 0}
     facts = [StateFacts(d.name, d.shape, tuple(s for s in states if s in read[d.name]),
-                        d.name in updates) for d in cell.states]
+                        d.name in updates) for d in written.states]
 
     block = _block_size(jac)
     block_other = _block_size(jacs[1])
@@ -118,7 +154,8 @@ def _analyze(cell: ir.CellIR) -> Analysis:
     if block == 1 and block_other == 1:
         structure = "scalar" if affine and all(_is_scalar(j, p, states) for p, j in
                                                zip(probes, jacs)) else "diagonal"
-    elif affine and (hh := _householder_chain(cell, small)) is not None:
+    elif affine and (hh := _householder_chain(cell, small)) is not None \
+            and hh == _householder_chain(cell, probes[1]):  # a swap of 2 rows is a reflection
         n_hh, gated = hh
         structure = f"householder(n_h={n_hh}{', gated' if gated else ''})"
         notes.append(f"each step applies {n_hh} Householder factor(s) (I - beta k k^T) to the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
+from .generalize import dims_text
 from .probe import Probe, _map, flat, probe_dims
 
 _DIGITS = 40
@@ -43,7 +44,7 @@ def refusal(cell, state, structural_reason) -> str:
     if any(sympy.diff(sympy.sympify(e), s).free_symbols & symbols
            for e in flat(target) for s in sympy.sympify(e).free_symbols & symbols):
         return f"the update of state '{state}' is not affine in it"
-    why = _mixing(state, S, target, ", ".join(f"{k}={v}" for k, v in sorted(dims.items())))
+    why = _mixing(state, S, target, dims_text(dims))
     if why and "columns" in why:
         return (why + ": the chunkwise forms apply one K x K transition to every column "
                 "(value) of the state")
@@ -58,7 +59,7 @@ def _check(form, probe, dims):
     values = probe.values
     S = probe.state_symbols[form.state]
     target = values[dict(form.cell.updates)[form.state]]
-    at = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
+    at = dims_text(dims)
     decay = None
     if form.log_decay is not None:
         log_decay = values[form.log_decay]
