@@ -2,6 +2,7 @@
 are not .rnn sources (never read, never echoed), byte-order marks and CR line endings."""
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -158,3 +159,25 @@ def test_an_index_no_size_can_hold_is_located():
         rcc.compile(source)
     assert "index 99999999999999999999 is out of range for an axis of size d" in e.value.message
     assert (e.value.line, e.value.col) == (4, 14) and "^^^^" in e.value.render()
+
+
+def _fn_chain(n, body="tanh(f{i}(a))"):
+    fns = "fn f0(a) = a\n" + "".join(f"fn f{i + 1}(a) = {body.format(i=i)}\n" for i in range(n))
+    return fns + f"cell C() {{\n    input x[4]\n    state h[4]\n    h' = f{n}(h) + x\n    output y = h'\n}}\n"
+
+
+def test_fn_chains_elaborate_or_get_a_located_error_at_once():
+    assert rcc.compile(_fn_chain(350), plan="sequential")() is not None
+    start = time.perf_counter()
+    with pytest.raises(rcc.CompileError, match="more than 64 nonlinear functions deep"):
+        rcc.compile(_fn_chain(350))  # plan auto: the analysis refuses before differentiating
+    with pytest.raises(rcc.CompileError, match="fn calls nest more than 512 deep") as deep:
+        rcc.compile(_fn_chain(600), plan="sequential")
+    assert len(deep.value.notes) <= 8  # the outermost calls and the innermost cause, not 600
+    with pytest.raises(rcc.CompileError, match="more than 16384 fn calls to inline") as wide:
+        rcc.compile(_fn_chain(18, "f{i}(a) + f{i}(a)"), plan="sequential")
+    assert wide.value.line == 23
+    with pytest.raises(rcc.CompileError, match="expression tree.*more than 1024 operations"):
+        rcc.compile("cell C() {\n    input x[4]\n    state h[4]\n    a = h\n"
+                    "    for j in 0..10 { a = sigmoid(a) * a }\n    h' = a + x\n    output y = h'\n}\n")
+    assert time.perf_counter() - start < 20  # each was a minute or more, or a RecursionError
