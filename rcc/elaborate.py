@@ -919,9 +919,11 @@ def _remember_general(cell: S.Cell, fns: dict, dims: dict, out: ir.CellIR) -> No
     sizes = literal_sizes(cell)
     if not sizes:
         return
-    general_cell, general_fns = generalize(cell, fns, sizes)
-    try:
-        general = elaborate(general_cell, general_fns, dims)
-    except (CompileError, NeedStatic):
-        return
-    remember(out, general)
+    for everywhere in (True, False):  # every literal equal to a size, else the shapes' only
+        general_cell, general_fns = generalize(cell, fns, sizes, everywhere)
+        try:
+            general = elaborate(general_cell, general_fns, dims)
+        except (CompileError, NeedStatic):
+            continue
+        if remember(out, general):
+            return

@@ -74,6 +74,9 @@ _RECURSION_LIMIT = 3000  # (8000 overflowed the C stack at 400 nested tanh)
 # says so at once rather than run for minutes
 MAX_NONLINEAR_DEPTH = 64
 MAX_TREE = 1024
+# its Jacobian is dense, n x n for n state elements at the probe sizes: a dim fixed at
+# generation (a loop count, RetNet's heads) keeps its value there
+MAX_PROBE_STATE = 1024
 # the ops that nest no nonlinear function (leaves, arithmetic, piecewise-linear, comparisons)
 _LINEAR = {"input", "param", "state", "const", "zeros", "ones", "eye", "slot", "pred", "neg",
            "add", "sub", "mul", "matmul", "outer", "sum", "mean", "concat", "stack", "getitem",
@@ -109,6 +112,15 @@ def _check_size(cell):
     roots = [v for _, v in cell.updates]
     if roots and max(depth[v] for v in roots) > MAX_NONLINEAR_DEPTH:
         raise _too_deep(cell, f": more than {MAX_NONLINEAR_DEPTH} nonlinear functions deep")
+    subs = {ir.dim_symbol(k): v for k, v in probe_dims(cell, 1).items()}
+    n = sum(int(sympy.prod([sympy.sympify(x).subs(subs) for x in d.shape])) for d in cell.states)
+    if n > MAX_PROBE_STATE:
+        fixed = ", ".join(f"{d.name}={d.static}" for d in cell.dims if d.static is not None)
+        raise CompileError(
+            f"cell '{cell.name}' has {n} state elements at the sizes rcc's analysis runs it at "
+            f"(more than {MAX_PROBE_STATE}; fixed at generation: {fixed or 'none'}): the analysis "
+            "differentiates the step element by element; plan 'sequential' needs no analysis: "
+            "rcc.compile(..., plan='sequential')", cell.span)
     if roots and max(tree[v] for v in roots) > MAX_TREE:
         raise _too_deep(cell, f": its expression tree, values used twice counted twice, has "
                               f"more than {MAX_TREE} operations")
@@ -133,10 +145,12 @@ def _analyze(written: ir.CellIR) -> Analysis:
     jacs = [_joint_jacobian(p, cell, states, updates) for p in probes]
     jac = jacs[0]
     # a derivative that is undefined (h / (h - h)) makes no parallel form exact: sequential only
-    undefined = any(e.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
+    # (most entries are sympy's one zero: skipped by identity, the Jacobian is n x n)
+    undefined = any(e is not sympy.S.Zero and e.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
                     for j in jacs for row in j for e in row)
-    affine = not undefined and all(not (e.free_symbols & set(_all_state_symbols(p, states)))
-                                   for p, j in zip(probes, jacs) for row in j for e in row)
+    state_symbols = [set(_all_state_symbols(p, states)) for p in probes]
+    affine = not undefined and all(e is sympy.S.Zero or not (e.free_symbols & symbols)
+                                   for symbols, j in zip(state_symbols, jacs) for row in j for e in row)
     kind = "affine" if affine else "nonlinear"
 
     read = {name: set() for name in states}

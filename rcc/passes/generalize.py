@@ -46,18 +46,25 @@ def literal_sizes(cell: S.Cell) -> list:
     return sorted(sizes)
 
 
-def generalize(cell: S.Cell, fns: dict, sizes: list):
-    """(cell, fns) with every integer literal in `sizes` replaced by its hidden dim; the hidden
-    dims are declared in increasing order of their values, so probe values keep that order."""
+def generalize(cell: S.Cell, fns: dict, sizes: list, everywhere: bool = True):
+    """(cell, fns) with every integer literal in `sizes` replaced by its hidden dim (with
+    `everywhere` False, only those in declared shapes: `64 ** -128` is no expression of dims);
+    the hidden dims are declared in increasing order of their values, so probe values keep that
+    order."""
     sizes = set(sizes)
 
-    def rewrite(node):
-        if isinstance(node, S.Num) and node.is_int and int(node.value) in sizes:
+    def rewrite(node, shape=False):
+        if isinstance(node, S.Num) and node.is_int and int(node.value) in sizes \
+                and (everywhere or shape):
             return S.Name(hidden_dim(int(node.value)), node.span)
+        if isinstance(node, S.DeclItem):
+            return dataclasses.replace(node, shape=rewrite(node.shape, True),
+                                       init=rewrite(node.init))
         if isinstance(node, tuple):
+            return tuple(rewrite(x, shape) for x in node)
             return tuple(rewrite(x) for x in node)
         if dataclasses.is_dataclass(node) and not isinstance(node, (type, Span)):
-            return dataclasses.replace(node, **{f.name: rewrite(getattr(node, f.name))
+            return dataclasses.replace(node, **{f.name: rewrite(getattr(node, f.name), shape)
                                                 for f in dataclasses.fields(node)})
         return node
 
@@ -121,21 +128,23 @@ def _key(cell: ir.CellIR):
             cell.params, cell.states, cell.nodes, cell.updates, cell.outputs)
 
 
-def remember(cell: ir.CellIR, general) -> None:
+def remember(cell: ir.CellIR, general) -> bool:
     """Record `general` as `cell`'s general form if it gives `cell` back and has probe sizes
-    (a constraint between hidden dims may have none: the analysis then probes `cell`)."""
+    (a constraint between hidden dims may have none: the analysis then probes `cell`); whether
+    it did."""
     from .probe import probe_dims
 
     if general is None or not instance_of(general, cell):
-        return
+        return False
     try:
         probe_dims(general, 0), probe_dims(general, 1)
     except CompileError:
-        return
+        return False
     _GENERAL[_key(cell)] = general
     _GENERAL.move_to_end(_key(cell))
     while len(_GENERAL) > _KEEP:
         _GENERAL.popitem(last=False)
+    return True
 
 
 def general_of(cell: ir.CellIR):
