@@ -113,18 +113,25 @@ def pick_cell(prog: Program, cell: str | None, filename: str) -> S.Cell:
     if cell is not None:
         if cell not in prog.cells:
             names = ", ".join(prog.cells) or "none"
-            where = next(iter(prog.cells.values())).span if prog.cells else _file_span(filename)
+            where = next(iter(prog.cells.values())).span if prog.cells else \
+                _file_span(filename, prog.texts.get(filename))
             raise CompileError(f"no cell named '{cell}' (cells: {names})", where)
         return prog.cells[cell]
     own = [c for c in prog.cells.values() if c.span.filename == filename]
     if len(own) == 1:
         return own[0]
     if not own:
-        raise CompileError("no cell defined in this file", _file_span(filename))
+        text = prog.texts.get(filename)
+        raise CompileError("no cell defined in this file" + ("" if (text or "").strip() else
+                                                             " (it is empty)"),
+                           _file_span(filename, text))
     raise CompileError(f"{len(own)} cells are defined ({', '.join(c.name for c in own)}); "
                        "choose one with cell=\"Name\" (or --cell Name)", own[1].span)
 
 
-def _file_span(filename):
+def _file_span(filename, text=None):
+    """The start of a file; with its text, its first line shown under the caret (an empty
+    file's empty line included)."""
     from .errors import Span
-    return Span(filename, 1, 1, 1, 2, "")
+    first = "" if text is None else (text.split("\n", 1)[0] or " ")
+    return Span(filename, 1, 1, 1, 2, first)

@@ -181,3 +181,26 @@ def test_fn_chains_elaborate_or_get_a_located_error_at_once():
         rcc.compile("cell C() {\n    input x[4]\n    state h[4]\n    a = h\n"
                     "    for j in 0..10 { a = sigmoid(a) * a }\n    h' = a + x\n    output y = h'\n}\n")
     assert time.perf_counter() - start < 20  # each was a minute or more, or a RecursionError
+
+
+@pytest.mark.parametrize("text,says", [("", "(it is empty)"), ("\n", "(it is empty)"),
+                                       ("# a comment\n", "# a comment")])
+def test_a_file_without_a_cell_is_reported_with_a_caret(text, says):
+    with pytest.raises(rcc.CompileError) as e:
+        rcc.compile(text)
+    lines = str(e.value).split("\n")
+    assert says in str(e.value) and lines[-1].strip() == "^" and (e.value.line, e.value.col) == (1, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("heads", [(), (2,)])
+def test_a_final_state_never_aliases_the_initial_state_passed_in(backend, heads):
+    src = "cell C(d) {\n    input x[d]\n    state h[d], c[d]\n    h' = h + x\n    output y = h'\n}\n"
+    m = rcc.compile(src, backend=backend)(d=3)
+    init = {"h": torch.zeros(1, *heads, 3), "c": torch.ones(1, *heads, 3)}
+    _, final = m(torch.randn(1, 4, *heads, 3), initial_state=init)
+    for name in ("h", "c"):  # c is never updated: its final value equals, but is not, the input
+        assert final[name].untyped_storage().data_ptr() != init[name].untyped_storage().data_ptr()
+    assert torch.equal(final["c"], init["c"])
+    final["c"].add_(1)
+    assert torch.equal(init["c"], torch.ones(1, *heads, 3))

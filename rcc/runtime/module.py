@@ -203,7 +203,9 @@ class CellModule(torch.nn.Module):
                 raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
                                  f"expects {list(want)}")
             s = s if s.dtype == like.dtype else s.to(like.dtype)
-            out.append(s.reshape(N, *decl) if heads else s)
+            # a view, never the caller's tensor itself: _result copies a final state that is a
+            # view (a state never updated), so the result does not alias the initial state
+            out.append(s.reshape(N, *decl) if heads else s.view_as(s))
         return out
 
     def _result(self, outputs, states, layout):
@@ -216,8 +218,12 @@ class CellModule(torch.nn.Module):
         outs = tuple(unflatten_seq(y) for y in outputs)
         # contiguous: a state never updated (or updated by a param expression) is still a
         # broadcast view of one value, which the caller could not write into
+        # a view (of the caller's initial state, of a step's slice) is copied: as a torch.nn.RNN
+        # user expects, writing into a final state never writes into what was passed in
+        owned = [s.clone(memory_format=torch.contiguous_format) if s._base is not None else s
+                 for s in states]
         final = {name: (s.reshape(B, *heads, *s.shape[1:]) if nh else s).contiguous()
-                 for name, s in zip(self.STATES, states)}
+                 for name, s in zip(self.STATES, owned)}
         return (outs[0] if len(outs) == 1 else outs), final
 
     def extra_repr(self) -> str:
