@@ -161,8 +161,8 @@ def campaign(cases: int, seed: int = 0) -> None:
             text = mutate(rng.choice(texts), rng)
             try:
                 out = check(text, workdir)
-            except AssertionError as e:
-                failures.append((i, str(e)[:300], text))
+            except Exception as e:  # noqa: BLE001 (a crash is a failure to count, not the end)
+                failures.append((i, f"{type(e).__name__}: {str(e)[:300]}", text))
                 continue
             for entry, (outcome, seconds) in out.items():
                 counts[(entry, outcome)] = counts.get((entry, outcome), 0) + 1

@@ -211,3 +211,12 @@ def test_cells_with_literal_sizes_have_the_legal_plans_of_their_dims_and_each_is
     written = _written_with_literals(src, dims)
     assert rcc.analyze(written).plans == rcc.analyze(src).plans, written
     _assert_plans_equal_sequential(written, {}, T, ())
+
+
+def test_a_scalar_broadcast_against_the_state_read_keeps_its_shape_when_the_state_is_zero():
+    """Found by the fuzz campaign: u = beta * (V - k @ S) at S = 0 is beta * V broadcast to [V],
+    not the scalar beta * V (the substitution kept `x - 0 = x` across a broadcast)."""
+    src = ("cell D(K, V) {\n    input q[K], k[K], v[V], beta\n    state S[K, V]\n"
+           "    S' = S + outer(k, beta * (V - k @ S))\n    output o = q @ S'\n}\n")
+    assert "chunk" in rcc.analyze(src).plans
+    _assert_plans_equal_sequential(src, {"K": 3, "V": 2}, 9, ())

@@ -194,9 +194,12 @@ class Linearizer:
         if op in ("add", "sub") and any(zero):
             if all(zero):
                 return ZERO
-            if zero[1]:
-                return args[0]
-            return args[1] if op == "add" else self.b.unary("neg", args[1], n.span)
+            kept = args[0] if zero[1] else args[1]
+            # x + 0 is x only where x has the sum's shape: a scalar plus zeros(d) is [d]
+            if tuple(self.node(kept).type.shape) == tuple(n.type.shape):
+                if zero[1]:
+                    return kept
+                return kept if op == "add" else self.b.unary("neg", kept, n.span)
         if op == "where" and zero[1] and zero[2]:
             return ZERO
         args = [self.materialize(a, i) for a, i in zip(args, n.args)]
