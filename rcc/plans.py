@@ -105,8 +105,11 @@ def scan_form(cell, analysis) -> ScanForm:
         coefficient = lin.tangent({leaf[name]: lin.one}, [nxt[name]])[nxt[name]]
         offset = lin.substitute(zeros, [nxt[name]])[nxt[name]]
         for v in (coefficient, offset):
-            if lin.depends_on(v, leaf.values()):  # the analysis said affine: a compiler bug
-                raise AssertionError(f"scan form of {name} still reads a state")
+            if lin.depends_on(v, leaf.values()):
+                # affine only through a simplification the IR does not make (h ** (x - x)):
+                # the analysis then leaves the scan out of the legal plans
+                raise NotScannable(f"the scan's form of state '{name}', read off the step, "
+                                   "still reads a state")
         states.append(AffineState(name, coefficient, offset))
     return ScanForm(cell.with_nodes(lin.nodes), tuple(states))
 
@@ -171,6 +174,10 @@ class MaxPlus:
     update: int
     a: int
     b: int
+
+
+class NotScannable(Exception):
+    """The affine step's scan form cannot be read off the IR (the analysis drops the scan)."""
 
 
 class NotChunkable(Exception):
@@ -322,6 +329,8 @@ def _scale_of(lin, v, k):
     """c with v = k * c (c a scalar node; the constant one where v is k), else None."""
     if v == k:
         return lin.one
+    if v == ZERO:  # no input term (z' = z / k): not decay * z + k c
+        return None
     n = lin.node(v)
     if n.op == "mul" and k in n.args:
         c = n.args[1] if n.args[0] == k else n.args[0]

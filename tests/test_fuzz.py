@@ -375,6 +375,13 @@ REGRESSIONS = {
     # a loop bound typo used to unroll for ever
     "long loop": (_cell("for j in 0..1000000000 {\n    x = x + 1\n}\noutput y = x"), "error"),
     "d ** big": (_cell("output y = x * d ** 1000000000"), "error"),
+    # found by the campaign (tests/fuzzing.py): a vector state beside the matrix with no input
+    # term crashed the folding (TypeError); a step affine only once h ** 0 simplifies was called
+    # scannable, and the scan's form, read off the IR, still read h (AssertionError)
+    "fold without input": ("cell L(K, V) {\n    input q[K], k[K], v[V]\n    state S[K, V], z[K]\n"
+                           "    S' = S + outer(k, v)\n    z' = z / k\n"
+                           "    output o = (q @ S') / (dot(q, z') + 16)\n}\n", "ok"),
+    "h ** 0": (_cell("state h[d]\nh' = h ** sqrt(-expm1(0 * x)) * x\noutput y = h'"), "ok"),
 }
 
 

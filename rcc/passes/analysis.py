@@ -14,7 +14,7 @@ DeltaNet is one Householder link, Gated DeltaNet a gate then one, DeltaProduct n
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
@@ -213,8 +213,23 @@ def _analyze(written: ir.CellIR) -> Analysis:
         structure = f"diagonal+rank-one(steps={len(form.steps)})"
         notes.append(f"each step applies {len(form.steps)} diagonal-plus-rank-one transition(s) "
                      "diag(e^g) + a b^T to the matrix state, then writes k u^T")
-    return Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
-                    tuple(notes), elementwise)
+    analysis = Analysis(cell.name, kind, structure, plans, tuple(facts), block or 0, n_hh, gated,
+                        tuple(notes), elementwise)
+    if "scan" in plans and not _scan_builds(written, analysis):
+        analysis = replace(analysis, plans=tuple(p for p in plans if p != "scan"), notes=(
+            *notes, "the step is affine only once its terms simplify (h ** 0): the scan's form, "
+                    "read off the step, still reads the state; plan scan does not apply"))
+    return analysis
+
+
+def _scan_builds(cell, analysis) -> bool:
+    from ..plans import NotScannable, scan_form
+
+    try:
+        scan_form(cell, analysis)
+    except NotScannable:
+        return False
+    return True
 
 
 def _all_state_symbols(probe, states) -> list:
