@@ -190,18 +190,18 @@ def chunk_form(cell) -> ChunkForm:
     IR's structure, then checked to reproduce the step exactly (rcc.passes.verify): a form that
     does not is refused, whatever the pattern matched. (Cached: the analysis, the cost model and
     the printer all ask; a refusal is not cached and is recomputed.)"""
+    # a cell with literal sizes: its form verified on the family it belongs to (a refusal is the
+    # family's, said at probe sizes; rcc.passes.generalize)
     general = general_of(cell)
-    if general is not None:  # verified on the family the cell belongs to (rcc.passes.generalize)
-        verified = chunk_form(general)
-        form = _structural_chunk_form(cell)
-        if instance_of(verified, form):
-            return form
+    verified = chunk_form(general) if general is not None else None
     try:
         form = _structural_chunk_form(cell)
     except NotChunkable as e:
         if len(cell.states) == 1 and len(cell.states[0].shape) >= 2 and cell.updates:
             raise NotChunkable(refusal(cell, cell.states[0].name, str(e))) from None
         raise
+    if verified is not None and instance_of(verified, form):
+        return form
     why = chunk_form_mismatch(form, cell)
     if why:
         raise NotChunkable(why)

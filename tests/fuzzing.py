@@ -25,7 +25,7 @@ STDLIB = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)
                                        "*.rnn")))
 BUDGET = 10.0  # seconds for one entry point on one case
 
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*'?|\d+\.\d+(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?"
+TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*'?|\d+\.\d+(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?"
                     r"|\*\*|//|\.\.|<=|>=|==|!=|\n|[ \t]+|#[^\n]*|\S")
 _BUILTINS = ["sigmoid", "tanh", "relu", "silu", "exp", "log", "softplus", "sqrt", "abs", "max",
              "min", "logaddexp", "where", "sum", "mean", "amax", "logsumexp", "softmax", "dot",
@@ -55,7 +55,7 @@ def mutate(text: str, rng: random.Random) -> str:
             else:
                 lines[i], lines[j] = lines[j], lines[i]
             continue
-        toks = _TOKEN.findall("\n".join(lines))
+        toks = TOKEN.findall("\n".join(lines))
         where = {
             "name": [k for k, t in enumerate(toks) if re.match(r"[A-Za-z_]", t)],
             "number": [k for k, t in enumerate(toks) if t[:1].isdigit()],
@@ -97,7 +97,7 @@ def _concrete(toks: list, rng: random.Random) -> list:
     dim = rng.choice(dims)
     kept = ", ".join(d for d in header.group(1).split(",") if d.split("=")[0].strip() != dim)
     body = re.sub(rf"\b{dim}\b", rng.choice(["3", "12", "64"]), text[header.end():])
-    return _TOKEN.findall(text[:header.start(1)] + kept.strip() + ")" + body)
+    return TOKEN.findall(text[:header.start(1)] + kept.strip() + ")" + body)
 
 
 def check(text: str, workdir: str) -> dict:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rcc
+from fuzzing import TOKEN
 from rcc import parser as rcc_parser
 
 FAST = settings(max_examples=200, deadline=None, derandomize=True,
@@ -96,8 +97,6 @@ TOKENS = [
     ".", ".T", "'", "#", "\"common.rnn\"", "axis=", " ",
 ]
 
-_TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*'?|\d+\.\d+(?:[eE][+-]?\d+)?|\d+(?:[eE][+-]?\d+)?"
-                       r"|\*\*|//|\.\.|<=|>=|==|!=|\n|[ \t]+|#[^\n]*|\S")
 _BUILTINS = ["sigmoid", "tanh", "relu", "silu", "gelu", "exp", "log", "log1p", "expm1", "softplus",
              "logsigmoid", "sqrt", "rsqrt", "abs", "sign", "sin", "cos", "max", "min", "logaddexp",
              "where", "sum", "mean", "amax", "logsumexp", "softmax", "dot", "outer", "l2norm",
@@ -108,7 +107,7 @@ _NUMBERS = ["0", "1", "-1", "2", "3", "0.0", "1e308", "1e-320", "999999999999999
 
 
 def tokens_of(text):
-    return _TOKEN_RE.findall(text)
+    return TOKEN.findall(text)
 
 
 def compile_or_error(text):

@@ -88,19 +88,22 @@ def analyze_ir(cell: ir.CellIR) -> Analysis:
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, _RECURSION_LIMIT))
     try:
-        _check_size(general_of(cell) or cell)
-        return _analyze(cell)
+        probed = general_of(cell) or cell  # literal sizes: the family (rcc.passes.generalize)
+        _check_size(probed)
+        return _analyze(cell, probed)
     except RecursionError:
         raise _too_deep(cell, "") from None
     finally:
         sys.setrecursionlimit(old)
 
 
+_NO_ANALYSIS = "plan 'sequential' needs no analysis: rcc.compile(..., plan='sequential')"
+
+
 def _too_deep(cell, why):
     return CompileError(
         f"cell '{cell.name}' nests its step too deeply for rcc's analysis (it differentiates "
-        f"the step symbolically{why}); plan 'sequential' needs no analysis: "
-        "rcc.compile(..., plan='sequential')", cell.span)
+        f"the step symbolically{why}); {_NO_ANALYSIS}", cell.span)
 
 
 def _check_size(cell):
@@ -119,17 +122,15 @@ def _check_size(cell):
         raise CompileError(
             f"cell '{cell.name}' has {n} state elements at the sizes rcc's analysis runs it at "
             f"(more than {MAX_PROBE_STATE}; fixed at generation: {fixed or 'none'}): the analysis "
-            "differentiates the step element by element; plan 'sequential' needs no analysis: "
-            "rcc.compile(..., plan='sequential')", cell.span)
+            f"differentiates the step element by element; {_NO_ANALYSIS}", cell.span)
     if roots and max(tree[v] for v in roots) > MAX_TREE:
         raise _too_deep(cell, f": its expression tree, values used twice counted twice, has "
                               f"more than {MAX_TREE} operations")
 
 
-def _analyze(written: ir.CellIR) -> Analysis:
-    # a cell with literal sizes is probed as its family (rcc.passes.generalize); the facts name
-    # states only, and report the shapes as written
-    cell = general_of(written) or written
+def _analyze(written: ir.CellIR, cell: ir.CellIR) -> Analysis:
+    # `cell` is what is probed: `written` itself, or its family; the facts name states only and
+    # report the shapes as written
     if cell.topology != "seq":
         raise NotImplementedError(
             f"the state-transition analysis covers cells over seq; cell '{cell.name}' runs over "

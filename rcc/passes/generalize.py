@@ -62,7 +62,6 @@ def generalize(cell: S.Cell, fns: dict, sizes: list, everywhere: bool = True):
                                        init=rewrite(node.init))
         if isinstance(node, tuple):
             return tuple(rewrite(x, shape) for x in node)
-            return tuple(rewrite(x) for x in node)
         if dataclasses.is_dataclass(node) and not isinstance(node, (type, Span)):
             return dataclasses.replace(node, **{f.name: rewrite(getattr(node, f.name), shape)
                                                 for f in dataclasses.fields(node)})

@@ -216,10 +216,9 @@ class CellModule(torch.nn.Module):
             return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1) if nh else y
 
         outs = tuple(unflatten_seq(y) for y in outputs)
-        # contiguous: a state never updated (or updated by a param expression) is still a
-        # broadcast view of one value, which the caller could not write into
-        # a view (of the caller's initial state, of a step's slice) is copied: as a torch.nn.RNN
-        # user expects, writing into a final state never writes into what was passed in
+        # a final state the caller can write into without writing into what was passed in (as
+        # with torch.nn.RNN): a view (of the initial state, of a step's slice) is copied, and a
+        # broadcast view of one value (a state never updated) made contiguous
         owned = [s.clone(memory_format=torch.contiguous_format) if s._base is not None else s
                  for s in states]
         final = {name: (s.reshape(B, *heads, *s.shape[1:]) if nh else s).contiguous()
