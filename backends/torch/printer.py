@@ -126,6 +126,8 @@ class TorchPrinter(ExprPrinter):
         for p in c.params:
             lines.append(f"        self.register_parameter({p.name!r}, "
                          f"torch.nn.Parameter(torch.empty({self._shape(p.shape)})))")
+        outs = [self._shape(self.cell.nodes[v].type.shape) for _, v, _ in c.outputs]
+        lines.append(f"        self.output_shapes = ({''.join(o + ', ' for o in outs).rstrip()})")
         lines.append("        return {  # declared shapes")
         for kind, decls in (("inputs", c.inputs), ("params", c.params), ("states", c.states)):
             items = [f"{d.name!r}: {self._shape(d.shape)}," for d in decls]
@@ -164,6 +166,8 @@ class TorchPrinter(ExprPrinter):
         first = seq[self.cell.inputs[0].name]
         lines = [
             "    def forward(self, *args, initial_state=None, **kwargs):",
+            "        if torch.compiler.is_compiling():  # one op: T is not unrolled (rcc.runtime.ops)",
+            "            return _rt.ops.call(self, args, kwargs, initial_state)",
             f"        {_tuple(seq.values())}, _layout = self._inputs(args, kwargs)",
             f"        _N, _T = {first}.shape[0], {first}.shape[1]",
             f"        _dtype, _device = {first}.dtype, {first}.device",

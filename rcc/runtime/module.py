@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..errors import CompileError, Span
+from . import ops
 from .cost import choose
 
 
@@ -85,8 +86,14 @@ class CellModule(torch.nn.Module):
     def __init__(self, *args, **kwargs):
         super().__init__()
         self.dims = self._bind_dims(args, kwargs)
+        self.output_shapes = ()  # each output's declared shape (set by _build)
         self.shapes = self._build(**self.dims)  # declares parameters, returns declared shapes
         self.reset_parameters()
+        self._op_key = ops.register(self)  # what torch.ops.rcc.cell finds this module by
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._op_key = ops.register(self)  # a copy is another module: it has its own key
 
     def _build(self, **dims) -> dict:
         raise NotImplementedError
@@ -169,13 +176,10 @@ class CellModule(torch.nn.Module):
                             f"call m.{cast}() to run the module in {x.dtype}, or pass "
                             f"{name}.to({p.dtype})")
 
-    def _initial_states(self, initial_state, layout, like, defaults):
-        """States as [N, *decl]: from `initial_state` ([B, *heads, *decl]; a dict by state name,
-        or one tensor when the cell has one state, flash-linear-attention's habit) or the
-        defaults (functions making each state's declared initial value, called only when
-        needed)."""
+    def _given_states(self, initial_state, layout) -> list:
+        """`initial_state` checked ([B, *heads, *decl]; a dict by state name, or one tensor when
+        the cell has one state, flash-linear-attention's habit): a tensor or None per state."""
         B, heads, _ = layout
-        N = like.shape[0]
         if isinstance(initial_state, torch.Tensor):
             if len(self.STATES) != 1:
                 raise TypeError(f"initial_state is one tensor but {self.CELL} has "
@@ -191,17 +195,28 @@ class CellModule(torch.nn.Module):
                 raise ValueError(f"initial_state has unknown state {name!r} "
                                  f"(states: {', '.join(self.STATES)})")
         out = []
-        for name, default in zip(self.STATES, defaults):
-            decl = self.shapes[name]
+        for name in self.STATES:
             s = given.get(name)
-            if s is None:
-                out.append(default().to(dtype=like.dtype, device=like.device).expand(N, *decl))
-                continue
-            want = (B, *heads, *decl)
-            if not isinstance(s, torch.Tensor) or s.shape != want:
+            want = (B, *heads, *self.shapes[name])
+            if s is not None and (not isinstance(s, torch.Tensor) or s.shape != want):
                 got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
                 raise ValueError(f"initial state {name!r} has shape {got} but {self.CELL} "
                                  f"expects {list(want)}")
+            out.append(s)
+        return out
+
+    def _initial_states(self, initial_state, layout, like, defaults):
+        """States as [N, *decl]: from `initial_state` (_given_states) or the defaults (functions
+        making each state's declared initial value, called only when needed)."""
+        heads = layout[1]
+        N = like.shape[0]
+        out = []
+        for name, s, default in zip(self.STATES, self._given_states(initial_state, layout),
+                                    defaults):
+            decl = self.shapes[name]
+            if s is None:
+                out.append(default().to(dtype=like.dtype, device=like.device).expand(N, *decl))
+                continue
             s = s if s.dtype == like.dtype else s.to(like.dtype)
             # a view, never the caller's tensor itself: _result copies a final state that is a
             # view (a state never updated), so the result does not alias the initial state
@@ -296,11 +311,12 @@ class AutoPlan:
     last_plan = None  # the plan the last call ran, and the estimates it chose from
     last_estimates = None
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, initial_state=None, **kwargs):
+        if torch.compiler.is_compiling():  # one op, the plan chosen inside it (rcc.runtime.ops)
+            return ops.call(self, args, kwargs, initial_state)
         # the inputs checked before the cost model reads their sizes (a missing input or T=0
         # is the same clear error as on any plan)
-        inputs = {k: v for k, v in kwargs.items() if k != "initial_state"}
-        (x, *_), (B, heads, T) = self._inputs(args, inputs)
+        (x, *_), (B, heads, T) = self._inputs(args, kwargs)
         N = B * math.prod(heads)
         facts = {}
         for plan, f in self.PLAN_FACTS.items():
@@ -310,4 +326,5 @@ class AutoPlan:
                 f["key"], f["value"] = self.shapes[f["matrix_state"]][-2:]
             facts[plan] = f
         self.last_plan, self.last_estimates = choose(self.PLAN_FACTS, facts, x.device.type, T, N)
-        return self.PLAN_CLASSES[self.last_plan].forward(self, *args, **kwargs)
+        return self.PLAN_CLASSES[self.last_plan].forward(self, *args, initial_state=initial_state,
+                                                          **kwargs)

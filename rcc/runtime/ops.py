@@ -1,0 +1,152 @@
+"""A cell module as one torch op (`torch.ops.rcc.cell`), for torch.compile and torch.export.
+
+Traced by Dynamo, a cell's forward would be unrolled over T (plan sequential: a recompile for
+every new length) or broken where its Python chooses (plan auto's cost model, a C++ kernel's
+ctypes call). So under compilation the module calls one custom op instead: its fake
+implementation gives the results' shapes from the inputs' (symbolic T and B: no recompile),
+its real one runs the module's own eager forward (any plan, any backend), and its backward op
+runs that forward again with gradients and differentiates it. The compiled graph thus holds the
+cell as flash-attention's kernels are held: opaque, with a forward and a backward, recomputing
+the cell's activations in the backward instead of keeping them (as activation checkpointing
+does).
+
+Modules are found by a key (`register`) that the traced graph holds as a constant: an op in a
+graph or an exported program runs in the process whose module it was traced from.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# The dispatcher's thread-local key sets outside any op, taken when rcc.runtime is imported: an
+# op's implementation runs with autograd's keys excluded, and the backward op must record a graph
+# of its forward again to differentiate it (the sets restored, not written out: private API).
+_OUTSIDE_OPS = (torch._C._dispatch_tls_local_include_set(),
+                torch._C._dispatch_tls_local_exclude_set())
+_MODULES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+_COUNT = itertools.count()
+
+
+def register(module) -> str:
+    """A key naming `module` in this process (each instance, copies included, has its own:
+    non-parameter settings such as Newton's tolerance may differ)."""
+    key = f"{type(module).CELL}#{next(_COUNT)}"
+    _MODULES[key] = module
+    return key
+
+
+def _module(key: str):
+    found = _MODULES.get(key)
+    if found is None:
+        raise RuntimeError(f"rcc op: module {key!r} does not exist in this process (a graph or "
+                           f"exported program holding an rcc cell runs where its module lives)")
+    return found
+
+
+def _run(module, inputs, params, given, states):
+    """The module's eager forward on these tensors as its inputs, params and initial states
+    (`given`: the states' names, comma-separated): (outputs, final states), each a list in the
+    class's order."""
+    given = dict(zip(given.split(",") if given else (), states))
+    named = dict(zip(module._parameters, params))
+    out, final = torch.func.functional_call(module, named, tuple(inputs),
+                                            {"initial_state": given or None})
+    outs = list(out) if isinstance(out, tuple) else [out]
+    return outs, [final[s] for s in module.STATES]
+
+
+def _owned(results, inputs):
+    """Results contiguous (as the fake implementation makes them) that alias no input and no
+    other result (a custom op's contract): a value passed through, or one output equal to
+    another, is copied."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    out = []
+    for r in results:
+        r = r.contiguous()
+        ptr = r.untyped_storage().data_ptr()
+        if ptr in seen:
+            r = r.clone()
+            ptr = r.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out.append(r)
+    return out
+
+
+@torch.library.custom_op("rcc::cell", mutates_args=())
+def cell(key: str, inputs: list[Tensor], params: list[Tensor], given: str,
+         states: list[Tensor]) -> list[Tensor]:
+    """A cell module's forward: its outputs, then its final states."""
+    outs, finals = _run(_module(key), inputs, params, given, states)
+    return _owned(outs + finals, [*inputs, *params, *states])
+
+
+@cell.register_fake
+def _cell_fake(key, inputs, params, given, states):
+    module = _module(key)
+    x = inputs[0]
+    B, T = x.shape[0], x.shape[1]
+    heads = x.shape[2:x.dim() - len(module.shapes[module.INPUTS[0]])]
+    outs = [x.new_empty((B, T, *heads, *shape)) for shape in module.output_shapes]
+    finals = [x.new_empty((B, *heads, *module.shapes[s])) for s in module.STATES]
+    return outs + finals
+
+
+@torch.library.custom_op("rcc::cell_backward", mutates_args=())
+def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: str,
+                  states: list[Tensor], grads: list[Optional[Tensor]]) -> list[Tensor]:
+    """The gradients of `cell`'s results (weighted by `grads`, None for a result not used)
+    with respect to its inputs, params and given states, in that order: the forward is run
+    again with gradients."""
+    leaves = [t.detach().requires_grad_() for t in (*inputs, *params, *states)]
+    n_in, n_par = len(inputs), len(params)
+    with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPS), torch.enable_grad():
+        outs, finals = _run(_module(key), leaves[:n_in], leaves[n_in:n_in + n_par], given,
+                            leaves[n_in + n_par:])
+        pairs = [(r, g) for r, g in zip(outs + finals, grads) if g is not None and r.requires_grad]
+        found = torch.autograd.grad([r for r, _ in pairs], leaves, [g for _, g in pairs],
+                                    allow_unused=True) if pairs else [None] * len(leaves)
+    # laid out as the fake implementation says (empty_like: the strides of what they are for)
+    return [torch.zeros_like(t) if g is None else
+            g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+            for t, g in zip(leaves, found)]
+
+
+@cell_backward.register_fake
+def _cell_backward_fake(key, inputs, params, given, states, grads):
+    return [torch.empty_like(t) for t in (*inputs, *params, *states)]
+
+
+def _setup(ctx, inputs, output):
+    key, ins, params, given, states = inputs
+    ctx.key, ctx.given, ctx.counts = key, given, (len(ins), len(params))
+    ctx.save_for_backward(*ins, *params, *states)
+
+
+def _backward(ctx, grads):
+    n_in, n_par = ctx.counts
+    saved = list(ctx.saved_tensors)
+    found = cell_backward(ctx.key, saved[:n_in], saved[n_in:n_in + n_par], ctx.given,
+                          saved[n_in + n_par:], list(grads))
+    return None, found[:n_in], found[n_in:n_in + n_par], None, found[n_in + n_par:]
+
+
+cell.register_autograd(_backward, setup_context=_setup)
+
+
+def call(module, args, kwargs, initial_state):
+    """`module(*args, initial_state=..., **kwargs)` as the op (what a generated forward runs
+    under torch.compile): the call checked as in eager, results returned as in eager."""
+    _, layout = module._inputs(args, kwargs)  # the same checks and errors as eager
+    given = module._bind_inputs(args, kwargs)
+    states = {n: s for n, s in zip(module.STATES, module._given_states(initial_state, layout))
+              if s is not None}
+    results = torch.ops.rcc.cell(module._op_key, [given[n] for n in module.INPUTS],
+                                 list(module._parameters.values()), ",".join(states),
+                                 list(states.values()))
+    n = len(module.OUTPUTS)
+    outs = results[:n]
+    return (outs[0] if n == 1 else tuple(outs)), dict(zip(module.STATES, results[n:]))
