@@ -106,7 +106,7 @@ class FusedLoopPrinter:
         states = [self.decl_names[s.name] for s in c.states]
         lines += self._run_call(_tuple(args), _tuple(consts), _tuple(states), _tuple(shapes),
                                 self.built_for["run"])
-        lines.append("        return self._result(_outs, _finals, _layout)")
+        lines.append("        return self._result(_outs, _finals, _layout, output_final_state)")
         return lines
 
     def _run_call(self, args, consts, states, shapes, built_for) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import frontend
 from .elaborate import NeedStatic, elaborate
-from .errors import CompileError
+from .errors import CompileError, require_triton
 from .passes import run_pipeline
 from .runtime.loader import auto_class, class_for_code
 
@@ -32,6 +32,7 @@ def _check_choice(backend, plan):
                 f"{plan!r} runs on backend='torch'")
         return backend, "sequential"
     if backend == "triton":
+        require_triton()
         if plan not in ("auto",) + TRITON_PLANS:
             raise NotImplementedError(
                 f"backend 'triton' has no kernels for plan {plan!r} yet (it runs "

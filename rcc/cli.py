@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     except (NotImplementedError, ValueError, RuntimeError) as e:  # the analysis' or a backend's refusal
         print(f"rcc: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional package the command needs (triton)
+        print(f"rcc: error: {e}", file=sys.stderr)
+        return 2
     except MemoryError:
         print(f"rcc: error: out of memory compiling {args.file}: the analysis evaluates the step "
               "element by element at literal sizes; give a large size as a dim, or use --plan sequential",

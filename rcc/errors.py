@@ -68,3 +68,17 @@ def _format_one(kind: str, message: str, span: Span | None) -> str:
 
 
 _EXCERPT = 100  # longest source excerpt shown under an error
+
+
+# backend triton without the triton package (an optional dependency: it has Linux wheels only)
+NO_TRITON = ("backend 'triton' needs the triton package, which rcc installs only on request: "
+             "pip install 'rcc[triton]' (Linux; or pip install triton). Backends 'torch' and "
+             "'cpp' run without it.")
+
+
+def require_triton():
+    """Import triton, or raise an ImportError saying how to install it."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(NO_TRITON) from e

@@ -42,3 +42,25 @@ def test_autocast_is_not_refused():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = m(torch.randn(2, 5, 3, dtype=torch.bfloat16))
     assert y.shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("cell, dims, backend, plan", [
+    ("lstm.rnn", dict(d_in=3, d=4), "torch", "sequential"),
+    ("lstm.rnn", dict(d_in=3, d=4), "torch", "auto"),
+    ("lstm.rnn", dict(d_in=3, d=4), "cpp", "sequential"),
+    ("gla.rnn", dict(K=3, V=2), "torch", "chunk"),
+    ("gla.rnn", dict(K=3, V=2), "torch", "scan"),
+    ("pararnn_gru.rnn", dict(d_in=3, d=4), "torch", "newton"),
+    ("mdrnn.rnn", dict(d_in=3, d=4), "torch", "sequential"),
+    ("mdrnn.rnn", dict(d_in=3, d=4), "cpp", "sequential"),
+])
+def test_output_final_state_false_returns_none(cell, dims, backend, plan):
+    """flash-linear-attention's `output_final_state`: False returns (outputs, None)."""
+    m = rcc.compile(stdlib(cell), backend=backend, plan=plan)(**dims)
+    grid = "grid2d" in open(stdlib(cell)).read()
+    xs = [torch.randn(2, *((3, 4) if grid else (5,)), *((2,) if "K" in dims else ()),
+                      *m.shapes[n]) for n in m.INPUTS]
+    y, final = m(*xs)
+    y_only, none = m(*xs, output_final_state=False)
+    assert none is None and final
+    torch.testing.assert_close(y_only, y)

@@ -42,7 +42,9 @@ def test_rcc_runs_from_the_wheel_outside_the_tree(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     script = (
-        "import sys, torch, rcc\n"
+        "import sys\n"
+        "sys.modules['triton'] = None  # as where triton does not install (macOS): import fails\n"
+        "import torch, rcc\n"
         f"assert rcc.__file__.startswith({str(site)!r}), rcc.__file__\n"
         "from rcc.cli import main\n"
         "from importlib.resources import files\n"
@@ -62,3 +64,39 @@ def test_rcc_runs_from_the_wheel_outside_the_tree(wheel, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok (2, 5, 3)" in done.stdout
     assert (tmp_path / "gla_out.py").exists()
+
+
+def test_triton_is_an_extra(wheel):
+    """triton (Linux wheels only) is required by the `triton` extra, not by rcc itself."""
+    meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("METADATA"))
+    requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert any("torch" in r for r in requires)
+    for r in requires:
+        if "triton" in r:
+            assert "extra ==" in r, r
+
+
+NO_TRITON = ("import sys\n"
+             "sys.modules['triton'] = None  # triton not installed\n")
+
+
+def test_backend_triton_without_triton_names_the_extra(tmp_path):
+    script = NO_TRITON + (
+        "import rcc\n"
+        f"path = {str(ROOT / 'stdlib' / 'lstm.rnn')!r}\n"
+        "rcc.compile(path, backend='cpp')  # the other backends do not need it\n"
+        "try:\n"
+        "    rcc.compile(path, backend='triton')\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "from rcc.cli import main\n"
+        "print('exit', main(['precompile', path, '--dims', 'd_in=4', 'd=8', '--arch', 'sm_90']))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: backend 'triton' needs the triton package" in done.stdout
+    assert "pip install 'rcc[triton]'" in done.stdout
+    assert "exit 2" in done.stdout
+    assert "rcc: error: backend 'triton' needs the triton package" in done.stderr
+    assert "Traceback" not in done.stderr

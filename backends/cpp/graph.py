@@ -425,7 +425,7 @@ class CppGraphPrinter(CppKernelMethods, FusedLoopPrinter, GraphPrinter):
             f"            {_tuple(self._ref(i) for i in part.const)},",
             f"            {_tuple(states)}, {_tuple(shapes)}, on_edges={_tuple(on_edges)},",
             f"            built_for={built_for})",
-            "        return self._graph_result(_outs, _finals, _layout, _g)",
+            "        return self._graph_result(_outs, _finals, _layout, _g, output_final_state)",
         ]
         return lines
 

@@ -73,7 +73,7 @@ class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
             f"                {_tuple(consts)},",
             f"                {_tuple(states)}, {_tuple(shapes)},",
             f"                {self.built_for['whole']})",
-            "            return self._result(_outs, _finals, _layout)",
+            "            return self._result(_outs, _finals, _layout, output_final_state)",
         ]
 
     def _run_call(self, args, consts, states, shapes, built_for):

@@ -107,7 +107,8 @@ class GraphPrinter(TorchPrinter):
         first = self.decl_names[self.cell.inputs[0].name]
         checks = self._slot_checks()  # before the prelude: it binds the dims they name
         lines = [
-            "    def forward(self, *args, edge_index=None, initial_state=None, **kwargs):",
+            ("    def forward(self, *args, edge_index=None, initial_state=None, output_final_state=True, "
+             "**kwargs):"),
             f"        {_tuple(self.decl_names[d.name] for d in self.cell.inputs)}, _layout, _g = "
             "self._graph_inputs(args, kwargs, edge_index)",
             "        _NB = _g.nb  # batch times heads; every value is [rows * _NB, ...]",
@@ -144,7 +145,8 @@ class GraphPrinter(TorchPrinter):
             lines.append(f"            _g.write({self.decl_names[s]}, {rows}, {self._batched_ref(v)})")
         self.at = None
         outs = _tuple(f"_g.outputs({v})" for v in out_levels.values())
-        lines.append(f"        return self._graph_result({outs}, {_tuple(states)}, _layout, _g)")
+        lines.append(f"        return self._graph_result({outs}, {_tuple(states)}, _layout, _g, "
+                     "output_final_state)")
         return lines
 
 

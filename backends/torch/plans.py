@@ -78,7 +78,8 @@ class PlanPrinter(TorchPrinter):
             lines += ["        " + s for s in out]
         outs = [f"_rt.batch_major({text}, _T)" for text in self._output_refs()]
         states = [finals.get(s.name, self.decl_names[s.name]) for s in c.states]
-        lines.append(f"        return self._result({_tuple(outs)}, {_tuple(states)}, _layout)")
+        lines.append(f"        return self._result({_tuple(outs)}, {_tuple(states)}, _layout, "
+                     "output_final_state)")
         return lines
 
     def _solve(self, lines) -> dict:

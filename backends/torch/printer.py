@@ -165,9 +165,9 @@ class TorchPrinter(ExprPrinter):
         """forward() up to the values computed once: inputs, dims, params, initial states."""
         first = seq[self.cell.inputs[0].name]
         lines = [
-            "    def forward(self, *args, initial_state=None, **kwargs):",
+            "    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):",
             "        if torch.compiler.is_compiling():  # one op: T is not unrolled (rcc.runtime.ops)",
-            "            return _rt.ops.call(self, args, kwargs, initial_state)",
+            "            return _rt.ops.call(self, args, kwargs, initial_state, output_final_state)",
             f"        {_tuple(seq.values())}, _layout = self._inputs(args, kwargs)",
             f"        _N, _T = {first}.shape[0], {first}.shape[1]",
             f"        _dtype, _device = {first}.dtype, {first}.device",
@@ -237,13 +237,14 @@ class TorchPrinter(ExprPrinter):
                 lines += [f"                {v},  # {s}" for s, v in zip(updates, values)]
                 lines.append("            )")
         outs = [f"torch.stack({out_steps[n]}, 1)," for n, _, _ in c.outputs]
-        line = f"        return self._result({_tuple(o[:-1] for o in outs)}, {_tuple(states)}, _layout)"
+        line = (f"        return self._result({_tuple(o[:-1] for o in outs)}, {_tuple(states)}, "
+                "_layout, output_final_state)")
         if len(line) <= 110:
             lines.append(line)
         else:
             lines += ["        return self._result((  # outputs [N, T, ...]",
                       *_fill(outs, "            "),
-                      f"        ), {_tuple(states)}, _layout)"]
+                      f"        ), {_tuple(states)}, _layout, output_final_state)"]
         return lines
 
     def _seq_values(self, statements, seq, lines, time_major=True):

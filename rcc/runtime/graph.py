@@ -398,10 +398,10 @@ class GraphCellModule(CellModule):
                                  f"{out[0].device}")
         return out, layout, GraphRun(schedule, B * math.prod(heads))
 
-    def _graph_result(self, outputs, states, layout, run):
+    def _graph_result(self, outputs, states, layout, run, output_final_state=True):
         """Outputs [N * NB, *o] -> [B, *nodes, *heads, *o]; node states likewise; edge states
         [B, E, *heads, *decl] (dag) or [B, X, Y, 2, *heads, *decl] (grid2d: the edges to (i+1, j)
-        and (i, j+1))."""
+        and (i, j+1)); None for the final states where `output_final_state` is False."""
         B, heads, nodes = layout
 
         def unflatten(v, lead):  # [R, NB, *o] -> [B, *lead, *heads, *o]
@@ -411,6 +411,8 @@ class GraphCellModule(CellModule):
 
         outs = tuple(unflatten(y.unflatten(0, (-1, B * math.prod(heads))), nodes)
                      for y in outputs)
+        if not output_final_state:
+            return (outs[0] if len(outs) == 1 else outs), None
         final = {}
         for name, store in zip(self.STATES, states):
             # a Store, or (backend cpp) every node's state already, [nodes, NB, *decl]

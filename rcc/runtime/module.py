@@ -223,7 +223,9 @@ class CellModule(torch.nn.Module):
             out.append(s.reshape(N, *decl) if heads else s.view_as(s))
         return out
 
-    def _result(self, outputs, states, layout):
+    def _result(self, outputs, states, layout, output_final_state=True):
+        """(outputs [B, T, *heads, *o], one tensor or a tuple; final states {name: [B, *heads,
+        *decl]}, or None where `output_final_state` is False, as flash-linear-attention's)."""
         B, heads, T = layout
         nh = len(heads)
 
@@ -231,6 +233,8 @@ class CellModule(torch.nn.Module):
             return y.reshape(B, *heads, T, *y.shape[2:]).movedim(1 + nh, 1) if nh else y
 
         outs = tuple(unflatten_seq(y) for y in outputs)
+        if not output_final_state:
+            return (outs[0] if len(outs) == 1 else outs), None
         # a final state the caller can write into without writing into what was passed in (as
         # with torch.nn.RNN): a view (of the initial state, of a step's slice) is copied, and a
         # broadcast view of one value (a state never updated) made contiguous
@@ -311,9 +315,9 @@ class AutoPlan:
     last_plan = None  # the plan the last call ran, and the estimates it chose from
     last_estimates = None
 
-    def forward(self, *args, initial_state=None, **kwargs):
+    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):
         if torch.compiler.is_compiling():  # one op, the plan chosen inside it (rcc.runtime.ops)
-            return ops.call(self, args, kwargs, initial_state)
+            return ops.call(self, args, kwargs, initial_state, output_final_state)
         # the inputs checked before the cost model reads their sizes (a missing input or T=0
         # is the same clear error as on any plan)
         (x, *_), (B, heads, T) = self._inputs(args, kwargs)
@@ -326,5 +330,6 @@ class AutoPlan:
                 f["key"], f["value"] = self.shapes[f["matrix_state"]][-2:]
             facts[plan] = f
         self.last_plan, self.last_estimates = choose(self.PLAN_FACTS, facts, x.device.type, T, N)
-        return self.PLAN_CLASSES[self.last_plan].forward(self, *args, initial_state=initial_state,
-                                                          **kwargs)
+        return self.PLAN_CLASSES[self.last_plan].forward(
+            self, *args, initial_state=initial_state, output_final_state=output_final_state,
+            **kwargs)

@@ -137,7 +137,7 @@ def _backward(ctx, grads):
 cell.register_autograd(_backward, setup_context=_setup)
 
 
-def call(module, args, kwargs, initial_state):
+def call(module, args, kwargs, initial_state, output_final_state=True):
     """`module(*args, initial_state=..., **kwargs)` as the op (what a generated forward runs
     under torch.compile): the call checked as in eager, results returned as in eager."""
     _, layout = module._inputs(args, kwargs)  # the same checks and errors as eager
@@ -149,4 +149,5 @@ def call(module, args, kwargs, initial_state):
                                  list(states.values()))
     n = len(module.OUTPUTS)
     outs = results[:n]
-    return (outs[0] if n == 1 else tuple(outs)), dict(zip(module.STATES, results[n:]))
+    final = dict(zip(module.STATES, results[n:])) if output_final_state else None
+    return (outs[0] if n == 1 else tuple(outs)), final

@@ -6,6 +6,10 @@ the linear and block scans (plans scan and newton); chunk_gla.py: chunkwise gate
 attention, chunk_delta.py: the gated delta rule / DeltaProduct, dplr.py: diagonal-plus-
 rank-one steps (plan chunk); grid.py: pLSTM's 2D parallel form (plan chunk over grid2d).
 """
+from ...errors import require_triton
+
+require_triton()  # a clear error naming the extra, before the kernels' own `import triton`
+
 from .chunk_delta import chunk_delta_rule
 from .dplr import chunk_dplr
 from .chunk_gla import chunk_linear_attention
