@@ -10,8 +10,9 @@ from .layout import batch_major, every_step, from_chunks, previous_steps, time_m
 from .newton import newton_solve
 from .scan import block_scan, linear_scan
 
-__all__ = ["cpp", "ops", "CellModule", "GraphCellModule", "from_torch", "init_const", "init_default", "init_eye", "init_normal",
-           "init_orthogonal", "init_uniform", "init_xavier", "span", "batch_major",
+__all__ = ["cpp", "ops", "CellModule", "GraphCellModule", "from_torch", "init_const",
+           "init_default", "init_eye", "init_normal", "init_orthogonal", "init_uniform",
+           "init_xavier", "span", "batch_major",
            "every_step", "previous_steps", "time_major", "block_scan", "linear_scan",
            "chunk_delta_rule", "chunk_linear_attention", "chunk_dplr", "maxplus_scan",
            "from_chunks", "to_chunks", "newton_solve"]
