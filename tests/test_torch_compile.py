@@ -138,7 +138,8 @@ def test_export_with_a_dynamic_length_and_batch(backend):
     program = torch.export.export(model, tuple(inputs(model, 2, 9, ())),
                                   dynamic_shapes=(({0: B, 1: T},),))
     ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert torch.ops.rcc.cell.default in ops
+    assert (torch.ops.rcc.cell.default if backend == "torch" else torch.ops.rcc.cpp_loop.default
+            ) in ops
     for B, T in SIZES:
         xs = inputs(model, B, T, ())
         torch.testing.assert_close(program.module()(*xs), model(*xs), rtol=1e-12, atol=1e-12)
@@ -171,3 +172,39 @@ def test_each_copy_is_its_own_op_key_and_compiles():
     for m in (model, twin):
         compiled = torch.compile(m, backend="aot_eager", dynamic=True, fullgraph=True)
         assert_close(loss_and_grads(compiled, m, xs), loss_and_grads(m, m, xs))
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_on_the_cpp_loop_ops(save):
+    """Backend cpp's loop is its own op (its forward traced around it): checked with the LSTM's
+    loop as its generated module calls it."""
+    cell = build("lstm.rnn", dict(d_in=4, d=5), "cpp", "sequential").cell
+    N, T, d = 3, 7, 5
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(N, T, 4 * d, generator=g, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
+              for _ in range(2)]
+    tensors = [v, cell.weight_hh, cell.bias_ih, cell.bias_hh, *states]
+    key = cell._kernel().key
+    if not save:  # a loop run without saving its states has no backward (rcc.runtime.cpp.run)
+        tensors = [t.detach() for t in tensors]
+    torch.library.opcheck(torch.ops.rcc.cpp_loop.default,
+                          (key, "forward", T, N, 1, 3, [d], save, tensors))
+    if save:
+        results = torch.ops.rcc.cpp_loop(key, "forward", T, N, 1, 3, [d], True,
+                                         [t.detach() for t in tensors])
+        grads = [torch.randn(N, T, d, dtype=torch.float64), None, torch.ones(N, d,
+                                                                             dtype=torch.float64)]
+        torch.library.opcheck(torch.ops.rcc.cpp_loop_backward.default,
+                              (key, T, N, 1, 3, [d], [t.detach() for t in tensors],
+                               results[3:], grads))
+
+
+def test_cpp_loop_is_an_op_in_the_graph():
+    model = build("lstm.rnn", dict(d_in=4, d=5), "cpp", "sequential")
+    T, B = torch.export.Dim("T", min=2, max=1 << 16), torch.export.Dim("B", min=2, max=1024)
+    program = torch.export.export(model, tuple(inputs(model, 2, 9, ())),
+                                  dynamic_shapes=(({0: B, 1: T},),))
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.rcc.cpp_loop.default in ops  # the projections before it are traced
+    assert torch.ops.aten.linear.default in ops

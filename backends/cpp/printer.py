@@ -42,6 +42,7 @@ class CppKernelMethods:
 class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
     backend = "cpp"
     needs = "torch and rcc.runtime only (and a C++ compiler)"
+    module_as_op = False  # its loop is an op under torch.compile (rcc.runtime.ops.cpp_loop)
 
     def __init__(self, cell: ir.CellIR, source_name: str = ""):
         super().__init__(cell, source_name, "sequential")
@@ -65,7 +66,7 @@ class CppPrinter(CppKernelMethods, FusedLoopPrinter, TorchPrinter):
         states = [self.decl_names[s.name] for s in c.states]
         shapes = [self._shape(c.node(v).type.shape) for _, v, _ in c.outputs]
         return [
-            "        if _N * _T <= _rt.cpp.FEW_ROWS and not torch.is_grad_enabled():",
+            "        if _rt.cpp.few_rows(_N, _T):",
             "            # a few rows without gradients (decoding): one call computes everything,",
             "            # the projections of the inputs too (a GEMM would cost more than it saves)",
             "            _outs, _finals = _rt.cpp.whole_steps(self._kernel(), _T, _N,",

@@ -22,6 +22,9 @@ class TorchPrinter(ExprPrinter):
     imports = ()  # lines before `from rcc import runtime`
     runtime_imports = ()  # and after it
     base_class = "_rt.CellModule"
+    # under torch.compile the whole module is one op (rcc.runtime.ops.cell); a backend whose
+    # kernels are ops themselves (cpp) lets Dynamo trace its forward instead
+    module_as_op = True
 
     def __init__(self, cell: ir.CellIR, source_name: str = "", plan: str = "sequential"):
         self.cell = cell
@@ -164,10 +167,12 @@ class TorchPrinter(ExprPrinter):
     def _forward_head(self, body, seq):
         """forward() up to the values computed once: inputs, dims, params, initial states."""
         first = seq[self.cell.inputs[0].name]
-        lines = [
-            "    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):",
-            "        if torch.compiler.is_compiling():  # one op: T is not unrolled (rcc.runtime.ops)",
-            "            return _rt.ops.call(self, args, kwargs, initial_state, output_final_state)",
+        lines = ["    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):"]
+        if self.module_as_op:
+            lines += [
+                "        if torch.compiler.is_compiling():  # one op: T is not unrolled (rcc.runtime.ops)",
+                "            return _rt.ops.call(self, args, kwargs, initial_state, output_final_state)"]
+        lines += [
             f"        {_tuple(seq.values())}, _layout = self._inputs(args, kwargs)",
             f"        _N, _T = {first}.shape[0], {first}.shape[1]",
             f"        _dtype, _device = {first}.dtype, {first}.device",

@@ -27,6 +27,7 @@ from .layout import check_built_for, rows
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 _BY_SOURCE: dict = {}  # (source, dims) -> Kernel, for this process
+_BY_KEY: dict = {}  # Kernel.key -> Kernel: what rcc.runtime.ops' cpp_loop op is given
 _REAL = {torch.float32: "float", torch.float64: "double"}
 _POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "L"  # array typecode of a pointer
 _IDENTITY: dict = {}  # compiler -> what makes its output differ (version, this CPU)
@@ -82,6 +83,8 @@ class Kernel:
 
     def __init__(self, text: str):
         self.text = text
+        self.key = hashlib.sha256(text.encode()).hexdigest()[:24]
+        _BY_KEY[self.key] = self
         self.paths = {}  # (direction, dtype) -> shared object
         self._fns = {}  # (direction, dtype) -> C function
         self._libs = []  # keeps the libraries loaded
@@ -204,6 +207,16 @@ def _compile(cxx, text, key, path, directory):
             os.remove(tmp)
 
 
+def by_key(key: str) -> Kernel:
+    return _BY_KEY[key]
+
+
+def few_rows(N, T) -> bool:
+    """Whether a call runs the whole-step entry point (decoding: a few rows, no gradients).
+    Never under torch.compile: the size test would be a guard, a recompile where it flips."""
+    return not torch.compiler.is_compiling() and N * T <= FEW_ROWS and not torch.is_grad_enabled()
+
+
 def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes, built_for):
     """Run the loop over time. seq: tensors [N, T, *shape] (any strides); consts: tensors;
     states: initial states [N, *shape]; out_shapes: each output's declared shape; built_for:
@@ -212,7 +225,13 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes, built_for
     tensors = (*seq, *consts, *states)
     check_built_for("backend 'cpp'", N * T, N, tensors, built_for)
     meta = (kern, T, N, len(seq), len(consts), out_shapes)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():  # the loop as an op with its backward (rcc.runtime.ops)
+        results = torch.ops.rcc.cpp_loop(kern.key, "forward", T, N, len(seq), len(consts),
+                                         [math.prod(s) for s in out_shapes], grad, list(tensors))
+        outs = [y.view(N, T, *s) for y, s in zip(results, out_shapes)]
+        return outs, list(results[len(out_shapes):len(out_shapes) + len(states)])
+    if grad:
         results = _Loop.apply(meta, *tensors)
     else:  # no graph to record: skip autograd.Function's bookkeeping (one-step latency)
         results = _forward(meta, tensors, save=False)[0]
@@ -221,7 +240,7 @@ def run(kern: Kernel, T: int, N: int, seq, consts, states, out_shapes, built_for
 
 def whole_steps(kern: Kernel, T: int, N: int, inputs, consts, states, out_shapes, built_for):
     """As `run`, without gradients, on the kernel's entry point that computes everything per
-    step (rcc_whole_steps): `inputs` are the cell's inputs, not their projections."""
+    step (rcc_whole_steps): `inputs` are the cell's inputs, not their projections (few_rows)."""
     check_built_for("backend 'cpp'", N * T, N, (*inputs, *consts, *states), built_for)
     results = _forward((kern, T, N, len(inputs), len(consts), out_shapes),
                        (*inputs, *consts, *states), False, "whole_steps")[0]
@@ -240,22 +259,28 @@ def _forward(meta, tensors, save, entry="forward"):
     kern, T, N, n_seq, n_const, out_shapes = meta
     dtype = _one_dtype(tensors)
     sizes = [N, T, torch.get_num_threads(), int(save)]
-    seq = []
-    for x in tensors[:n_seq]:
-        x = rows(x, 2)
-        seq.append(x)
+    seq, consts, states = _laid_out(n_seq, n_const, tensors)
+    for x in seq:
         sizes += [x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
     for shape in out_shapes:
         row = math.prod(shape)
         sizes += [row, T * row]
-    consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
     given = tensors[n_seq + n_const:]
-    states = [s if s.dim() == 2 and s.is_contiguous() else rows(s, 1).contiguous() for s in given]
     outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
     finals = [torch.empty(s.shape, dtype=dtype) for s in given]  # [N, *decl], row-major
     saved = [torch.empty(T, *s.shape, dtype=dtype) for s in states] if save else [None] * len(states)
     kern(entry, dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
     return (*outs, *finals), (seq, consts, states, saved)
+
+
+def _laid_out(n_seq, n_const, tensors):
+    """(seq, consts, states) as the kernel reads them: sequences [N, T, row] (a view where the
+    row is contiguous), consts contiguous, states [N, row] contiguous."""
+    seq = [rows(x, 2) for x in tensors[:n_seq]]
+    consts = [c if c.is_contiguous() else c.contiguous() for c in tensors[n_seq:n_seq + n_const]]
+    states = [s if s.dim() == 2 and s.is_contiguous() else rows(s, 1).contiguous()
+              for s in tensors[n_seq + n_const:]]
+    return seq, consts, states
 
 
 def _one_dtype(tensors):
@@ -291,26 +316,32 @@ class _Loop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
-        kern, T, N, n_seq, n_const, out_shapes = ctx.meta
-        seq, consts, states, saved = ctx.tensors
-        dtype = ctx.float_type
-        n_out = len(out_shapes)
-        gouts = [None if g is None else rows(g, 2) for g in grads[:n_out]]
-        gfinals = [None if g is None else rows(g, 1).contiguous() for g in grads[n_out:]]
-        gseq = [torch.empty(T, N, x.shape[2], dtype=dtype) for x in seq]
-        gconst = [torch.zeros(N, c.numel(), dtype=dtype) for c in consts]
-        ginit = [torch.empty_like(s) for s in states]
-        sizes = [N, T, torch.get_num_threads(), 1]
-        for x in seq:
-            sizes += [x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
-        for g in gouts:
-            sizes += [0, 0] if g is None else [g.stride(1), g.stride(0)]  # [N, T, ...]
-        kern("backward", dtype, sizes, [*seq, *consts, *states, *saved, *gouts, *gfinals,
-                                        *gseq, *gconst, *ginit])
-        grads_in = [g.transpose(0, 1).reshape(s) for g, s in zip(gseq, ctx.shapes[:n_seq])]
-        grads_in += [g.sum(0).view(s) for g, s in zip(gconst, ctx.shapes[n_seq:n_seq + n_const])]
-        grads_in += [g.view(s) for g, s in zip(ginit, ctx.shapes[n_seq + n_const:])]
-        return (None, *grads_in)
+        return (None, *backward(ctx.meta, ctx.tensors, ctx.shapes, grads))
+
+
+def backward(meta, kept, shapes, grads):
+    """The gradients of the loop's tensors (of `shapes`, laid out as `kept`: _laid_out's and
+    the saved states) from its results' (`grads`, None for one not used)."""
+    kern, T, N, n_seq, n_const, out_shapes = meta
+    seq, consts, states, saved = kept
+    dtype = seq[0].dtype if seq else states[0].dtype
+    n_out = len(out_shapes)
+    gouts = [None if g is None else rows(g, 2) for g in grads[:n_out]]
+    gfinals = [None if g is None else rows(g, 1).contiguous() for g in grads[n_out:]]
+    gseq = [torch.empty(T, N, x.shape[2], dtype=dtype) for x in seq]
+    gconst = [torch.zeros(N, c.numel(), dtype=dtype) for c in consts]
+    ginit = [torch.empty_like(s) for s in states]
+    sizes = [N, T, torch.get_num_threads(), 1]
+    for x in seq:
+        sizes += [x.stride(1), x.stride(0)]  # [N, T, ...] read as [T, N, ...]
+    for g in gouts:
+        sizes += [0, 0] if g is None else [g.stride(1), g.stride(0)]  # [N, T, ...]
+    kern("backward", dtype, sizes, [*seq, *consts, *states, *saved, *gouts, *gfinals,
+                                    *gseq, *gconst, *ginit])
+    grads_in = [g.transpose(0, 1).reshape(s) for g, s in zip(gseq, shapes[:n_seq])]
+    grads_in += [g.sum(0).view(s) for g, s in zip(gconst, shapes[n_seq:n_seq + n_const])]
+    grads_in += [g.view(s) for g, s in zip(ginit, shapes[n_seq + n_const:])]
+    return grads_in
 
 
 # ---- cells over graphs: the levels of a schedule in one kernel (backends/cpp/graph.py) ----------

@@ -16,11 +16,14 @@ graph or an exported program runs in the process whose module it was traced from
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import cpp
 
 # The dispatcher's thread-local key sets outside any op, taken when rcc.runtime is imported: an
 # op's implementation runs with autograd's keys excluded, and the backward op must record a graph
@@ -151,3 +154,61 @@ def call(module, args, kwargs, initial_state, output_final_state=True):
     outs = results[:n]
     final = dict(zip(module.STATES, results[n:])) if output_final_state else None
     return (outs[0] if n == 1 else tuple(outs)), final
+
+
+# ---- backend cpp: its loop over time as an op, forward and backward kernels ---------------------
+# The module's forward is traced (the input projections before the loop and what follows it are
+# Inductor's to fuse); the loop is one op whose backward is the kernel's own backward entry
+# point, reading the states the forward saved (no recomputation).
+@torch.library.custom_op("rcc::cpp_loop", mutates_args=())
+def cpp_loop(kernel: str, entry: str, T: int, N: int, n_seq: int, n_const: int,
+             out_sizes: list[int], save: bool, tensors: list[Tensor]) -> list[Tensor]:
+    """rcc.runtime.cpp.run's loop: outputs [N, T, size], final states, and with `save` the
+    states of every step (what the backward reads)."""
+    meta = (cpp.by_key(kernel), T, N, n_seq, n_const, [(n,) for n in out_sizes])
+    results, (_, _, _, saved) = cpp._forward(meta, tensors, save, entry)
+    return [*results, *saved] if save else list(results)
+
+
+@cpp_loop.register_fake
+def _cpp_loop_fake(kernel, entry, T, N, n_seq, n_const, out_sizes, save, tensors):
+    x, states = tensors[0], tensors[n_seq + n_const:]
+    outs = [x.new_empty((N, T, n)) for n in out_sizes]
+    finals = [s.new_empty(s.shape) for s in states]
+    saved = [s.new_empty((T, N, math.prod(s.shape[1:]))) for s in states] if save else []
+    return outs + finals + saved
+
+
+@torch.library.custom_op("rcc::cpp_loop_backward", mutates_args=())
+def cpp_loop_backward(kernel: str, T: int, N: int, n_seq: int, n_const: int,
+                      out_sizes: list[int], tensors: list[Tensor], saved: list[Tensor],
+                      grads: list[Optional[Tensor]]) -> list[Tensor]:
+    """The gradients of cpp_loop's tensors (contiguous) from its results'."""
+    meta = (cpp.by_key(kernel), T, N, n_seq, n_const, [(n,) for n in out_sizes])
+    kept = (*cpp._laid_out(n_seq, n_const, tensors), saved)
+    found = cpp.backward(meta, kept, [t.shape for t in tensors], grads)
+    return [g.contiguous() for g in found]
+
+
+@cpp_loop_backward.register_fake
+def _cpp_loop_backward_fake(kernel, T, N, n_seq, n_const, out_sizes, tensors, saved, grads):
+    return [t.new_empty(t.shape) for t in tensors]
+
+
+def _cpp_setup(ctx, inputs, output):
+    kernel, _, T, N, n_seq, n_const, out_sizes, save, tensors = inputs
+    ctx.args, ctx.count = (kernel, T, N, n_seq, n_const, out_sizes), len(tensors)
+    ctx.results = len(out_sizes) + len(tensors) - n_seq - n_const  # outputs and final states
+    ctx.save_for_backward(*tensors, *(output[ctx.results:] if save else ()))
+
+
+def _cpp_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    if len(saved) == ctx.count:
+        raise RuntimeError("rcc: a cpp loop run without gradients (save=False) was differentiated")
+    found = cpp_loop_backward(*ctx.args, list(saved[:ctx.count]), list(saved[ctx.count:]),
+                              list(grads[:ctx.results]))
+    return None, None, None, None, None, None, None, None, found
+
+
+cpp_loop.register_autograd(_cpp_backward, setup_context=_cpp_setup)
