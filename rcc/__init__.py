@@ -16,6 +16,7 @@ _LAZY = {
     "Input": ("rcc.pyfrontend", "Input"),
     "Param": ("rcc.pyfrontend", "Param"),
     "State": ("rcc.pyfrontend", "State"),
+    "Dim": ("rcc.pyfrontend", "Dim"),
     "from_torch": ("rcc.runtime.module", "from_torch"),
 }
 

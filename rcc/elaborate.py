@@ -92,6 +92,8 @@ class Elaborator(GraphBuilder):
         self.update_spans: dict = {}  # state name -> span of its `s' = ...`
         self.outputs: list = []
         self.constraints: list = []
+        # dim expressions constraints make integers (a split part d/2): floor(x) == x for them
+        self.exact: set = set()
         # (fn name, call span) while inlining; not `call_stack`, which is the stack() builtin
         self.inline_stack: list = []
         self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
@@ -758,6 +760,8 @@ class Elaborator(GraphBuilder):
             out = shapes[0][:axis] + (sympy.Integer(len(parts)),) + shapes[0][axis:]
         else:
             total = sympy.expand(sum(s[axis] for s in shapes))
+            # the parts of a split back together: 2 * (d // 2) is d where d/2 is exact
+            total = sympy.expand(total.subs({sympy.floor(x): x for x in self.exact}))
             out = shapes[0][:axis] + (total,) + shapes[0][axis + 1:]
         return Val(self.emit(e.func, parts, out, e.span, (("axis", axis),)))
 
@@ -783,6 +787,11 @@ class Elaborator(GraphBuilder):
                                e.span)
         if not piece.is_number and not (piece.is_integer and piece.is_positive):
             self.constraints.append(ir.Constraint(piece, f"{e.func}() part size", e.span))
+        if not piece.is_integer:
+            # d/2, an integer once the constraint holds, as the integer expression d // 2: what a
+            # declaration of the part's size says (`state h[d // 2]`)
+            self.exact.add(piece)
+            piece = sympy.floor(piece)
         ids = []
         for k in range(n):
             spec = tuple(("slice", sympy.Integer(0), s) if i != axis else

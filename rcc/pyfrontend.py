@@ -9,6 +9,8 @@ Arguments are declarations (their annotation says input, param or state, the sha
 expressions, and optionally an initializer); the function runs once on proxy values that drive
 the Elaborator directly, so traced cells get the same checks, spans and backends as .rnn cells.
 The returned dict maps `"s'"` to the next value of state s and other keys to outputs, in order.
+An argument annotated `rcc.Dim` is a dim's value (`def f(q: rcc.Input["K"], K: rcc.Dim)`), for
+arithmetic (`q * K ** -0.5`) and slices (`x[:K // 2]`), as a dim's name is in a .rnn cell.
 """
 from __future__ import annotations
 
@@ -51,6 +53,59 @@ class _DeclKind:
 
 
 Input, Param, State = _DeclKind("input"), _DeclKind("param"), _DeclKind("state")
+
+
+class _DimKind:
+    """`K: rcc.Dim`: the argument is dim K's value (declaring the dim if no shape names it)."""
+
+    def __repr__(self):
+        return "rcc.Dim"
+
+
+Dim = _DimKind()
+
+
+class TracedDim:
+    """A dim expression inside a traced function (an `rcc.Dim` argument, or arithmetic on one
+    with Python numbers): usable as a value and, when an integer, as an index or slice bound."""
+
+    __slots__ = ("expr",)
+
+    def __init__(self, expr):
+        self.expr = expr  # .rnn syntax (rcc.syntax)
+
+    def _binop(self, op, other, reflected=False):
+        if isinstance(other, Traced):  # a value: the traced value's operator builds it
+            return other._binop(op, self, not reflected)
+        span = _user_span()
+        if isinstance(other, TracedDim):
+            b = other.expr
+        elif isinstance(other, (int, float)) and not isinstance(other, bool):
+            # (not abs(): this module's abs is rcc.abs, a traced function)
+            b = S.Num(other if other >= 0 else -other, isinstance(other, int), span)
+            b = b if other >= 0 else S.Neg(b, span)
+        else:
+            return NotImplemented
+        a = self.expr
+        return TracedDim(S.BinOp(op, b, a, span) if reflected else S.BinOp(op, a, b, span))
+
+    def __floordiv__(self, other):
+        return self._binop("//", other)
+
+    def __rfloordiv__(self, other):
+        return self._binop("//", other, True)
+
+    def __neg__(self):
+        return TracedDim(S.Neg(self.expr, _user_span()))
+
+    __hash__ = None
+
+    def __bool__(self):
+        raise CompileError("a dim has no truth value at trace time (its value is bound when the "
+                           "module is built)", _user_span())
+
+    def __repr__(self):
+        return "<traced dim expression>"
 
 
 def _user_span() -> Span:
@@ -136,6 +191,10 @@ for _method, _op in (_ARITHMETIC | _COMPARISONS).items():
     setattr(Traced, f"__{_method}__", lambda s, o, op=_op: s._binop(op, o))
 for _method, _op in _ARITHMETIC.items():
     setattr(Traced, f"__r{_method}__", lambda s, o, op=_op: s._binop(op, o, True))
+for _method, _op in (_ARITHMETIC | _COMPARISONS).items():
+    setattr(TracedDim, f"__{_method}__", lambda s, o, op=_op: s._binop(op, o))
+for _method, _op in _ARITHMETIC.items():
+    setattr(TracedDim, f"__r{_method}__", lambda s, o, op=_op: s._binop(op, o, True))
 
 
 class _Tracer:
@@ -155,6 +214,8 @@ class _Tracer:
             if v._tracer is not self:
                 raise CompileError("a traced value from another @rcc.recurrence function", span)
             return S.Name(v._name, span)
+        if isinstance(v, TracedDim):
+            return v.expr
         if isinstance(v, bool):
             return S.Num(int(v), True, span)
         if isinstance(v, int):
@@ -169,6 +230,8 @@ class _Tracer:
     def int_expr(self, v, span):
         if v is None:
             return None
+        if isinstance(v, TracedDim):
+            return v.expr
         if isinstance(v, Traced):
             raise CompileError("indexing by a traced value is not supported; use Python ints",
                                span)
@@ -263,11 +326,16 @@ def trace(fn, dims=None):
         spec = hints.get(pname)
         if isinstance(spec, _DeclKind):
             spec = _DeclSpec(spec.kind)
-        if not isinstance(spec, _DeclSpec):
+        if not isinstance(spec, (_DeclSpec, _DimKind)):
             raise CompileError(f"argument '{pname}' needs an annotation rcc.Input[...], "
-                               "rcc.Param[...] or rcc.State[...]", def_span)
+                               "rcc.Param[...], rcc.State[...] or rcc.Dim", def_span)
         if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             raise CompileError(f"argument '{pname}' must be a plain positional argument", def_span)
+        if isinstance(spec, _DimKind):
+            items.append(pname)
+            if pname not in dim_names:
+                dim_names.append(pname)
+            continue
         shape = tuple(_dim_expr(str(s), def_span) for s in spec.shape)
         _names_in(shape, dim_names)
         init = _dim_expr(spec.init, def_span) if spec.init is not None else None
@@ -282,6 +350,9 @@ def trace(fn, dims=None):
     tracer = _Tracer(elab)
     args = []
     for item in items:
+        if isinstance(item, str):  # a dim
+            args.append(TracedDim(S.Name(item, def_span)))
+            continue
         elab.declare(item)
         args.append(tracer.bind(elab.env[item.name].id))
     result, local_names = _call_capturing_locals(fn, args, tracer)

@@ -84,3 +84,81 @@ def test_traced_bad_annotation_and_return():
             if x > 0:
                 h = h + 1
             return {"h'": h, "y": h}
+
+
+# ---- dims as values (issue 18): `K: rcc.Dim` arguments --------------------------------------
+@rcc.recurrence
+def ScaledGLA(q: rcc.Input["K"], k: rcc.Input["K"], v: rcc.Input["V"], gk: rcc.Input["K"],
+              S: rcc.State["K", "V"], K: rcc.Dim):
+    S_next = rcc.exp(gk)[:, None] * S + rcc.outer(k, v)
+    return {"S'": S_next, "o": (q * K ** -0.5) @ S_next}
+
+
+def test_a_dim_argument_is_the_dims_value():
+    """stdlib/gla.rnn writes `q * K ** -0.5`: the traced cell reads K the same way."""
+    traced, dsl = ScaledGLA(K=4, V=3).double(), rcc.compile(stdlib("gla.rnn"))(K=4, V=3).double()
+    xs = [torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64),
+          torch.randn(2, 5, 3, dtype=torch.float64), -torch.rand(2, 5, 4, dtype=torch.float64)]
+    torch.testing.assert_close(traced(*xs)[0], dsl(*xs)[0])
+    torch.testing.assert_close(ScaledGLA(K=6, V=2).dims, {"K": 6, "V": 2})
+
+
+def test_a_dim_argument_in_slices_and_integer_arithmetic():
+    @rcc.recurrence
+    def Halves(x: rcc.Input["d"], h: rcc.State["d // 2"], d: rcc.Dim):
+        first, second = x[:d // 2], x[d // 2:2 * (d // 2)]
+        return {"h'": h * rcc.sigmoid(first) + second / d, "y": h}
+
+    for d in (6, 7):  # odd d: the slices still have d // 2 entries
+        m = Halves(d=d).double()
+        x = torch.randn(2, 5, d, dtype=torch.float64)
+        _, final = m(x)
+        h = torch.zeros(2, d // 2, dtype=torch.float64)
+        for t in range(5):
+            h = h * torch.sigmoid(x[:, t, :d // 2]) + x[:, t, d // 2:2 * (d // 2)] / d
+        torch.testing.assert_close(final["h"], h)
+
+
+def test_a_dim_has_no_truth_value_at_trace_time():
+    with pytest.raises(rcc.CompileError, match="a dim has no truth value") as e:
+        @rcc.recurrence
+        def Branchy(x: rcc.Input["d"], h: rcc.State["d"], d: rcc.Dim):
+            if d > 4:
+                return {"h'": h + x}
+            return {"h'": h - x}
+    assert e.value.span.filename == __file__
+
+
+# ---- split of a free dim (issue 18): the parts are [d // 2] once d is bound -----------------
+SPLIT_FREE = """
+cell SplitFree(d) {
+    input x[d]
+    state h[d // 2], z[d]
+    a, b = split(x, 2)
+    h' = h * sigmoid(a) + b
+    z' = z + concat(b, a)
+    output y = h'
+}
+"""
+
+
+@pytest.mark.parametrize("backend, plan", [("torch", "sequential"), ("torch", "scan"),
+                                           ("cpp", "sequential")])
+def test_split_of_a_free_dim_matches_its_declared_half(backend, plan):
+    m = rcc.compile(SPLIT_FREE, backend=backend, plan=plan)(d=6).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    y, final = m(x)
+    h, z = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.float64)
+    for t in range(5):
+        a, b = x[:, t, :3], x[:, t, 3:]
+        h, z = h * torch.sigmoid(a) + b, z + torch.cat([b, a], -1)
+    torch.testing.assert_close(final["h"], h)
+    torch.testing.assert_close(final["z"], z)
+    torch.testing.assert_close(y[:, -1], h)
+
+
+def test_split_of_a_free_dim_into_unequal_parts_is_refused_when_bound():
+    cls = rcc.compile(SPLIT_FREE)
+    with pytest.raises(rcc.CompileError, match=r"split\(\) part size is 2.5, not an integer, "
+                                               r"for d=5"):
+        cls(d=5)
