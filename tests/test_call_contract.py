@@ -64,3 +64,37 @@ def test_output_final_state_false_returns_none(cell, dims, backend, plan):
     y_only, none = m(*xs, output_final_state=False)
     assert none is None and final
     torch.testing.assert_close(y_only, y)
+
+
+def test_num_heads_catches_a_head_first_input():
+    """[B, H, T, K] fits [B, T, *heads, K] by accident; with num_heads= it is refused."""
+    gla = rcc.compile(stdlib("gla.rnn"))
+    m = gla(K=3, V=2, num_heads=4)
+    assert m.num_heads == 4 and m.dims == {"K": 3, "V": 2} and "num_heads=4" in repr(m)
+    q, k, gk = torch.randn(2, 7, 4, 3), torch.randn(2, 7, 4, 3), -torch.rand(2, 7, 4, 3)
+    v = torch.randn(2, 7, 4, 2)
+    y, _ = m(q, k, v, gk)
+    assert y.shape == (2, 7, 4, 2)
+    first = [t.transpose(1, 2) for t in (q, k, v, gk)]  # head-first
+    with pytest.raises(ValueError, match=r"input 'q' has shape \[2, 4, 7, 3\] but GLA "
+                                         r"\(num_heads=4\) expects \[B, T, 4, 3\] \(head-first"):
+        m(*first)
+    with pytest.raises(ValueError, match="expects"):  # no head axis at all
+        m(q[:, :, 0], k[:, :, 0], v[:, :, 0], gk[:, :, 0])
+    unchecked = gla(K=3, V=2)
+    assert unchecked(*first)[0].shape == (2, 4, 7, 2)  # read as T=4, heads=(7,)
+    with pytest.raises(TypeError, match="num_heads must be a positive integer"):
+        gla(K=3, V=2, num_heads=0)
+
+
+def test_num_heads_survives_copies_and_respecialization():
+    import copy
+    import pickle
+
+    m = rcc.compile(stdlib("gla.rnn"))(K=3, V=2, num_heads=4)
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.num_heads == 4
+    cell = ("cell R(n) {\n input x[n]\n state h[n]\n a = h\n for j in 0..n { a = a + x }\n"
+            " h' = a\n output y = h'\n}")
+    r = rcc.compile(cell)(n=3, num_heads=2)  # n sets a loop count: a class per value of n
+    assert r.num_heads == 2 and r(torch.randn(1, 5, 2, 3))[0].shape == (1, 5, 2, 3)

@@ -28,8 +28,10 @@ class CellModule(torch.nn.Module):
     OUTPUTS: tuple = ()
     # Set by rcc.compile: dims -> a class generated for other values of STATIC_DIMS.
     _respecialize = None
+    num_heads = None  # the inputs' head count when given at construction (num_heads=)
 
     def __new__(cls, *args, **kwargs):
+        kwargs, num_heads = cls._options(kwargs)
         dims = cls._bind_dims(args, kwargs)
         fixed = {k: dims[k] for k, v in cls.STATIC_DIMS.items() if dims[k] != v}
         if fixed:
@@ -39,8 +41,21 @@ class CellModule(torch.nn.Module):
                     f"dim '{name}' is fixed to {cls.STATIC_DIMS[name]} in this generated module "
                     f"(it sets a loop count or a split); regenerate it with --dims {name}={value}",
                     cls._dim_span(name))
-            return cls._respecialize(dims)(**dims)
+            return cls._respecialize(dims)(**dims, num_heads=num_heads)
         return super().__new__(cls)
+
+    @classmethod
+    def _options(cls, kwargs):
+        """(the dims' kwargs, num_heads): num_heads= is the head count the inputs must have
+        ([B, T, num_heads, *decl]; None: any heads), unless the cell has a dim of that name."""
+        if "num_heads" in kwargs and all(n != "num_heads" for n, _, _ in cls.DIMS):
+            kwargs = dict(kwargs)
+            heads = kwargs.pop("num_heads")
+            if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int)
+                                      or heads <= 0):
+                raise TypeError(f"num_heads must be a positive integer, got {heads!r}")
+            return kwargs, heads
+        return kwargs, None
 
     @classmethod
     def _dim_span(cls, name):
@@ -85,6 +100,7 @@ class CellModule(torch.nn.Module):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+        kwargs, self.num_heads = self._options(kwargs)
         self.dims = self._bind_dims(args, kwargs)
         self.output_shapes = ()  # each output's declared shape (set by _build)
         self.shapes = self._build(**self.dims)  # declares parameters, returns declared shapes
@@ -148,6 +164,8 @@ class CellModule(torch.nn.Module):
                 raise ValueError(f"input {name!r} has shape {list(x.shape)} but {self.CELL} "
                                  f"expects {want}")
             this = (x.shape[0], tuple(x.shape[2:2 + nh]), x.shape[1])
+            if self.num_heads is not None and this[1] != (self.num_heads,):
+                raise ValueError(self._heads_error(name, x, decl))
             if layout is None:
                 layout = this
             elif this != layout:
@@ -161,6 +179,16 @@ class CellModule(torch.nn.Module):
             # no heads: already [N, T, *decl] (a call costs microseconds: one-step latency)
             out.append(x.movedim(1, 1 + nh).reshape(-1, x.shape[1], *decl) if nh else x)
         return out, layout
+
+    def _heads_error(self, name, x, decl) -> str:
+        want = f"[B, T, {self.num_heads}" + "".join(f", {s}" for s in decl) + "]"
+        hint = ""
+        if x.dim() == 3 + len(decl) and x.shape[1] == self.num_heads:
+            hint = " (head-first [B, H, T, ...]? pass x.transpose(1, 2))"
+        elif x.dim() == 3 + len(decl) and x.shape[0] == self.num_heads:
+            hint = " (head-major [H, B, T, ...]? move the heads to axis 2)"
+        return (f"input {name!r} has shape {list(x.shape)} but {self.CELL} (num_heads="
+                f"{self.num_heads}) expects {want}{hint}")
 
     def _check_dtype(self, name, x):
         """An input's dtype must be the params' (a float64 input into a float32 module), except
@@ -245,7 +273,8 @@ class CellModule(torch.nn.Module):
         return (outs[0] if len(outs) == 1 else outs), final
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.dims.items())
+        heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
+        return ", ".join(f"{k}={v}" for k, v in self.dims.items()) + heads
 
 
 # ---- parameter initializers (LANGUAGE.md section 4) -------------------------------------------
