@@ -208,3 +208,21 @@ def test_cpp_loop_is_an_op_in_the_graph():
     ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert torch.ops.rcc.cpp_loop.default in ops  # the projections before it are traced
     assert torch.ops.aten.linear.default in ops
+
+
+@pytest.mark.parametrize("cell_file, dims, plan, heads", [
+    ("lstm.rnn", dict(d_in=4, d=5), "sequential", ()),
+    ("gla.rnn", dict(K=4, V=5), "chunk", ()),
+])
+def test_backend_triton_under_compile(cell_file, dims, plan, heads):
+    """Backend triton (here in Triton's interpreter, on CPU) is the module-level op too."""
+    model = build(cell_file, dims, "triton", plan)
+    dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for B, T in [(2, 6), (3, 9)]:
+        xs = inputs(model, B, T, heads)
+        got = loss_and_grads(compiled, model, xs)
+        want = loss_and_grads(model, model, [x.detach().requires_grad_() for x in xs])
+        assert_close(got, want)
+    assert counter.frame_count == 1
