@@ -61,12 +61,16 @@ SLOT_NAMES = {"in_slot": "in", "out_slot": "out"}
 _COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
 _INITS = {"zeros", "ones", "eye", "xavier", "orthogonal"}
-# Names the generated module's Python signatures already use: Cell(**dims), m(*inputs, initial_state)
+# Names the generated module's Python signatures already use: Cell(**dims), m(*inputs, keywords)
 _RESERVED_DIMS = {"self": "it would clash with the module's own 'self'",
                   "cls": "it would clash with the module class's 'cls'"}
 _RESERVED_INPUTS = {"self": "m(self=x) would clash with the module's own 'self'",
                     "edge_index": "it is the keyword for a graph: m(x, edge_index=...)",
-                    "initial_state": "it is the keyword for the initial states: m(x, initial_state=...)"}
+                    "initial_state": "it is the keyword for the initial states: m(x, initial_state=...)",
+                    "output_final_state": "it is the keyword that drops the final states: "
+                                          "m(x, output_final_state=False)",
+                    "cu_seqlens": "it is the keyword for packed sequences: m(x, cu_seqlens=...)",
+                    "lengths": "it is the keyword for a padded batch's lengths: m(x, lengths=...)"}
 # Bounds that turn typos (`for j in 0..1000000000`, `split(x, 10**9)`) into errors, not hangs.
 MAX_UNROLL = 16384  # loop iterations unrolled in one cell, and parts of one split()
 MAX_AXIS = 2 ** 63 - 1  # a tensor axis size must fit in int64

@@ -514,6 +514,9 @@ def test_param_named_like_a_python_keyword():
     ("input initial_state[d]", 11, "an input cannot be named 'initial_state'"),
     ("input self[d]", 11, "an input cannot be named 'self'"),
     ("input None[d]", 11, "'None' is reserved"),
+    ("input cu_seqlens[d]", 11, "an input cannot be named 'cu_seqlens'"),
+    ("input lengths[d]", 11, "an input cannot be named 'lengths'"),
+    ("input output_final_state[d]", 11, "an input cannot be named 'output_final_state'"),
 ])
 def test_reserved_input_names(decl, col, words):
     src = cell_text(decl + "\noutput o = d")

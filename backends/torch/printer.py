@@ -167,7 +167,13 @@ class TorchPrinter(ExprPrinter):
     def _forward_head(self, body, seq):
         """forward() up to the values computed once: inputs, dims, params, initial states."""
         first = seq[self.cell.inputs[0].name]
-        lines = ["    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):"]
+        lines = [
+            "    def forward(self, *args, initial_state=None, output_final_state=True, cu_seqlens=None,",
+            "                lengths=None, **kwargs):",
+            "        if cu_seqlens is not None or lengths is not None or _rt.varlen.is_packed(args, kwargs):",
+            "            # sequences of their own lengths: stretches of the sequences still running",
+            "            return _rt.varlen.call(self, args, kwargs, initial_state, output_final_state,",
+            "                                   cu_seqlens, lengths)"]
         if self.module_as_op:
             lines += [
                 "        if torch.compiler.is_compiling():  # one op: T is not unrolled (rcc.runtime.ops)",

@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..errors import CompileError, Span
-from . import ops
+from . import ops, varlen
 from .cost import choose
 
 
@@ -344,7 +344,12 @@ class AutoPlan:
     last_plan = None  # the plan the last call ran, and the estimates it chose from
     last_estimates = None
 
-    def forward(self, *args, initial_state=None, output_final_state=True, **kwargs):
+    def forward(self, *args, initial_state=None, output_final_state=True, cu_seqlens=None,
+                lengths=None, **kwargs):
+        if cu_seqlens is not None or lengths is not None or varlen.is_packed(args, kwargs):
+            # each stretch runs the plan the cost model picks for it (rcc.runtime.varlen)
+            return varlen.call(self, args, kwargs, initial_state, output_final_state,
+                               cu_seqlens, lengths)
         if torch.compiler.is_compiling():  # one op, the plan chosen inside it (rcc.runtime.ops)
             return ops.call(self, args, kwargs, initial_state, output_final_state)
         # the inputs checked before the cost model reads their sizes (a missing input or T=0
