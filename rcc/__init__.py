@@ -9,7 +9,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compile": ("rcc.api", "compile"),
-    "compile_source": ("rcc.api", "compile_source"),
     "generate": ("rcc.api", "generate"),
     "analyze": ("rcc.api", "analyze"),
     "recurrence": ("rcc.pyfrontend", "recurrence"),

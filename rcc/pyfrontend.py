@@ -315,7 +315,9 @@ def trace(fn, dims=None):
 
     code = fn.__code__
     filename, line = code.co_filename, code.co_firstlineno
-    def_span = Span(filename, line, 1, line, 2, linecache.getline(filename, line).rstrip("\n"))
+    text = linecache.getline(filename, line).rstrip("\n")
+    col = len(text) - len(text.lstrip()) + 1  # the decorator or def, not its indentation
+    def_span = Span(filename, line, col, line, col + len(text.strip()), text)
     sig = inspect.signature(fn)
     try:
         hints = inspect.get_annotations(fn, eval_str=True)
