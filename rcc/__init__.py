@@ -17,6 +17,7 @@ _LAZY = {
     "State": ("rcc.pyfrontend", "State"),
     "Dim": ("rcc.pyfrontend", "Dim"),
     "from_torch": ("rcc.runtime.module", "from_torch"),
+    "Stack": ("rcc.runtime.stack", "Stack"),
 }
 
 

@@ -309,16 +309,32 @@ def init_orthogonal(p):
     torch.nn.init.orthogonal_(p)
 
 
-def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0):
-    """Copy the weights of torch.nn.LSTM / GRU / RNN (layer `layer`, forward direction) or of
-    LSTMCell / GRUCell / RNNCell into a cell whose params use torch's names (weight_ih, weight_hh,
-    bias_ih, bias_hh), as the stdlib's LSTM, GRU and Elman cells do. Returns `cell`."""
+def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0,
+               reverse: bool = False):
+    """Copy the weights of torch.nn.LSTM / GRU / RNN (layer `layer`, the forward direction or
+    with `reverse` the backward one) or of LSTMCell / GRUCell / RNNCell into a cell whose params
+    use torch's names (weight_ih, weight_hh, bias_ih, bias_hh), as the stdlib's LSTM, GRU and
+    Elman cells do; or every layer and direction of torch.nn.LSTM / GRU / RNN into an
+    rcc.Stack of such cells (the same num_layers and bidirectional). Returns `cell`."""
+    from .stack import Stack
+
+    if isinstance(cell, Stack):
+        layers = getattr(source, "num_layers", 1)
+        both = getattr(source, "bidirectional", False)
+        if (layers, both) != (cell.num_layers, cell.bidirectional):
+            raise ValueError(f"{type(source).__name__} has num_layers={layers}, bidirectional="
+                             f"{both}; the Stack has num_layers={cell.num_layers}, "
+                             f"bidirectional={cell.bidirectional}")
+        for k in range(cell.num_layers):
+            for rev in ((False, True) if cell.bidirectional else (False,)):
+                from_torch(cell.cell(k, rev), source, k, rev)
+        return cell
     src = dict(source.named_parameters())
-    suffix = f"_l{layer}"
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
     copied = 0
     with torch.no_grad():
         for name, p in cell.named_parameters():
-            key = name + suffix if name + suffix in src else name
+            key = name + suffix if name + suffix in src or reverse else name
             if key not in src:
                 raise ValueError(f"{type(source).__name__} has no parameter {key!r} for {name!r}")
             if tuple(src[key].shape) != tuple(p.shape):

@@ -1,0 +1,88 @@
+"""Stacks of a cell, as torch.nn.LSTM stacks its cell: layers, both directions, dropout between
+layers, either batch layout.
+
+    Stack(LSTM, num_layers=3, bidirectional=True, dropout=0.1, d_in=16, d=32)
+
+Layer 0 is the cell with the dims given; each later layer reads the layer below's output (both
+directions' side by side on the last axis), so its input dim (`input_dim`, "d_in" by default) is
+that output's size. The reverse direction runs the cell over the time-reversed sequence and
+reverses its output back, as torch.nn.LSTM's does. Final states come in torch.nn.LSTM's layout:
+[num_layers * num_directions, B, *decl] per state, layer-major, forward before reverse.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, cell, num_layers=1, bidirectional=False, dropout=0.0, batch_first=True,
+                 input_dim="d_in", **dims):
+        super().__init__()
+        if not (isinstance(num_layers, int) and num_layers >= 1):
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability, got {dropout!r}")
+        if len(cell.INPUTS) != 1 or len(cell.OUTPUTS) != 1:
+            raise TypeError(f"Stack stacks a cell with one input and one output; {cell.CELL} has "
+                            f"inputs {list(cell.INPUTS)} and outputs {list(cell.OUTPUTS)}")
+        names = [n for n, _, _ in cell.DIMS]
+        if num_layers > 1 and input_dim not in names:
+            raise TypeError(f"{cell.CELL} has no dim {input_dim!r} to size the layers above the "
+                            f"first (dims: {', '.join(names)}): pass input_dim=")
+        self.num_layers, self.bidirectional, self.dropout = num_layers, bidirectional, dropout
+        self.batch_first, self.directions = batch_first, 2 if bidirectional else 1
+        self.cells = torch.nn.ModuleList()
+        for layer in range(num_layers):
+            for _ in range(self.directions):
+                self.cells.append(cell(**dims))
+            out = self.cells[-1].output_shapes[0]
+            if len(out) != 1:
+                raise TypeError(f"Stack needs a vector output to feed the next layer; "
+                                f"{cell.CELL}'s is {list(out)}")
+            dims = {**dims, input_dim: out[0] * self.directions}
+        self.states = cell.STATES
+
+    def cell(self, layer, reverse=False):
+        """The cell module of `layer` (and direction)."""
+        return self.cells[layer * self.directions + int(reverse)]
+
+    def forward(self, x, initial_state=None):
+        """x: [B, T, d_in] ([T, B, d_in] with batch_first=False). initial_state: {state:
+        [num_layers * num_directions, B, *decl]} or None. Returns (output [B, T, directions *
+        out], final states in the same layout as initial_state)."""
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if initial_state is not None:
+            unknown = set(initial_state) - set(self.states)
+            if unknown:
+                raise ValueError(f"initial_state has unknown states {sorted(unknown)} "
+                                 f"(states: {', '.join(self.states)})")
+            rows = self.num_layers * self.directions
+            for name, s in initial_state.items():
+                if not isinstance(s, torch.Tensor) or s.dim() < 2 or s.shape[0] != rows:
+                    got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                    raise ValueError(f"initial state {name!r} has shape {got}; a Stack of "
+                                     f"{self.num_layers} layers x {self.directions} directions "
+                                     f"takes [{rows}, B, ...]")
+        finals = {name: [] for name in self.states}
+        for layer in range(self.num_layers):
+            outs = []
+            for reverse in ((False, True) if self.bidirectional else (False,)):
+                k = layer * self.directions + int(reverse)
+                start = None if initial_state is None else \
+                    {name: s[k] for name, s in initial_state.items()}
+                seq = x.flip(1) if reverse else x
+                y, final = self.cells[k](seq, initial_state=start)
+                outs.append(y.flip(1) if reverse else y)
+                for name in self.states:
+                    finals[name].append(final[name])
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        return x, {name: torch.stack(v) for name, v in finals.items()}
+
+    def extra_repr(self):
+        return (f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}")
