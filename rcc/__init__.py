@@ -18,6 +18,7 @@ _LAZY = {
     "Dim": ("rcc.pyfrontend", "Dim"),
     "from_torch": ("rcc.runtime.module", "from_torch"),
     "Stack": ("rcc.runtime.stack", "Stack"),
+    "Cache": ("rcc.runtime.generation", "Cache"),
 }
 
 

@@ -272,6 +272,14 @@ class CellModule(torch.nn.Module):
                  for name, s in zip(self.STATES, owned)}
         return (outs[0] if len(outs) == 1 else outs), final
 
+    def step(self, *inputs, cache=None, **kwargs):
+        """One step of generation: inputs [B, *heads, *decl] (no time axis), `cache` the Cache
+        the last step returned (None: the declared initial states). Returns (outputs [B,
+        *heads, *o], the next Cache). Equal to the full sequence's run (rcc.runtime.generation).
+        """
+        from .generation import step
+        return step(self, inputs, kwargs, cache)
+
     def extra_repr(self) -> str:
         heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
         return ", ".join(f"{k}={v}" for k, v in self.dims.items()) + heads

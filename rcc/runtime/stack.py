@@ -83,6 +83,16 @@ class Stack(torch.nn.Module):
             x = x.transpose(0, 1)
         return x, {name: torch.stack(v) for name, v in finals.items()}
 
+    def step(self, x, cache=None):
+        """One step of generation: x [B, d_in] (no time axis); `cache` the Cache the last step
+        returned (None: the cells' declared initial states). Returns (output [B, out], the next
+        Cache). A bidirectional stack has no step: its reverse direction reads the future."""
+        from .generation import step
+        if self.bidirectional:
+            raise TypeError("a bidirectional Stack cannot run one step at a time (its reverse "
+                            "direction starts from the sequence's end)")
+        return step(self, (x,), {}, cache, batch_axis=1, time_axis=1 if self.batch_first else 0)
+
     def extra_repr(self):
         return (f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
