@@ -6,6 +6,9 @@ import torch
 
 # Generated modules go to a per-session cache, never the user's ~/.cache.
 os.environ.setdefault("RCC_CACHE_DIR", tempfile.mkdtemp(prefix="rcc-test-cache-"))
+# Inductor's on-disk cache keys a compiled graph by the graph, not by the custom ops it calls:
+# graphs compiled against an older rcc.runtime.ops would be run again
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="rcc-test-inductor-"))
 # Backend triton's kernels run on CPU tensors in Triton's interpreter (read when triton is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -156,7 +156,7 @@ def test_opcheck_on_the_ops():
     grads = [torch.randn(2, 11, 7, 5, dtype=torch.float64), None]
     torch.library.opcheck(torch.ops.rcc.cell_backward.default,
                           (cell._op_key, [x.detach() for x in xs], params, "S", [S.detach()],
-                           grads))
+                           grads, [True, False, True, True, True]))  # no grad for k
 
 
 def test_each_copy_is_its_own_op_key_and_compiles():

@@ -100,18 +100,22 @@ def _cell_fake(key, inputs, params, given, states):
 
 @torch.library.custom_op("rcc::cell_backward", mutates_args=())
 def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: str,
-                  states: list[Tensor], grads: list[Optional[Tensor]]) -> list[Tensor]:
+                  states: list[Tensor], grads: list[Optional[Tensor]],
+                  needed: list[bool]) -> list[Tensor]:
     """The gradients of `cell`'s results (weighted by `grads`, None for a result not used)
-    with respect to its inputs, params and given states, in that order: the forward is run
-    again with gradients."""
-    leaves = [t.detach().requires_grad_() for t in (*inputs, *params, *states)]
+    with respect to its inputs, params and given states, in that order (zeros where `needed`
+    says autograd does not ask for one): the forward is run again with gradients."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((*inputs, *params, *states),
+                                                                  needed)]
     n_in, n_par = len(inputs), len(params)
     with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPS), torch.enable_grad():
         outs, finals = _run(_module(key), leaves[:n_in], leaves[n_in:n_in + n_par], given,
                             leaves[n_in + n_par:])
         pairs = [(r, g) for r, g in zip(outs + finals, grads) if g is not None and r.requires_grad]
-        found = torch.autograd.grad([r for r, _ in pairs], leaves, [g for _, g in pairs],
-                                    allow_unused=True) if pairs else [None] * len(leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs],
+                                         allow_unused=True) if pairs and wanted else ())
+        found = [next(found, None) if t.requires_grad else None for t in leaves]
     # laid out as the fake implementation says (empty_like: the strides of what they are for)
     return [torch.zeros_like(t) if g is None else
             g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
@@ -119,7 +123,7 @@ def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: s
 
 
 @cell_backward.register_fake
-def _cell_backward_fake(key, inputs, params, given, states, grads):
+def _cell_backward_fake(key, inputs, params, given, states, grads, needed):
     return [torch.empty_like(t) for t in (*inputs, *params, *states)]
 
 
@@ -132,8 +136,10 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grads):
     n_in, n_par = ctx.counts
     saved = list(ctx.saved_tensors)
+    _, need_in, need_par, _, need_states = ctx.needs_input_grad
     found = cell_backward(ctx.key, saved[:n_in], saved[n_in:n_in + n_par], ctx.given,
-                          saved[n_in + n_par:], list(grads))
+                          saved[n_in + n_par:], list(grads),
+                          [*need_in, *need_par, *need_states])
     return None, found[:n_in], found[n_in:n_in + n_par], None, found[n_in + n_par:]
 
 
