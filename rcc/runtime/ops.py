@@ -36,8 +36,12 @@ _COUNT = itertools.count()
 
 def register(module) -> str:
     """A key naming `module` in this process (each instance, copies included, has its own:
-    non-parameter settings such as Newton's tolerance may differ)."""
-    key = f"{type(module).CELL}#{next(_COUNT)}"
+    non-parameter settings such as Newton's tolerance may differ). It holds rcc's version: a
+    graph Inductor cached on disk (keyed by its code, which holds the key, not by the ops'
+    schemas) is not run against another version's ops."""
+    from .. import __version__
+
+    key = f"{type(module).CELL}#{next(_COUNT)}@{__version__}"
     _MODULES[key] = module
     return key
 
