@@ -100,3 +100,32 @@ def test_backend_triton_without_triton_names_the_extra(tmp_path):
     assert "exit 2" in done.stdout
     assert "rcc: error: backend 'triton' needs the triton package" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_wheel_installs_in_a_fresh_venv(wheel, tmp_path):
+    """pip install of the wheel into a new venv (torch and the other dependencies seen from this
+    interpreter's site-packages: nothing is downloaded), then the rcc command and a training
+    step from it, outside the source tree."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-index", str(wheel)], check=True, capture_output=True)
+    done = subprocess.run([str(bin_dir / "rcc"), "compile", "--help"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    script = (
+        "import torch, rcc\n"
+        f"assert rcc.__file__.startswith({str(venv)!r}), rcc.__file__\n"
+        "from importlib.resources import files\n"
+        "m = rcc.compile(str(files('rcc.stdlib') / 'lstm.rnn'))(d_in=3, d=4)\n"
+        "y, _ = m(torch.randn(2, 5, 3))\n"
+        "y.sum().backward()\n"
+        "print('ok', tuple(y.shape), m.weight_hh.grad is not None)\n")
+    done = subprocess.run([str(bin_dir / "python"), "-c", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok (2, 5, 4) True" in done.stdout
+    out = subprocess.run([str(bin_dir / "rcc"), "compile", str(ROOT / "stdlib" / "gru.rnn"), "-o",
+                          str(tmp_path / "gru.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "gru.py").exists(), out.stderr
