@@ -145,6 +145,11 @@ def _package_section():
             continue
         if name == "__version__":
             out.append(entry("rcc.__version__", None, f"The version of rcc: `{obj!r}`."))
+        elif inspect.ismodule(obj):  # a module of functions (rcc.layers): each documented
+            out.append(entry(f"rcc.{name}", obj))
+            for fname, fn in inspect.getmembers(obj, inspect.isfunction):
+                if fn.__module__ == obj.__name__ and not fname.startswith("_"):
+                    out.append(entry(f"rcc.{name}.{fname}{signature(fn)}", fn, level=4))
         elif inspect.isclass(obj):
             out.append(entry(f"class rcc.{name}{signature(obj)}", obj))
             if dataclasses.is_dataclass(obj):

@@ -19,6 +19,9 @@ _LAZY = {
     "from_torch": ("rcc.runtime.module", "from_torch"),
     "Stack": ("rcc.runtime.stack", "Stack"),
     "Cache": ("rcc.runtime.generation", "Cache"),
+    "Layer": ("rcc.runtime.layer", "Layer"),
+    "Feature": ("rcc.runtime.layer", "Feature"),
+    "layers": ("rcc.layers", None),
 }
 
 
@@ -35,7 +38,8 @@ def __getattr__(name):
 
     if name in _LAZY:
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
+        module = importlib.import_module(mod)
+        return module if attr is None else getattr(module, attr)
     if name in _TRACED_FUNCTIONS:  # rcc.sigmoid(...) etc., for @rcc.recurrence functions
         return getattr(importlib.import_module("rcc.pyfrontend"), name)
     raise AttributeError(f"module 'rcc' has no attribute {name!r}")

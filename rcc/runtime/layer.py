@@ -1,0 +1,139 @@
+"""A cell as a token-mixing layer over a model dimension, in flash-linear-attention's layer
+shape: projections of x [B, T, d_model] to the cell's inputs per head (each with its activation,
+an optional low-rank projection and an optional short causal convolution), the cell over the
+heads, then a per-head RMS norm with an optional SiLU output gate, and the output projection.
+
+    Layer(GLA, d_model=256, num_heads=4, K=32, V=64,
+          inputs={"gk": Feature("logsigmoid", divide=16, rank=16)}, output_gate=True)
+
+An input not named in `inputs` is a plain linear projection. rcc.runtime.layers builds the
+stdlib's layers (GLA, Gated DeltaNet, an LSTM layer) from this one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS = ("identity", "l2norm", "sigmoid", "silu", "logsigmoid", "mamba_gate")
+
+
+class Feature(torch.nn.Module):
+    """How one cell input is made from x: a projection (low-rank through `rank` when given, as
+    fla's gate projections), an optional depthwise causal convolution of width `conv` followed by
+    SiLU (fla's ShortConvolution), then an activation, divided by `divide`:
+    identity, l2norm (x / sqrt(sum x^2 + 1e-6), the language's l2norm), sigmoid, silu,
+    logsigmoid, or mamba_gate (-exp(A_log) * softplus(x + dt_bias), per head: Mamba-2's and
+    Gated DeltaNet's decay in log space)."""
+
+    def __init__(self, activation="identity", divide=1.0, rank=None, conv=0, bias=False):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r} (choose from "
+                             f"{', '.join(_ACTIVATIONS)})")
+        self.activation, self.divide, self.rank, self.conv, self.bias = (
+            activation, float(divide), rank, int(conv), bias)
+
+    def build(self, d_model, heads, size):
+        """Create the parameters for `heads` x `size` outputs (called by Layer)."""
+        width = heads * size
+        if self.rank:
+            self.proj = torch.nn.Sequential(torch.nn.Linear(d_model, self.rank, bias=False),
+                                            torch.nn.Linear(self.rank, width, bias=True))
+        else:
+            self.proj = torch.nn.Linear(d_model, width, bias=self.bias)
+        if self.conv:
+            self.conv_weight = torch.nn.Parameter(torch.empty(width, 1, self.conv))
+            torch.nn.init.kaiming_uniform_(self.conv_weight, a=math.sqrt(5))
+        if self.activation == "mamba_gate":  # initialised as Mamba-2's (and fla's)
+            self.A_log = torch.nn.Parameter(torch.log(torch.empty(heads).uniform_(0, 16)))
+            dt = torch.exp(torch.rand(width) * (math.log(0.1) - math.log(0.001))
+                           + math.log(0.001)).clamp(min=1e-4)
+            self.dt_bias = torch.nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        self.heads, self.size = heads, size
+        return self
+
+    def forward(self, x):
+        """x [B, T, d_model] -> [B, T, heads, size]."""
+        y = self.proj(x)
+        if self.conv:  # causal: step t sees steps t - conv + 1 .. t
+            y = F.conv1d(F.pad(y.transpose(1, 2), (self.conv - 1, 0)), self.conv_weight,
+                         groups=y.shape[-1]).transpose(1, 2)
+            y = F.silu(y)
+        y = y.view(*y.shape[:2], self.heads, self.size)
+        if self.activation == "l2norm":
+            y = y * torch.rsqrt((y * y).sum(-1, keepdim=True) + 1e-6)
+        elif self.activation == "mamba_gate":
+            dt = F.softplus(y + self.dt_bias.view(self.heads, self.size))
+            y = -self.A_log.exp()[:, None] * dt
+        elif self.activation != "identity":
+            y = getattr(F, self.activation)(y)
+        return y / self.divide if self.divide != 1.0 else y
+
+    def extra_repr(self):
+        return (f"{self.activation}" + (f", divide={self.divide:g}" if self.divide != 1 else "")
+                + (f", rank={self.rank}" if self.rank else "")
+                + (f", conv={self.conv}" if self.conv else ""))
+
+
+class Layer(torch.nn.Module):
+    """x [B, T, d_model] -> (y [B, T, d_model], final states), the cell run over num_heads heads
+    (its dims per head). Calls take the cell's keywords (initial_state, cu_seqlens, ...)."""
+
+    def __init__(self, cell, d_model, num_heads, inputs=None, output_gate=False, norm=True,
+                 norm_eps=1e-5, **dims):
+        super().__init__()
+        inputs = dict(inputs or {})
+        unknown = set(inputs) - set(cell.INPUTS)
+        if unknown:
+            raise ValueError(f"{cell.CELL} has no input {sorted(unknown)[0]!r} (inputs: "
+                             f"{', '.join(cell.INPUTS)})")
+        if len(cell.OUTPUTS) != 1:
+            raise TypeError(f"a Layer's cell has one output; {cell.CELL} has {len(cell.OUTPUTS)}")
+        self.cell = cell(**dims, num_heads=num_heads)
+        self.d_model, self.num_heads = d_model, num_heads
+        (out,) = self.cell.output_shapes
+        self.head_out = math.prod(out)
+        self.features = torch.nn.ModuleDict()
+        for name in cell.INPUTS:
+            feature = inputs.get(name) or Feature()
+            self.features[name] = feature.build(d_model, num_heads,
+                                                math.prod(self.cell.shapes[name]))
+        self.norm_weight = torch.nn.Parameter(torch.ones(self.head_out)) if norm else None
+        self.norm_eps = norm_eps
+        self.g_proj = (torch.nn.Linear(d_model, num_heads * self.head_out, bias=False)
+                       if output_gate else None)
+        self.o_proj = torch.nn.Linear(num_heads * self.head_out, d_model, bias=False)
+        for m in self.modules():  # fla's layers' init of their projections
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(m.weight, gain=2 ** -2.5)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+
+    def cell_inputs(self, x):
+        """The cell's inputs [B, T, heads, *decl] made from x."""
+        return [self.features[n](x).view(*x.shape[:2], self.num_heads, *self.cell.shapes[n])
+                for n in self.cell.INPUTS]
+
+    def forward(self, x, **kwargs):
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Layer takes x [B, T, {self.d_model}], got {list(x.shape)}")
+        if any(f.conv for f in self.features.values()) and kwargs.get("cu_seqlens") is not None:
+            raise NotImplementedError("a Layer with a short convolution does not take cu_seqlens "
+                                      "yet (its convolution would read across sequences)")
+        o, final = self.cell(*self.cell_inputs(x), **kwargs)
+        o = o.reshape(*o.shape[:3], self.head_out)
+        if self.norm_weight is not None:  # RMS norm per head
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x).view_as(o))
+        return self.o_proj(o.flatten(2)), final
+
+    def step(self, x, cache=None):
+        """One token: x [B, d_model] -> (y [B, d_model], the next Cache)."""
+        from .generation import step
+        if any(f.conv for f in self.features.values()):
+            raise NotImplementedError("Layer.step with a short convolution is not supported yet "
+                                      "(its cache would hold the last inputs)")
+        return step(self, (x,), {}, cache)

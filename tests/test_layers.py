@@ -1,0 +1,145 @@
+"""rcc.Layer and the stdlib layers (issue 19): each equals its math written out by hand from
+the papers and flash-linear-attention's layer definitions, with the same weights, forward and
+backward; one token at a time equals the full sequence."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rcc
+from conftest import stdlib
+
+
+def rms_gate(o, weight, gate, eps=1e-5):
+    """fla's FusedRMSNormGated with SiLU: rmsnorm(o) * weight * silu(gate), per head."""
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * weight * F.silu(gate)
+
+
+def gla_by_hand(layer, x):
+    B, T, _ = x.shape
+    H, f = layer.num_heads, layer.features
+    q = (x @ f["q"].proj.weight.T).view(B, T, H, -1)
+    k = (x @ f["k"].proj.weight.T).view(B, T, H, -1)
+    v = (x @ f["v"].proj.weight.T).view(B, T, H, -1)
+    low, up = f["gk"].proj
+    gk = F.logsigmoid((x @ low.weight.T) @ up.weight.T + up.bias).view(B, T, H, -1) / 16
+    K = q.shape[-1]
+    S = x.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):  # S_t = Diag(exp(gk_t)) S_{t-1} + k_t v_t^T; o_t = S_t^T q_t / sqrt(K)
+        S = gk[:, t].exp()[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    o = torch.stack(outs, 1)
+    g = (x @ layer.g_proj.weight.T).view_as(o)
+    return rms_gate(o, layer.norm_weight, g).flatten(2) @ layer.o_proj.weight.T
+
+
+def causal_conv_silu(y, weight):
+    w = weight.shape[-1]
+    return F.silu(F.conv1d(F.pad(y.transpose(1, 2), (w - 1, 0)), weight,
+                           groups=y.shape[-1]).transpose(1, 2))
+
+
+def gated_deltanet_by_hand(layer, x):
+    B, T, _ = x.shape
+    H, f = layer.num_heads, layer.features
+
+    def conv_proj(name):
+        return causal_conv_silu(x @ f[name].proj.weight.T, f[name].conv_weight).view(B, T, H, -1)
+
+    def l2norm(y):
+        return y / (y * y).sum(-1, keepdim=True).add(1e-6).sqrt()
+
+    q, k, v = l2norm(conv_proj("q")), l2norm(conv_proj("k")), conv_proj("v")
+    beta = torch.sigmoid(x @ f["beta"].proj.weight.T)  # [B, T, H]
+    a = x @ f["g"].proj.weight.T
+    g = -f["g"].A_log.exp() * F.softplus(a + f["g"].dt_bias)  # [B, T, H]
+    K = q.shape[-1]
+    S = x.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):  # the gated delta rule, Yang et al. 2024 eq. (10)
+        S = g[:, t].exp()[..., None, None] * S
+        kS = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + k[:, t, ..., None] * (beta[:, t, :, None] * (v[:, t] - kS))[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    o = torch.stack(outs, 1)
+    gate = (x @ layer.g_proj.weight.T).view_as(o)
+    return rms_gate(o, layer.norm_weight, gate).flatten(2) @ layer.o_proj.weight.T
+
+
+def check_equal(layer, by_hand, T=9):
+    torch.manual_seed(1)
+    x = torch.randn(2, T, layer.d_model, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    want = by_hand(layer, x)
+    torch.testing.assert_close(y, want)
+    params = list(layer.parameters())
+    got = torch.autograd.grad(y.sin().sum(), [x, *params], allow_unused=True)
+    ref = torch.autograd.grad(want.sin().sum(), [x, *params], allow_unused=True)
+    for (name, _), a, b in zip([("x", None), *layer.named_parameters()], got, ref):
+        if b is None:
+            assert a is None or not a.abs().any(), name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("backend, plan", [("torch", "sequential"), ("torch", "chunk"),
+                                           ("cpp", "sequential")])
+def test_gla_layer_is_its_math(backend, plan):
+    torch.manual_seed(0)
+    layer = rcc.layers.gla(24, num_heads=3, backend=backend, plan=plan).double()
+    with torch.no_grad():
+        layer.norm_weight.uniform_(0.5, 1.5)
+    check_equal(layer, gla_by_hand)
+
+
+@pytest.mark.parametrize("backend, plan", [("torch", "sequential"), ("torch", "chunk")])
+def test_gated_deltanet_layer_is_its_math(backend, plan):
+    torch.manual_seed(0)
+    layer = rcc.layers.gated_deltanet(16, num_heads=2, head_dim=8, backend=backend, plan=plan).double()
+    check_equal(layer, gated_deltanet_by_hand)
+
+
+def test_lstm_layer_is_torch_lstm_between_projections():
+    torch.manual_seed(0)
+    layer = rcc.layers.lstm(12, 8).double()
+    ref = torch.nn.LSTM(12, 8, batch_first=True).double()
+    rcc.from_torch(layer.cell, ref)
+    x = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    want = ref(x @ layer.features["x"].proj.weight.T)[0] @ layer.o_proj.weight.T
+    torch.testing.assert_close(y, want)
+    cell = list(layer.cell.parameters())
+    got = torch.autograd.grad(y.sin().sum(), [x, *cell])
+    ref_grads = torch.autograd.grad(want.sin().sum(), [x, *ref.parameters()])
+    for a, b in zip(got, ref_grads):  # torch's parameter order: weight_ih, weight_hh, biases
+        torch.testing.assert_close(a, b)
+
+
+def test_a_layer_steps_one_token_at_a_time_and_takes_cu_seqlens():
+    torch.manual_seed(0)
+    layer = rcc.layers.gla(24, num_heads=3).double()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    y, final = layer(x)
+    cache = None
+    for t in range(7):
+        y_t, cache = layer.step(x[:, t], cache)
+        torch.testing.assert_close(y_t, y[:, t])
+    torch.testing.assert_close(cache.states["S"], final["S"])
+    packed, _ = layer(torch.cat([x[0], x[1, :3]])[None], cu_seqlens=[0, 7, 10])
+    torch.testing.assert_close(packed[0, :7], y[0])
+    torch.testing.assert_close(packed[0, 7:], layer(x[1:, :3])[0][0])
+
+
+def test_layer_errors():
+    gdn = rcc.layers.gated_deltanet(16, num_heads=2, head_dim=8)
+    with pytest.raises(NotImplementedError, match="short convolution"):
+        gdn.step(torch.randn(2, 16))
+    with pytest.raises(NotImplementedError, match="short convolution does not take cu_seqlens"):
+        gdn(torch.randn(1, 5, 16), cu_seqlens=[0, 2, 5])
+    with pytest.raises(ValueError, match=r"Layer takes x \[B, T, 16\]"):
+        gdn(torch.randn(2, 5, 8))
+    gla = rcc.compile(stdlib("gla.rnn"))
+    with pytest.raises(ValueError, match="GLA has no input 'z'"):
+        rcc.Layer(gla, 16, 2, {"z": rcc.Feature()}, K=4, V=4)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        rcc.Feature("tanh")
