@@ -143,3 +143,21 @@ def test_layer_errors():
         rcc.Layer(gla, 16, 2, {"z": rcc.Feature()}, K=4, V=4)
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         rcc.Feature("tanh")
+
+
+def test_the_layers_recurrences_equal_fla_naive_references():
+    """The cell inside each stdlib layer against flash-linear-attention's pure-torch reference of
+    the same recurrence (fla.ops.*.naive, float32), on the layer's own inputs."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 32)
+    gla = rcc.layers.gla(32, num_heads=2)
+    q, k, v, gk = gla.cell_inputs(x)
+    want = gla.output(x, naive_recurrent_gla(q, k, v, gk)[0])
+    torch.testing.assert_close(gla(x)[0], want, rtol=1e-5, atol=1e-6)
+    gdn = rcc.layers.gated_deltanet(32, num_heads=2, head_dim=8)
+    q, k, v, beta, g = gdn.cell_inputs(x)
+    want = gdn.output(x, naive_recurrent_gated_delta_rule(q, k, v, beta, g)[0])
+    torch.testing.assert_close(gdn(x)[0], want, rtol=1e-5, atol=1e-6)

@@ -123,12 +123,16 @@ class Layer(torch.nn.Module):
             raise NotImplementedError("a Layer with a short convolution does not take cu_seqlens "
                                       "yet (its convolution would read across sequences)")
         o, final = self.cell(*self.cell_inputs(x), **kwargs)
+        return self.output(x, o), final
+
+    def output(self, x, o):
+        """The layer's output from x and the cell's output o [B, T, heads, *out]."""
         o = o.reshape(*o.shape[:3], self.head_out)
         if self.norm_weight is not None:  # RMS norm per head
             o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x).view_as(o))
-        return self.o_proj(o.flatten(2)), final
+        return self.o_proj(o.flatten(2))
 
     def step(self, x, cache=None):
         """One token: x [B, d_model] -> (y [B, d_model], the next Cache)."""
