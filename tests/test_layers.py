@@ -130,10 +130,21 @@ def test_a_layer_steps_one_token_at_a_time_and_takes_cu_seqlens():
     torch.testing.assert_close(packed[0, 7:], layer(x[1:, :3])[0][0])
 
 
+def test_a_layer_with_short_convolutions_steps_one_token_at_a_time():
+    torch.manual_seed(0)
+    layer = rcc.layers.gated_deltanet(16, num_heads=2, head_dim=8).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    y, final = layer(x)
+    cache = None
+    for t in range(7):
+        y_t, cache = layer.step(x[:, t], cache)
+        torch.testing.assert_close(y_t, y[:, t])
+    torch.testing.assert_close(cache.states["S"], final["S"])
+    assert cache.states["conv:q"].shape == (2, 3, 16) and cache.steps == 7
+
+
 def test_layer_errors():
     gdn = rcc.layers.gated_deltanet(16, num_heads=2, head_dim=8)
-    with pytest.raises(NotImplementedError, match="short convolution"):
-        gdn.step(torch.randn(2, 16))
     with pytest.raises(NotImplementedError, match="short convolution does not take cu_seqlens"):
         gdn(torch.randn(1, 5, 16), cu_seqlens=[0, 2, 5])
     with pytest.raises(ValueError, match=r"Layer takes x \[B, T, 16\]"):

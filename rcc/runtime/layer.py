@@ -61,6 +61,22 @@ class Feature(torch.nn.Module):
             y = F.conv1d(F.pad(y.transpose(1, 2), (self.conv - 1, 0)), self.conv_weight,
                          groups=y.shape[-1]).transpose(1, 2)
             y = F.silu(y)
+        return self._activate(y)
+
+    def step(self, x, history=None):
+        """One step: x [B, d_model] -> ([B, heads, size], the convolution's window of the last
+        conv - 1 projections [B, conv - 1, width], or None without a convolution)."""
+        y = self.proj(x)
+        if not self.conv:
+            return self._activate(y[:, None])[:, 0], None
+        if history is None:
+            history = y.new_zeros(y.shape[0], self.conv - 1, y.shape[-1])
+        window = torch.cat([history, y[:, None]], 1)  # oldest first, as the convolution reads
+        y = F.silu(torch.einsum("bjw,wj->bw", window, self.conv_weight[:, 0]))
+        return self._activate(y[:, None])[:, 0], window[:, 1:]
+
+    def _activate(self, y):
+        """Projections [B, T, width] -> the input [B, T, heads, size]."""
         y = y.view(*y.shape[:2], self.heads, self.size)
         if self.activation == "l2norm":
             y = y * torch.rsqrt((y * y).sum(-1, keepdim=True) + 1e-6)
@@ -135,9 +151,21 @@ class Layer(torch.nn.Module):
         return self.o_proj(o.flatten(2))
 
     def step(self, x, cache=None):
-        """One token: x [B, d_model] -> (y [B, d_model], the next Cache)."""
-        from .generation import step
-        if any(f.conv for f in self.features.values()):
-            raise NotImplementedError("Layer.step with a short convolution is not supported yet "
-                                      "(its cache would hold the last inputs)")
-        return step(self, (x,), {}, cache)
+        """One token: x [B, d_model] -> (y [B, d_model], the next Cache: the cell's states and
+        each short convolution's window of recent projections, as "conv:<input>")."""
+        from .generation import Cache
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be the Cache a previous step returned (or None), got "
+                            f"{type(cache).__name__}")
+        states = {} if cache is None else cache.states
+        inputs, windows = [], {}
+        for name in self.cell.INPUTS:
+            y, window = self.features[name].step(x, states.get("conv:" + name))
+            inputs.append(y.view(x.shape[0], self.num_heads, *self.cell.shapes[name]))
+            if window is not None:
+                windows["conv:" + name] = window
+        cell_cache = None if cache is None else Cache(
+            {k: v for k, v in states.items() if not k.startswith("conv:")}, cache.steps)
+        o, cell_cache = self.cell.step(*inputs, cache=cell_cache)
+        y = self.output(x[:, None], o[:, None])[:, 0]
+        return y, Cache({**cell_cache.states, **windows}, cell_cache.steps)
