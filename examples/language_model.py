@@ -1,14 +1,14 @@
 """Train a small character-level language model whose token mixing is a compiled rcc cell:
-gated linear attention (stdlib/gla.rnn) with its projections written here, then sample from it
-one character at a time, carrying the cell's state between calls.
+gated linear attention (stdlib/gla.rnn) made a layer by rcc.Layer, then sample from it one
+character at a time, carrying the cell's state between calls.
 
     python examples/language_model.py                  # 2 layers, 200 Adam steps on the built-in text
     python examples/language_model.py --steps 600 --plan sequential --sample-length 400
 
 The model is a pre-norm stack of blocks, each `x + GLA(norm(x))` then `x + MLP(norm(x))`, between
 an embedding and a linear head. The cell itself (S' = diag(exp(gk)) S + k v^T, o = q S' / sqrt(K))
-has no parameters: the layer below computes its inputs q, k, v and the log forget gate gk from
-the residual stream for every head, the way flash-linear-attention's GLA layer does, and mixes the
+has no parameters: rcc.Layer computes its inputs q, k, v and the log forget gate gk from the
+residual stream for every head, the way flash-linear-attention's GLA layer does, and mixes the
 heads' outputs back. rcc runs the recurrence over the whole window at once when training (plan
 auto picks the chunkwise form on a CPU for these sizes) and step by step when generating: the
 final state of one call is the initial state of the next, so generation costs O(1) per token.
@@ -49,52 +49,27 @@ the nights grew long, and the lamp burned from early evening until the grey ligh
 """
 
 
-class GLALayer(torch.nn.Module):
-    """Token mixing by gated linear attention: per-head projections around the rcc cell."""
-
-    def __init__(self, Cell, d_model: int, heads: int, key_dim: int, value_dim: int):
-        super().__init__()
-        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
-        self.q = torch.nn.Linear(d_model, heads * key_dim, bias=False)
-        self.k = torch.nn.Linear(d_model, heads * key_dim, bias=False)
-        self.v = torch.nn.Linear(d_model, heads * value_dim, bias=False)
-        self.gate = torch.nn.Linear(d_model, heads * key_dim)
-        # a group norm over each head's output, as the GLA paper's layer has: heads whose state
-        # has grown (slow decay) and heads that forget fast reach the output at the same scale
-        self.head_norm = torch.nn.GroupNorm(heads, heads * value_dim)
-        self.out = torch.nn.Linear(heads * value_dim, d_model, bias=False)
-        self.cell = Cell(K=key_dim, V=value_dim)  # the cell has dims K, V and no parameters
-
-    def forward(self, x, state=None):
-        """x [B, T, d_model]; state: the cell's S [B, heads, K, V] after the previous call, or
-        None (zeros). Returns (y [B, T, d_model], S after the last step)."""
-        B, T, _ = x.shape
-        H, K, V = self.heads, self.key_dim, self.value_dim
-        # axes between T and the declared shape are heads: [B, T, H, K] as in flash-linear-attention
-        q = self.q(x).view(B, T, H, K)
-        k = self.k(x).view(B, T, H, K) / math.sqrt(K)  # keeps k v^T small as the state sums them
-        v = self.v(x).view(B, T, H, V)
-        # the forget gate in log space, as the paper parametrises it: logsigmoid(.) / 16 is in
-        # (-inf, 0) and starts near -0.04 (decay 0.96 per step: a memory of a few dozen characters)
-        gk = F.logsigmoid(self.gate(x)).view(B, T, H, K) / 16
-        o, final = self.cell(q, k, v, gk, initial_state=state)  # o [B, T, H, V]
-        o = self.head_norm(o.reshape(B * T, H * V)).view(B, T, H * V)
-        return self.out(o), final["S"]
-
-
 class Block(torch.nn.Module):
     def __init__(self, Cell, d_model, heads, key_dim, value_dim):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(d_model)
-        self.mix = GLALayer(Cell, d_model, heads, key_dim, value_dim)
+        # rcc.Layer: per-head projections of x to the cell's inputs q, k, v and the forget gate
+        # in log space (logsigmoid(.) / 16, as the GLA paper parametrises it: it starts near
+        # -0.04, a decay of 0.96 per step), the cell over the heads, each head's output
+        # RMS-normalised and gated by SiLU, then projected back (fla's GLA layer's shape)
+        self.mix = rcc.Layer(Cell, d_model, heads,
+                             {"gk": rcc.Feature("logsigmoid", divide=16)}, output_gate=True,
+                             K=key_dim, V=value_dim)
         self.norm2 = torch.nn.LayerNorm(d_model)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d_model, 4 * d_model), torch.nn.GELU(),
                                        torch.nn.Linear(4 * d_model, d_model))
 
     def forward(self, x, state=None):
-        y, state = self.mix(self.norm1(x), state)
+        """x [B, T, d_model]; state: the cell's S [B, heads, K, V] after the previous call, or
+        None (zeros). Returns (x after the block, S after the last step)."""
+        y, final = self.mix(self.norm1(x), initial_state=state)
         x = x + y
-        return x + self.mlp(self.norm2(x)), state
+        return x + self.mlp(self.norm2(x)), final["S"]
 
 
 class CharLM(torch.nn.Module):
