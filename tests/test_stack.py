@@ -102,3 +102,30 @@ def test_stack_errors():
     with pytest.raises(ValueError, match="num_layers=1, bidirectional=False; the Stack has "
                                          "num_layers=2"):
         rcc.from_torch(stack, torch.nn.LSTM(5, 4))
+
+
+@pytest.mark.parametrize("cell_file", ["lstm.rnn", "gru.rnn"])
+def test_packed_sequences_equal_torch(cell_file):
+    """A PackedSequence (and a padded batch with lengths) through 2 bidirectional layers: the
+    reverse direction starts at each sequence's own end, as torch.nn.LSTM's does."""
+    stack, ref = pair(cell_file, num_layers=2)
+    lens = [5, 2, 7]
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True,
+                                                     enforce_sorted=False)
+    y, final = stack(packed)
+    y_ref, states_ref = ref(packed)
+    assert isinstance(y, torch.nn.utils.rnn.PackedSequence)
+    torch.testing.assert_close(y.data, y_ref.data)
+    h_ref = states_ref[0] if cell_file == "lstm.rnn" else states_ref
+    torch.testing.assert_close(final["h"], h_ref)
+    got = torch.autograd.grad(y.data.sin().sum() + final["h"].sum(), [x, *stack.parameters()],
+                              retain_graph=True)  # the packing of x is shared with ref's graph
+    want = torch.autograd.grad(y_ref.data.sin().sum() + h_ref.sum(),
+                               [x, *[dict(ref.named_parameters())[n] for n in _torch_names(stack)]])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    y_pad, final_pad = stack(x, lengths=torch.tensor(lens))
+    unpacked, _ = torch.nn.utils.rnn.pad_packed_sequence(y_ref, batch_first=True)
+    torch.testing.assert_close(y_pad, unpacked)  # zeros past each length, as torch pads
+    torch.testing.assert_close(final_pad["h"], h_ref)

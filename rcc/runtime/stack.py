@@ -12,6 +12,22 @@ reverses its output back, as torch.nn.LSTM's does. Final states come in torch.nn
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+
+def _reverse_within(lengths, T, device):
+    """Per row, the time index that reverses its first lengths[b] steps (the padding stays)."""
+    t = torch.arange(T)
+    rev = lengths[:, None] - 1 - t[None]
+    return torch.where(rev >= 0, rev, t[None]).to(device)
+
+
+def _reversed(x, flip):
+    """x [B, T, ...] reversed in time: whole rows, or each row within its length (`flip`)."""
+    if flip is None:
+        return x.flip(1)
+    index = flip.view(*flip.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
 
 
 class Stack(torch.nn.Module):
@@ -46,12 +62,27 @@ class Stack(torch.nn.Module):
         """The cell module of `layer` (and direction)."""
         return self.cells[layer * self.directions + int(reverse)]
 
-    def forward(self, x, initial_state=None):
-        """x: [B, T, d_in] ([T, B, d_in] with batch_first=False). initial_state: {state:
-        [num_layers * num_directions, B, *decl]} or None. Returns (output [B, T, directions *
-        out], final states in the same layout as initial_state)."""
+    def forward(self, x, initial_state=None, lengths=None):
+        """x: [B, T, d_in] ([T, B, d_in] with batch_first=False), or a PackedSequence.
+        initial_state: {state: [num_layers * num_directions, B, *decl]} or None. lengths: each
+        row's length in a padded x (the reverse direction then starts at each row's own end).
+        Returns (output [B, T, directions * out], or a PackedSequence for one; final states in
+        the same layout as initial_state, each row's at its own length)."""
+        if isinstance(x, PackedSequence):
+            if lengths is not None:
+                raise TypeError("a PackedSequence carries its lengths: pass no lengths=")
+            padded, lens = pad_packed_sequence(x, batch_first=self.batch_first)
+            y, final = self.forward(padded, initial_state, lens)
+            return pack_padded_sequence(y, lens, batch_first=self.batch_first,
+                                        enforce_sorted=False), final
         if not self.batch_first:
             x = x.transpose(0, 1)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+            kwargs = {"lengths": lengths.tolist()}
+            flip = _reverse_within(lengths, x.shape[1], x.device)
+        else:
+            kwargs, flip = {}, None
         if initial_state is not None:
             unknown = set(initial_state) - set(self.states)
             if unknown:
@@ -71,9 +102,9 @@ class Stack(torch.nn.Module):
                 k = layer * self.directions + int(reverse)
                 start = None if initial_state is None else \
                     {name: s[k] for name, s in initial_state.items()}
-                seq = x.flip(1) if reverse else x
-                y, final = self.cells[k](seq, initial_state=start)
-                outs.append(y.flip(1) if reverse else y)
+                seq = _reversed(x, flip) if reverse else x
+                y, final = self.cells[k](seq, initial_state=start, **kwargs)
+                outs.append(_reversed(y, flip) if reverse else y)
                 for name in self.states:
                     finals[name].append(final[name])
             x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
