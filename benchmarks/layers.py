@@ -6,7 +6,8 @@ backward, float32, on CPU, in one process:
     python benchmarks/layers.py --T 512 --repeats 3
 
 - gla: rcc.layers.gla(d_model=512, num_heads=4): K=64, V=128 per head;
-- gated_deltanet: rcc.layers.gated_deltanet(d_model=512, num_heads=4, head_dim=64): V=128.
+- gated_deltanet: rcc.layers.gated_deltanet(d_model=512, num_heads=4, head_dim=64): V=128;
+- kda: rcc.layers.kda(d_model=512, num_heads=4, head_dim=64): K=V=64.
 B=4, T=1024 by default. The peer row runs the layer's own projections, norm, gate and output
 projection around fla's naive recurrence (rcc.Layer.cell_inputs / output), so the ratio is the
 recurrence's. Each rcc row is checked against the peer first (outputs and gradients).
@@ -34,12 +35,16 @@ def peers():
         warnings.simplefilter("ignore")
         from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
         from fla.ops.gla.naive import naive_recurrent_gla
-    return {"gla": naive_recurrent_gla, "gated_deltanet": naive_recurrent_gated_delta_rule}
+        from fla.ops.kda.naive import naive_recurrent_kda
+    return {"gla": naive_recurrent_gla, "gated_deltanet": naive_recurrent_gated_delta_rule,
+            "kda": naive_recurrent_kda}
 
 
 def make(name, backend, plan):
     if name == "gla":
         return rcc.layers.gla(512, num_heads=4, backend=backend, plan=plan)
+    if name == "kda":
+        return rcc.layers.kda(512, num_heads=4, head_dim=64, backend=backend, plan=plan)
     return rcc.layers.gated_deltanet(512, num_heads=4, head_dim=64, backend=backend, plan=plan)
 
 
@@ -50,8 +55,8 @@ def run(fn, layer, x):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", choices=["gla", "gated_deltanet"],
-                    default=["gla", "gated_deltanet"])
+    ap.add_argument("--only", nargs="*", choices=["gla", "gated_deltanet", "kda"],
+                    default=["gla", "gated_deltanet", "kda"])
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=1)

@@ -58,7 +58,7 @@ class Block(torch.nn.Module):
         # -0.04, a decay of 0.96 per step), the cell over the heads, each head's output
         # RMS-normalised and gated by SiLU, then projected back (fla's GLA layer's shape)
         self.mix = rcc.Layer(Cell, d_model, heads,
-                             {"gk": rcc.Feature("logsigmoid", divide=16)}, output_gate=True,
+                             {"gk": rcc.Feature("logsigmoid", divide=16)}, output_gate="silu",
                              K=key_dim, V=value_dim)
         self.norm2 = torch.nn.LayerNorm(d_model)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d_model, 4 * d_model), torch.nn.GELU(),

@@ -24,9 +24,9 @@ def gla(d_model, num_heads=4, expand_k=0.5, expand_v=1.0, gate_low_rank_dim=16,
     projections, the forget gate through a rank-16 projection, logsigmoid / 16 (log space),
     the SiLU-gated RMS norm of the output and the output projection."""
     K, V = int(d_model * expand_k) // num_heads, int(d_model * expand_v) // num_heads
-    gate = Feature("logsigmoid", divide=gate_logit_normalizer, rank=gate_low_rank_dim)
+    gate = Feature("logsigmoid", divide=gate_logit_normalizer, rank=gate_low_rank_dim, bias=True)
     return Layer(_cell("gla", backend, plan), d_model, num_heads, {"gk": gate},
-                 output_gate=True, K=K, V=V)
+                 output_gate="silu", K=K, V=V)
 
 
 def gated_deltanet(d_model, num_heads=6, head_dim=256, expand_v=2.0, conv_size=4,
@@ -41,7 +41,23 @@ def gated_deltanet(d_model, num_heads=6, head_dim=256, expand_v=2.0, conv_size=4
               "v": Feature("identity", **conv), "beta": Feature("sigmoid"),
               "g": Feature("mamba_gate")}
     return Layer(_cell("gated_deltanet", backend, plan), d_model, num_heads, inputs,
-                 output_gate=True, K=K, V=V)
+                 output_gate="silu", K=K, V=V)
+
+
+def kda(d_model, num_heads=16, head_dim=128, expand_v=1.0, conv_size=4, backend="auto",
+        plan="auto"):
+    """Kimi Delta Attention (Kimi Linear, 2025) as fla.layers.KimiDeltaAttention: q, k, v
+    through short causal convolutions with SiLU, q and k L2-normalised, beta = sigmoid, the
+    per-channel decay -exp(A_log) * softplus(f + dt_bias) with f through a rank-head_v_dim
+    projection, the sigmoid-gated RMS norm of the output (its gate low-rank too) and the output
+    projection."""
+    K, V = head_dim, int(head_dim * expand_v)
+    conv = {"conv": conv_size} if conv_size else {}
+    inputs = {"q": Feature("l2norm", **conv), "k": Feature("l2norm", **conv),
+              "v": Feature("identity", **conv), "beta": Feature("sigmoid"),
+              "g": Feature("mamba_gate", rank=V)}
+    return Layer(_cell("kda", backend, plan), d_model, num_heads, inputs,
+                 output_gate="sigmoid", gate_rank=V, K=K, V=V)
 
 
 def lstm(d_model, hidden, backend="auto", plan="auto"):

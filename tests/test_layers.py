@@ -20,7 +20,7 @@ def gla_by_hand(layer, x):
     q = (x @ f["q"].proj.weight.T).view(B, T, H, -1)
     k = (x @ f["k"].proj.weight.T).view(B, T, H, -1)
     v = (x @ f["v"].proj.weight.T).view(B, T, H, -1)
-    low, up = f["gk"].proj
+    low, up = f["gk"].proj  # fla's gk_proj: rank 16, a bias on the second map
     gk = F.logsigmoid((x @ low.weight.T) @ up.weight.T + up.bias).view(B, T, H, -1) / 16
     K = q.shape[-1]
     S = x.new_zeros(B, H, K, v.shape[-1])
@@ -152,6 +152,8 @@ def test_layer_errors():
     gla = rcc.compile(stdlib("gla.rnn"))
     with pytest.raises(ValueError, match="GLA has no input 'z'"):
         rcc.Layer(gla, 16, 2, {"z": rcc.Feature()}, K=4, V=4)
+    with pytest.raises(ValueError, match="output_gate must be None, 'silu' or 'sigmoid'"):
+        rcc.Layer(gla, 16, 2, output_gate="tanh", K=4, V=4)
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         rcc.Feature("tanh")
 
@@ -172,3 +174,56 @@ def test_the_layers_recurrences_equal_fla_naive_references():
     q, k, v, beta, g = gdn.cell_inputs(x)
     want = gdn.output(x, naive_recurrent_gated_delta_rule(q, k, v, beta, g)[0])
     torch.testing.assert_close(gdn(x)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def kda_by_hand(layer, x):
+    """fla.layers.KimiDeltaAttention's math: short convs with SiLU, l2norm q and k in the
+    kernel, per-channel gate -exp(A_log) * softplus(f_proj(x) + dt_bias), beta = sigmoid, the
+    delta rule with a diagonal decay, then rmsnorm(o) * w * sigmoid(g_proj(x)) and o_proj."""
+    B, T, _ = x.shape
+    H, f = layer.num_heads, layer.features
+
+    def conv_proj(name):
+        return causal_conv_silu(x @ f[name].proj.weight.T, f[name].conv_weight).view(B, T, H, -1)
+
+    def l2norm(y):
+        return y / (y * y).sum(-1, keepdim=True).add(1e-6).sqrt()
+
+    q, k, v = l2norm(conv_proj("q")), l2norm(conv_proj("k")), conv_proj("v")
+    beta = torch.sigmoid(x @ f["beta"].proj.weight.T)
+    low, up = f["g"].proj
+    fx = ((x @ low.weight.T) @ up.weight.T).view(B, T, H, -1)
+    g = -f["g"].A_log.exp()[:, None] * F.softplus(fx + f["g"].dt_bias.view(H, -1))
+    K = q.shape[-1]
+    S = x.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = g[:, t].exp()[..., None] * S
+        kS = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + k[:, t, ..., None] * (beta[:, t, :, None] * (v[:, t] - kS))[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    o = torch.stack(outs, 1)
+    g_low, g_up = layer.g_proj
+    gate = ((x @ g_low.weight.T) @ g_up.weight.T + g_up.bias).view_as(o)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * layer.norm_weight
+    return (o * torch.sigmoid(gate)).flatten(2) @ layer.o_proj.weight.T
+
+
+@pytest.mark.parametrize("backend, plan", [("torch", "sequential"), ("torch", "chunk")])
+def test_kda_layer_is_its_math(backend, plan):
+    torch.manual_seed(0)
+    layer = rcc.layers.kda(16, num_heads=2, head_dim=8, backend=backend, plan=plan).double()
+    with torch.no_grad():
+        layer.g_proj[1].bias.uniform_(-1, 1)
+    check_equal(layer, kda_by_hand)
+
+
+def test_kda_layer_recurrence_equals_fla_naive():
+    from fla.ops.kda.naive import naive_recurrent_kda
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 32)
+    layer = rcc.layers.kda(32, num_heads=2, head_dim=8)
+    q, k, v, g, beta = layer.cell_inputs(x)
+    want = layer.output(x, naive_recurrent_kda(q, k, v, g, beta)[0])
+    torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,8 @@ an optional low-rank projection and an optional short causal convolution), the c
 heads, then a per-head RMS norm with an optional SiLU output gate, and the output projection.
 
     Layer(GLA, d_model=256, num_heads=4, K=32, V=64,
-          inputs={"gk": Feature("logsigmoid", divide=16, rank=16)}, output_gate=True)
+          inputs={"gk": Feature("logsigmoid", divide=16, rank=16, bias=True)},
+          output_gate="silu")
 
 An input not named in `inputs` is a plain linear projection. rcc.runtime.layers builds the
 stdlib's layers (GLA, Gated DeltaNet, an LSTM layer) from this one.
@@ -21,7 +22,8 @@ _ACTIVATIONS = ("identity", "l2norm", "sigmoid", "silu", "logsigmoid", "mamba_ga
 
 class Feature(torch.nn.Module):
     """How one cell input is made from x: a projection (low-rank through `rank` when given, as
-    fla's gate projections), an optional depthwise causal convolution of width `conv` followed by
+    fla's gate projections; `bias` on its last linear map), an optional depthwise causal
+    convolution of width `conv` followed by
     SiLU (fla's ShortConvolution), then an activation, divided by `divide`:
     identity, l2norm (x / sqrt(sum x^2 + 1e-6), the language's l2norm), sigmoid, silu,
     logsigmoid, or mamba_gate (-exp(A_log) * softplus(x + dt_bias), per head: Mamba-2's and
@@ -40,7 +42,7 @@ class Feature(torch.nn.Module):
         width = heads * size
         if self.rank:
             self.proj = torch.nn.Sequential(torch.nn.Linear(d_model, self.rank, bias=False),
-                                            torch.nn.Linear(self.rank, width, bias=True))
+                                            torch.nn.Linear(self.rank, width, bias=self.bias))
         else:
             self.proj = torch.nn.Linear(d_model, width, bias=self.bias)
         if self.conv:
@@ -97,8 +99,8 @@ class Layer(torch.nn.Module):
     """x [B, T, d_model] -> (y [B, T, d_model], final states), the cell run over num_heads heads
     (its dims per head). Calls take the cell's keywords (initial_state, cu_seqlens, ...)."""
 
-    def __init__(self, cell, d_model, num_heads, inputs=None, output_gate=False, norm=True,
-                 norm_eps=1e-5, **dims):
+    def __init__(self, cell, d_model, num_heads, inputs=None, output_gate=None, gate_rank=None,
+                 norm=True, norm_eps=1e-5, **dims):
         super().__init__()
         inputs = dict(inputs or {})
         unknown = set(inputs) - set(cell.INPUTS)
@@ -118,8 +120,15 @@ class Layer(torch.nn.Module):
                                                 math.prod(self.cell.shapes[name]))
         self.norm_weight = torch.nn.Parameter(torch.ones(self.head_out)) if norm else None
         self.norm_eps = norm_eps
-        self.g_proj = (torch.nn.Linear(d_model, num_heads * self.head_out, bias=False)
-                       if output_gate else None)
+        # the output gate: None, "silu" (GLA's, Gated DeltaNet's) or "sigmoid" (KDA's), its
+        # projection low-rank (with a bias, as fla's) through `gate_rank` when given
+        if output_gate not in (None, "silu", "sigmoid"):
+            raise ValueError(f"output_gate must be None, 'silu' or 'sigmoid', got {output_gate!r}")
+        self.output_gate, width = output_gate, num_heads * self.head_out
+        self.g_proj = None if output_gate is None else (
+            torch.nn.Linear(d_model, width, bias=False) if not gate_rank else
+            torch.nn.Sequential(torch.nn.Linear(d_model, gate_rank, bias=False),
+                                torch.nn.Linear(gate_rank, width, bias=True)))
         self.o_proj = torch.nn.Linear(num_heads * self.head_out, d_model, bias=False)
         for m in self.modules():  # fla's layers' init of their projections
             if isinstance(m, torch.nn.Linear):
@@ -147,7 +156,7 @@ class Layer(torch.nn.Module):
         if self.norm_weight is not None:  # RMS norm per head
             o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
         if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(x).view_as(o))
+            o = o * getattr(F, self.output_gate)(self.g_proj(x).view_as(o))
         return self.o_proj(o.flatten(2))
 
     def step(self, x, cache=None):
