@@ -243,6 +243,9 @@ def _check(args) -> int:
             cell_ir = run_pipeline(elaborate(cell, prog.fns))
             if cell_ir.topology == "seq":  # what rcc compile runs: the analysis too
                 plans = f" (legal plans: {', '.join(analyze_ir(cell_ir).plans)})"
+            else:  # what printing a graph module checks: which values are per edge
+                from .passes.topology import spaces
+                spaces(cell_ir)
         except NeedStatic:
             pass  # depends on a dim value given at instantiation; the rest was checked
         print(f"{filename}: cell {cell.name}: ok{plans}")

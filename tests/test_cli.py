@@ -38,6 +38,18 @@ def test_check_bad_file_prints_position_and_caret(tmp_path):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_check_refuses_what_compile_refuses_over_graphs(tmp_path):
+    """A value per outgoing edge (it reads out_slot) updating a node state: rcc check says so,
+    as rcc compile does (the graph printers' check ran only when code was printed)."""
+    path = tmp_path / "slot.rnn"
+    path.write_text("cell C(d) over dag {\n    input x[d], g[2]\n    state h[d]\n"
+                    "    h' = g[out_slot] * sum_pred(h) + x\n    output y = x\n}\n")
+    for command in ("check", "compile"):
+        r = rcc_cli(command, str(path), cwd=tmp_path)
+        assert r.returncode == 1, (command, r.stdout)
+        assert r.stderr.startswith(f"{path}:4:36: error: the update of state 'h' reads out_slot")
+
+
 def test_compile_bad_file_exits_1(tmp_path):
     path = tmp_path / "bad.rnn"
     path.write_text("cell C(d) {\n    input x[d]\n    output y = x +* x\n}\n")
