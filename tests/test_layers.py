@@ -141,12 +141,14 @@ def test_a_layer_with_short_convolutions_steps_one_token_at_a_time():
         torch.testing.assert_close(y_t, y[:, t])
     torch.testing.assert_close(cache.states["S"], final["S"])
     assert cache.states["conv:q"].shape == (2, 3, 16) and cache.steps == 7
+    # packed sequences: the convolutions do not read across a boundary either
+    packed, _ = layer(torch.cat([x[0], x[1, :3]])[None], cu_seqlens=torch.tensor([0, 7, 10]))
+    torch.testing.assert_close(packed[0, :7], y[0])
+    torch.testing.assert_close(packed[0, 7:], layer(x[1:, :3])[0][0])
 
 
 def test_layer_errors():
     gdn = rcc.layers.gated_deltanet(16, num_heads=2, head_dim=8)
-    with pytest.raises(NotImplementedError, match="short convolution does not take cu_seqlens"):
-        gdn(torch.randn(1, 5, 16), cu_seqlens=[0, 2, 5])
     with pytest.raises(ValueError, match=r"Layer takes x \[B, T, 16\]"):
         gdn(torch.randn(2, 5, 8))
     gla = rcc.compile(stdlib("gla.rnn"))

@@ -136,18 +136,24 @@ class Layer(torch.nn.Module):
                 if m.bias is not None:
                     torch.nn.init.zeros_(m.bias)
 
-    def cell_inputs(self, x):
-        """The cell's inputs [B, T, heads, *decl] made from x."""
-        return [self.features[n](x).view(*x.shape[:2], self.num_heads, *self.cell.shapes[n])
-                for n in self.cell.INPUTS]
+    def cell_inputs(self, x, cu_seqlens=None):
+        """The cell's inputs [B, T, heads, *decl] made from x (with cu_seqlens, a short
+        convolution runs over each packed sequence alone: it never reads across a boundary)."""
+        out = []
+        for n in self.cell.INPUTS:
+            f = self.features[n]
+            if f.conv and cu_seqlens is not None:
+                bounds = [int(b) for b in cu_seqlens]
+                y = torch.cat([f(x[:, a:b]) for a, b in zip(bounds, bounds[1:])], 1)
+            else:
+                y = f(x)
+            out.append(y.view(*x.shape[:2], self.num_heads, *self.cell.shapes[n]))
+        return out
 
     def forward(self, x, **kwargs):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Layer takes x [B, T, {self.d_model}], got {list(x.shape)}")
-        if any(f.conv for f in self.features.values()) and kwargs.get("cu_seqlens") is not None:
-            raise NotImplementedError("a Layer with a short convolution does not take cu_seqlens "
-                                      "yet (its convolution would read across sequences)")
-        o, final = self.cell(*self.cell_inputs(x), **kwargs)
+        o, final = self.cell(*self.cell_inputs(x, kwargs.get("cu_seqlens")), **kwargs)
         return self.output(x, o), final
 
     def output(self, x, o):
