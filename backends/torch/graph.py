@@ -109,6 +109,9 @@ class GraphPrinter(TorchPrinter):
         lines = [
             ("    def forward(self, *args, edge_index=None, initial_state=None, output_final_state=True, "
              "**kwargs):"),
+            "        if torch.compiler.is_compiling():  # one op: the schedule is data (rcc.runtime.ops)",
+            "            return _rt.ops.call(self, args, kwargs, initial_state, output_final_state, "
+            "edge_index)",
             f"        {_tuple(self.decl_names[d.name] for d in self.cell.inputs)}, _layout, _g = "
             "self._graph_inputs(args, kwargs, edge_index)",
             "        _NB = _g.nb  # batch times heads; every value is [rows * _NB, ...]",

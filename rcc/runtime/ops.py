@@ -54,14 +54,16 @@ def _module(key: str):
     return found
 
 
-def _run(module, inputs, params, given, states):
+def _run(module, inputs, params, given, states, edge_index=None):
     """The module's eager forward on these tensors as its inputs, params and initial states
-    (`given`: the states' names, comma-separated): (outputs, final states), each a list in the
-    class's order."""
+    (`given`: the states' names, comma-separated; `edge_index`: a dag cell's graph): (outputs,
+    final states), each a list in the class's order."""
     given = dict(zip(given.split(",") if given else (), states))
     named = dict(zip(module._parameters, params))
-    out, final = torch.func.functional_call(module, named, tuple(inputs),
-                                            {"initial_state": given or None})
+    kwargs = {"initial_state": given or None}
+    if edge_index is not None:
+        kwargs["edge_index"] = edge_index
+    out, final = torch.func.functional_call(module, named, tuple(inputs), kwargs)
     outs = list(out) if isinstance(out, tuple) else [out]
     return outs, [final[s] for s in module.STATES]
 
@@ -85,27 +87,39 @@ def _owned(results, inputs):
 
 @torch.library.custom_op("rcc::cell", mutates_args=())
 def cell(key: str, inputs: list[Tensor], params: list[Tensor], given: str,
-         states: list[Tensor]) -> list[Tensor]:
+         states: list[Tensor], edge_index: Optional[Tensor] = None) -> list[Tensor]:
     """A cell module's forward: its outputs, then its final states."""
-    outs, finals = _run(_module(key), inputs, params, given, states)
+    outs, finals = _run(_module(key), inputs, params, given, states, edge_index)
     return _owned(outs + finals, [*inputs, *params, *states])
 
 
 @cell.register_fake
-def _cell_fake(key, inputs, params, given, states):
+def _cell_fake(key, inputs, params, given, states, edge_index=None):
+    """Outputs [B, *steps, *heads, *o] (steps: T; a graph's nodes, N or X, Y) and final states
+    [B, *heads, *decl] (a graph's: per node, or per edge: [B, E, ...], [B, X, Y, 2, ...])."""
     module = _module(key)
     x = inputs[0]
-    B, T = x.shape[0], x.shape[1]
-    heads = x.shape[2:x.dim() - len(module.shapes[module.INPUTS[0]])]
-    outs = [x.new_empty((B, T, *heads, *shape)) for shape in module.output_shapes]
-    finals = [x.new_empty((B, *heads, *module.shapes[s])) for s in module.STATES]
+    topology = getattr(module, "TOPOLOGY", "seq")
+    lead = 2 if topology == "grid2d" else 1
+    B, steps = x.shape[0], tuple(x.shape[1:1 + lead])
+    heads = tuple(x.shape[1 + lead:x.dim() - len(module.shapes[module.INPUTS[0]])])
+    outs = [x.new_empty((B, *steps, *heads, *shape)) for shape in module.output_shapes]
+    finals = []
+    for s in module.STATES:
+        if topology == "seq":
+            where = ()
+        elif s not in getattr(module, "EDGE_STATES", ()):
+            where = steps
+        else:
+            where = (*steps, 2) if topology == "grid2d" else (edge_index.shape[1],)
+        finals.append(x.new_empty((B, *where, *heads, *module.shapes[s])))
     return outs + finals
 
 
 @torch.library.custom_op("rcc::cell_backward", mutates_args=())
 def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: str,
-                  states: list[Tensor], grads: list[Optional[Tensor]],
-                  needed: list[bool]) -> list[Tensor]:
+                  states: list[Tensor], grads: list[Optional[Tensor]], needed: list[bool],
+                  edge_index: Optional[Tensor] = None) -> list[Tensor]:
     """The gradients of `cell`'s results (weighted by `grads`, None for a result not used)
     with respect to its inputs, params and given states, in that order (zeros where `needed`
     says autograd does not ask for one): the forward is run again with gradients."""
@@ -114,7 +128,7 @@ def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: s
     n_in, n_par = len(inputs), len(params)
     with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPS), torch.enable_grad():
         outs, finals = _run(_module(key), leaves[:n_in], leaves[n_in:n_in + n_par], given,
-                            leaves[n_in + n_par:])
+                            leaves[n_in + n_par:], edge_index)
         pairs = [(r, g) for r, g in zip(outs + finals, grads) if g is not None and r.requires_grad]
         wanted = [t for t in leaves if t.requires_grad]
         found = iter(torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs],
@@ -127,39 +141,47 @@ def cell_backward(key: str, inputs: list[Tensor], params: list[Tensor], given: s
 
 
 @cell_backward.register_fake
-def _cell_backward_fake(key, inputs, params, given, states, grads, needed):
+def _cell_backward_fake(key, inputs, params, given, states, grads, needed, edge_index=None):
     return [torch.empty_like(t) for t in (*inputs, *params, *states)]
 
 
 def _setup(ctx, inputs, output):
-    key, ins, params, given, states = inputs
+    key, ins, params, given, states, *rest = inputs  # edge_index when given
+    edge_index = rest[0] if rest else None
     ctx.key, ctx.given, ctx.counts = key, given, (len(ins), len(params))
-    ctx.save_for_backward(*ins, *params, *states)
+    ctx.graph = edge_index is not None
+    ctx.save_for_backward(*ins, *params, *states, *((edge_index,) if ctx.graph else ()))
 
 
 def _backward(ctx, grads):
     n_in, n_par = ctx.counts
     saved = list(ctx.saved_tensors)
-    _, need_in, need_par, _, need_states = ctx.needs_input_grad
+    edge_index = saved.pop() if ctx.graph else None
+    _, need_in, need_par, _, need_states, *_ = ctx.needs_input_grad
     found = cell_backward(ctx.key, saved[:n_in], saved[n_in:n_in + n_par], ctx.given,
                           saved[n_in + n_par:], list(grads),
-                          [*need_in, *need_par, *need_states])
-    return None, found[:n_in], found[n_in:n_in + n_par], None, found[n_in + n_par:]
+                          [*need_in, *need_par, *need_states], edge_index)
+    grads_in = (None, found[:n_in], found[n_in:n_in + n_par], None, found[n_in + n_par:])
+    return (*grads_in, None) if len(ctx.needs_input_grad) == 6 else grads_in
 
 
 cell.register_autograd(_backward, setup_context=_setup)
 
 
-def call(module, args, kwargs, initial_state, output_final_state=True):
+def call(module, args, kwargs, initial_state, output_final_state=True, edge_index=None):
     """`module(*args, initial_state=..., **kwargs)` as the op (what a generated forward runs
-    under torch.compile): the call checked as in eager, results returned as in eager."""
-    _, layout = module._inputs(args, kwargs)  # the same checks and errors as eager
+    under torch.compile): the call checked as in eager, results returned as in eager. A cell
+    over a graph is checked inside the op (its checks build the schedule: data)."""
     given = module._bind_inputs(args, kwargs)
-    states = {n: s for n, s in zip(module.STATES, module._given_states(initial_state, layout))
-              if s is not None}
+    if getattr(module, "TOPOLOGY", "seq") == "seq":
+        _, layout = module._inputs(args, kwargs)  # the same checks and errors as eager
+        states = dict(zip(module.STATES, module._given_states(initial_state, layout)))
+    else:
+        states = dict(initial_state or {})
+    states = {n: s for n, s in states.items() if s is not None}
     results = torch.ops.rcc.cell(module._op_key, [given[n] for n in module.INPUTS],
                                  list(module._parameters.values()), ",".join(states),
-                                 list(states.values()))
+                                 list(states.values()), edge_index)
     n = len(module.OUTPUTS)
     outs = results[:n]
     final = dict(zip(module.STATES, results[n:])) if output_final_state else None
