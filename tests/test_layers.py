@@ -39,17 +39,25 @@ def causal_conv_silu(y, weight):
                            groups=y.shape[-1]).transpose(1, 2))
 
 
-def gated_deltanet_by_hand(layer, x):
+def delta_rule_qkv(layer, x):
+    """q, k, v of the delta-rule layers: short convolutions with SiLU, q and k L2-normalised."""
     B, T, _ = x.shape
-    H, f = layer.num_heads, layer.features
+    f = layer.features
 
     def conv_proj(name):
-        return causal_conv_silu(x @ f[name].proj.weight.T, f[name].conv_weight).view(B, T, H, -1)
+        y = causal_conv_silu(x @ f[name].proj.weight.T, f[name].conv_weight)
+        return y.view(B, T, layer.num_heads, -1)
 
     def l2norm(y):
         return y / (y * y).sum(-1, keepdim=True).add(1e-6).sqrt()
 
-    q, k, v = l2norm(conv_proj("q")), l2norm(conv_proj("k")), conv_proj("v")
+    return l2norm(conv_proj("q")), l2norm(conv_proj("k")), conv_proj("v")
+
+
+def gated_deltanet_by_hand(layer, x):
+    B, T, _ = x.shape
+    H, f = layer.num_heads, layer.features
+    q, k, v = delta_rule_qkv(layer, x)
     beta = torch.sigmoid(x @ f["beta"].proj.weight.T)  # [B, T, H]
     a = x @ f["g"].proj.weight.T
     g = -f["g"].A_log.exp() * F.softplus(a + f["g"].dt_bias)  # [B, T, H]
@@ -184,14 +192,7 @@ def kda_by_hand(layer, x):
     delta rule with a diagonal decay, then rmsnorm(o) * w * sigmoid(g_proj(x)) and o_proj."""
     B, T, _ = x.shape
     H, f = layer.num_heads, layer.features
-
-    def conv_proj(name):
-        return causal_conv_silu(x @ f[name].proj.weight.T, f[name].conv_weight).view(B, T, H, -1)
-
-    def l2norm(y):
-        return y / (y * y).sum(-1, keepdim=True).add(1e-6).sqrt()
-
-    q, k, v = l2norm(conv_proj("q")), l2norm(conv_proj("k")), conv_proj("v")
+    q, k, v = delta_rule_qkv(layer, x)
     beta = torch.sigmoid(x @ f["beta"].proj.weight.T)
     low, up = f["g"].proj
     fx = ((x @ low.weight.T) @ up.weight.T).view(B, T, H, -1)
