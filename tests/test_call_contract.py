@@ -98,3 +98,28 @@ def test_num_heads_survives_copies_and_respecialization():
             " h' = a\n output y = h'\n}")
     r = rcc.compile(cell)(n=3, num_heads=2)  # n sets a loop count: a class per value of n
     assert r.num_heads == 2 and r(torch.randn(1, 5, 2, 3))[0].shape == (1, 5, 2, 3)
+
+
+@pytest.mark.parametrize("backend, plan, cell, dims, wrt", [
+    ("cpp", "sequential", "lstm.rnn", dict(d_in=3, d=4), 0),
+    ("torch", "scan", "gla.rnn", dict(K=3, V=2), 1),  # k: through the scan (q is not)
+    ("torch", "newton", "pararnn_gru.rnn", dict(d_in=3, d=4), 0),
+])
+def test_double_backward_through_a_kernel_is_an_error_not_zero(backend, plan, cell, dims, wrt):
+    """A backward that is not itself differentiated refuses create_graph's second pass (it gave
+    a silent None/zero second derivative); plan sequential on backend torch has a true one."""
+    m = rcc.compile(stdlib(cell), backend=backend, plan=plan)(**dims).double()
+    xs = [torch.randn(2, 5, *m.shapes[n], dtype=torch.float64, requires_grad=True)
+          for n in m.INPUTS]
+    if "gk" in m.INPUTS:
+        xs[3] = (-torch.rand(2, 5, 3, dtype=torch.float64)).requires_grad_()
+    y, _ = m(*xs)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), xs[wrt], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()  # a gradient penalty
+
+
+def test_double_backward_of_plan_sequential_is_right():
+    m = rcc.compile(stdlib("lstm.rnn"), plan="sequential")(d_in=3, d=4).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x: m(x)[0], (x,))

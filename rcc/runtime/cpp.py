@@ -314,6 +314,7 @@ class _Loop(torch.autograd.Function):
         return results
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         return (None, *backward(ctx.meta, ctx.tensors, ctx.shapes, grads))
@@ -448,6 +449,7 @@ class _Levels(torch.autograd.Function):
         return (*results[:n_out], *[f.clone() for f in results[n_out:]])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         kern, index, nb, n_seq, n_const, out_shapes, _ = ctx.meta

@@ -196,6 +196,7 @@ class _NewtonSolve(torch.autograd.Function):
         return tuple(x.reshape((problem.T, problem.N) + problem.shape) for x in h[:k])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, *grads):
         p = ctx.problem
         h = ctx.saved_tensors

@@ -154,6 +154,7 @@ class _LinearScan(torch.autograd.Function):
         return states
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, g):
         a, s0, states = ctx.saved_tensors
         a_t = _time_leading(a, states.dim())
@@ -240,6 +241,7 @@ class _BlockScan(torch.autograd.Function):
         return states
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, g):
         A, s0, states = ctx.saved_tensors
         A_t = _time_leading(A, states.dim() + 1)

@@ -358,6 +358,7 @@ class _ChunkDelta(torch.autograd.Function):
         return o, f["S_T"].to(S0.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, do, dS_T):
         q, k, u, beta, S0, *gate = ctx.saved_tensors
         g = gate[0] if gate else None

@@ -394,6 +394,7 @@ class _ChunkGLA(torch.autograd.Function):
         return o, S_T.to(S0.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, do, dS_T):
         q, k, v, g, S0, S_T = ctx.saved_tensors
         prev = ctx.prev

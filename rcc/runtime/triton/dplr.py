@@ -169,6 +169,7 @@ class _ChunkDPLR(torch.autograd.Function):
         return p.output().to(q.dtype), p.S_T.to(S0.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, do, dS_T):
         q, g, a, b, k, u, S0 = ctx.saved_tensors
         p = _Pieces(q, g, a, b, k, u, S0, ctx.chunk_size)  # recomputed, not kept

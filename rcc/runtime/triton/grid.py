@@ -152,6 +152,7 @@ class _GridSolve(torch.autograd.Function):
         return C.to(b.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, dC):
         T, C = ctx.saved_tensors
         dC = dC.to(C.dtype)

@@ -74,6 +74,7 @@ class _Loop(torch.autograd.Function):
         return save_loop(ctx, _forward, spec, tensors)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 (raises if one was modified in place since forward)
         (_, backward), meta, T, N, n_seq, n_const, out_shapes, split, blocks = ctx.spec

@@ -106,6 +106,7 @@ class _LinearScan(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
     def backward(ctx, g):
         ac, s0c, out = ctx.saved_tensors
         a_shape, b_shape, s0_shape = ctx.shapes
