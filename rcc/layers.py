@@ -64,3 +64,8 @@ def lstm(d_model, hidden, backend="auto", plan="auto"):
     """An LSTM as a token-mixing layer: x projected to the cell's input, the LSTM (one head),
     its output projected back to d_model (no norm, no gate)."""
     return Layer(_cell("lstm", backend, plan), d_model, 1, norm=False, d_in=d_model, d=hidden)
+
+
+def gru(d_model, hidden, backend="auto", plan="auto"):
+    """A GRU as a token-mixing layer, as `lstm` (torch.nn.GRU's equations, stdlib/gru.rnn)."""
+    return Layer(_cell("gru", backend, plan), d_model, 1, norm=False, d_in=d_model, d=hidden)

@@ -107,10 +107,11 @@ def test_gated_deltanet_layer_is_its_math(backend, plan):
     check_equal(layer, gated_deltanet_by_hand)
 
 
-def test_lstm_layer_is_torch_lstm_between_projections():
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_lstm_and_gru_layers_are_torch_between_projections(kind):
     torch.manual_seed(0)
-    layer = rcc.layers.lstm(12, 8).double()
-    ref = torch.nn.LSTM(12, 8, batch_first=True).double()
+    layer = getattr(rcc.layers, kind)(12, 8).double()
+    ref = getattr(torch.nn, kind.upper())(12, 8, batch_first=True).double()
     rcc.from_torch(layer.cell, ref)
     x = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)
     y, _ = layer(x)
