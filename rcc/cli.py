@@ -1,6 +1,7 @@
 """The command line: `rcc compile FILE.rnn [-o OUT.py]`, `rcc check FILE.rnn`,
 `rcc explain FILE.rnn [--device cpu|cuda] [--graph OUT.png [--grid XxY | --edge-index FILE]]`,
-`rcc precompile FILE.rnn --dims ... [--dtype D] [--plan P] [--arch sm_90]` (rcc/precompile.py).
+`rcc precompile FILE.rnn --dims ... [--dtype D] [--plan P] [--arch sm_90]` (rcc/precompile.py),
+`rcc lsrl FILE.rnn --to linear|hawk|mamba|lstm|gru [--dims ...] [-o OUT.pt]` (rcc/lsrl).
 
 Exit status: 0 ok; 1 the cell cannot be compiled (a compile error, printed as FILE:LINE:COL:
 error: ..., or a refusal of the analysis or a backend); 2 the command cannot run as given (usage, a
@@ -106,6 +107,19 @@ def _parser():
                     help="the plan whose kernels to compile")
     pc.add_argument("--arch", help="the GPU to compile for, as sm_90 (default: this machine's GPU)")
     pc.add_argument("--batch", type=int, default=16, help="rows per call (batch x heads)")
+    ls = sub.add_parser("lsrl", help="compile an LSRL program (a cell written with `use lsrl`) "
+                                     "into a stack of layers of an architecture, with set weights",
+                        description="Compile an LSRL program into a stack of layers of TARGET "
+                                    "(Petrov et al. 2024): its ReLUs, products and LinStates "
+                                    "debranched into a path, each stage a layer with its weights "
+                                    "set. Prints the stack and its largest difference from the "
+                                    "program on random inputs; -o saves it (torch.save).")
+    ls.add_argument("file")
+    ls.add_argument("--to", required=True, choices=list(_lsrl_targets()), dest="target",
+                    help="the architecture of the stack's layers")
+    ls.add_argument("--cell")
+    ls.add_argument("--dims", nargs="*", metavar="NAME=INT", help="every dim without a default")
+    ls.add_argument("-o", "--output", metavar="OUT.pt", help="save the stack (torch.save)")
     k = sub.add_parser("check", help="parse and type-check a .rnn file")
     k.add_argument("file")
     k.add_argument("--cell")
@@ -174,6 +188,9 @@ def _run(args, dims) -> int:
         if spilling:
             print(f"rcc: warning: {spilling} kernels spill registers", file=sys.stderr)
         return 0
+    if args.command == "lsrl":
+        from .lsrl.cli import run
+        return run(args, dims)
     if args.command == "explain":
         from .api import explain
         print(explain(args.file, cell=args.cell, dims=dims, device=args.device,
@@ -191,6 +208,11 @@ def _run(args, dims) -> int:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}")
     return 0
+
+
+def _lsrl_targets():
+    from .lsrl.targets import TARGETS
+    return TARGETS
 
 
 def _precompile_target(args):

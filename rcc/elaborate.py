@@ -17,6 +17,8 @@ import sympy
 from . import ir
 from . import syntax as S
 from .builder import GraphBuilder, fmt_number
+from .components import (check_block_stmt, constant_elements, declared_names, instance_prefix,
+                         renamed)
 from .errors import CompileError, Span
 from .passes.generalize import generalize, literal_sizes, remember
 from .shapes import broadcast, fmt_shape, same_dim
@@ -102,6 +104,8 @@ class Elaborator(GraphBuilder):
         self.inline_stack: list = []
         self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
         self.inlined = 0  # fn calls inlined so far, against MAX_INLINED
+        self.caller_env: dict = {}  # while inlining: the env of the fn's caller
+        self.fn_uses: dict = {}  # block fn name -> uses so far (names each use's states)
         self.state_leaf: dict = {}  # state name -> the id of its declaration's node
         # the predecessor forms being elaborated, innermost last: (scope id, agg, k)
         self.scopes: list = []
@@ -272,6 +276,9 @@ class Elaborator(GraphBuilder):
                                "ones, eye, uniform(a, b), normal(mean, std), xavier, orthogonal)",
                                where)
         else:
+            v = self.eval_any(e)
+            if item.kind == "state" and isinstance(v, Val) and self.const_value(v.id) is None:
+                return self._initial_values(item, shape, v.id, where)
             value = self.const_expr(e)
             _fits_float32("the initial value", (value,), where)
             return ir.Init("zeros") if value == 0 else ir.Init("const", (value,))
@@ -279,6 +286,19 @@ class Elaborator(GraphBuilder):
             raise CompileError(f"initializer {kind} needs a rank-2 shape, '{item.name}' is "
                                f"{fmt_shape(shape)}", where)
         return self._random_ok(item, kind, (), where)
+
+    def _initial_values(self, item, shape, vid, where) -> ir.Init:
+        """`state c[2] = stack(cos(a), sin(a))`: a tensor computed from numbers and dims."""
+        got = self.shape(vid)
+        if len(got) > len(shape) or not all(same_dim(g, s) or g == 1
+                                             for g, s in zip(got[::-1], shape[::-1])):
+            raise CompileError(f"shape mismatch: state '{item.name}' is {fmt_shape(shape)} but "
+                               f"its initial value is {fmt_shape(got)}", where)
+        values = constant_elements(self.nodes, vid, shape, f"state '{item.name}'", where)
+        _fits_float32("the initial value", values, where)
+        if all(v == 0 for v in values):
+            return ir.Init("zeros")
+        return ir.Init("values", values)
 
     def _random_ok(self, item, kind, args, where):
         if item.kind == "state" and kind in _RANDOM_INITS | {"uniform", "normal"}:
@@ -419,6 +439,8 @@ class Elaborator(GraphBuilder):
                                "T[out_slot, in_slot])", e.span)
         if e.id == "None":
             raise CompileError("None is only allowed inside an index, as a new axis", e.span)
+        if e.id == "pi":
+            return Val(self.const(sympy.pi, e.span))
         if e.id in self.fns or e.id in BUILTINS:
             raise CompileError(f"function '{e.id}' must be called", e.span)
         hint = " (an fn sees only its parameters and the cell's dims)" if self.inline_stack else ""
@@ -628,11 +650,14 @@ class Elaborator(GraphBuilder):
                                f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}", e.span,
                                notes=((f"'{fn.name}' is defined here", fn.span),))
         bound = {p: self.eval_any(a) for p, a in zip(fn.params, e.args)}
-        saved = self.env
+        saved, saved_caller = self.env, self.caller_env
         # an fn sees its parameters, the cell's dims and the other fns; not the caller's locals
         self.env = {k: v for k, v in saved.items() if k in self.dims} | bound
+        self.caller_env = saved
         self.inline_stack.append((e.func, e.span))
         try:
+            if fn.stmts is not None:
+                return self._run_block(fn)
             return self.eval_any(fn.body)
         except CompileError as err:
             # Re-raised at each level of inlining, so the error ends at the outermost use (in the
@@ -647,7 +672,34 @@ class Elaborator(GraphBuilder):
             raise wrapped from None
         finally:
             self.inline_stack.pop()
-            self.env = saved
+            self.env, self.caller_env = saved, saved_caller
+
+    def _run_block(self, fn: S.FnDef):
+        """A block fn's statements, with fresh copies of the states and params it declares,
+        then its value, the last line (self.env already holds its parameters)."""
+        declared = declared_names(fn.stmts)
+        for name, item in declared.items():
+            if name in fn.params:
+                raise CompileError(f"'{name}' is a parameter of fn '{fn.name}'; a state or "
+                                   "param it declares needs another name", item.span)
+        if declared and self.scopes:
+            raise CompileError(f"fn '{fn.name}' declares states or params, so it cannot be "
+                               "used inside a predecessor form (one copy per edge)",
+                               self.inline_stack[-1][1])
+        for st in fn.stmts:
+            check_block_stmt(st, fn)
+        self.fn_uses[fn.name] = self.fn_uses.get(fn.name, 0) + 1
+        taken = set(self.decls) | set(self.dims) | set(self.env) | set(self.caller_env)
+        prefix = instance_prefix(fn.name, self.fn_uses[fn.name], declared, taken)
+        names = {name: f"{prefix}_{name}" for name in declared}
+        self.block(renamed(fn.stmts, names))
+        return self.eval_any(renamed(fn.body, names))
+
+    def stmt_Value(self, st: S.Value):
+        where = "a block fn" if self.inline_stack else f"cell '{self.cell.name}'"
+        raise CompileError(f"an expression alone is not a statement in {where}: bind it (a = ...) "
+                           "or declare an output (output y = ...); only a block fn's last line is "
+                           "a value", st.span)
 
     # ---- builtins -------------------------------------------------------------------------
     def _args(self, e: S.Call, lo, hi, kw=()):

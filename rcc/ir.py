@@ -92,8 +92,9 @@ class Init:
     param: str = ""
 
 
+# "values": a state's initial value computed from numbers and dims, args its elements row-major
 INIT_KINDS = ("default", "zeros", "ones", "const", "eye", "uniform", "normal", "xavier",
-              "orthogonal", "param")
+              "orthogonal", "param", "values")
 
 
 @dataclass(frozen=True)

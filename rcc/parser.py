@@ -84,7 +84,8 @@ def parse(text: str, filename: str = "<string>") -> S.Module:
 MAX_DEPTH = 200
 
 
-_STATEMENTS = {"fndef", "decl", "assign", "destructure", "update", "output_expr", "forloop"}
+_STATEMENTS = {"fndef", "fnblock", "value", "decl", "assign", "destructure", "update",
+               "output_expr", "forloop"}
 
 
 def _check_depth(tree, source: Source):
@@ -223,6 +224,21 @@ class _ToAst(Transformer_NonRecursive):
         name, *params, body = children
         params = tuple(str(p) for p in params if p is not None)
         return S.FnDef(str(name), params, body, self._span(name))
+
+    @v_args(meta=True)
+    def fnblock(self, meta, children):
+        name, *params, body = children
+        params = tuple(str(p) for p in params if p is not None)
+        if not body or not isinstance(body[-1], S.Value):
+            where = body[-1].span if body else self._span(name)
+            raise CompileError(f"fn '{name}' must end with its value: an expression alone on its "
+                               "last line", where)
+        return S.FnDef(str(name), params, body[-1].value, self._span(name), tuple(body[:-1]))
+
+    @v_args(meta=True)
+    def value(self, meta, children):
+        (expr,) = children
+        return S.Value(expr, self._span(meta))
 
     @v_args(meta=True)
     def cell(self, meta, children):

@@ -131,7 +131,14 @@ class For:
     span: Span
 
 
-Stmt = Union[Decl, Assign, Destructure, Update, Output, For]
+@dataclass(frozen=True)
+class Value:
+    """An expression alone on a line: the value of a block fn, as its last line."""
+    value: Expr
+    span: Span
+
+
+Stmt = Union[Decl, Assign, Destructure, Update, Output, For, Value]
 
 # ---- top level -----------------------------------------------------------------------------
 
@@ -157,8 +164,11 @@ class Cell:
 class FnDef:
     name: str
     params: tuple  # of str
-    body: Expr
+    body: Expr  # the value: the expression, or a block fn's last line
     span: Span
+    # a block fn's statements before its last line (None: an expression fn). Each use of a block
+    # fn runs them with fresh copies of the states and params they declare.
+    stmts: Optional[tuple] = None
 
 
 @dataclass(frozen=True)

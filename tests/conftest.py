@@ -36,6 +36,7 @@ STDLIB_DIMS = {  # small odd sizes; d=1 somewhere
     "mlstm.rnn": {"K": 2, "V": 3}, "slstm.rnn": {"d_in": 2, "d": 3},
     "kda.rnn": {"K": 3, "V": 2}, "rwkv7.rnn": {"K": 4, "V": 3}, "comba.rnn": {"K": 3, "V": 5},
     "mamba2.rnn": {"N": 3, "P": 2}, "lru.rnn": {"H": 3, "N": 2},
+    "linear_rnn.rnn": {"d_in": 3, "d": 4},
     "rwkv6.rnn": {"K": 3, "V": 4}, "linear_attention.rnn": {"K": 3, "V": 2},
 }
 

@@ -314,6 +314,9 @@ class TorchPrinter(ExprPrinter):
             return f"torch.eye({self._dim(s.shape[0])}, {self._dim(s.shape[1])}, {like})"
         if init.kind in ("zeros", "ones"):
             return f"torch.{init.kind}({shape}, {like})"
+        if init.kind == "values":  # computed from numbers and dims (row-major)
+            values = ", ".join(self._scalar(v) for v in init.args)
+            return f"torch.tensor([{values}], {like}).reshape({shape})"
         return f"torch.full({shape}, {self._scalar(init.args[0])}, {like})"
 
     def _batched_ref(self, v) -> str:

@@ -1,0 +1,40 @@
+"""`rcc lsrl FILE.rnn --to TARGET`: compile, describe, check against the program, save."""
+from __future__ import annotations
+
+import torch
+
+from . import describe, program
+from .targets import build
+
+
+def compare(module, stack, lengths=(1, 7, 33), batch=3, seed=0, dtype=torch.float64):
+    """The largest difference between the program's outputs and the stack's, over random inputs
+    (values in [-2, 2]) of each length."""
+    gen = torch.Generator().manual_seed(seed)
+    module, stack = module.to(dtype), stack.to(dtype)
+    worst = 0.0
+    for T in lengths:
+        xs = [4 * torch.rand(batch, T, *shape, generator=gen, dtype=dtype) - 2
+              for shape in stack.input_shapes]
+        with torch.no_grad():
+            want, _ = module(*xs)
+            got = stack(*xs)
+        want = want if isinstance(want, tuple) else (want,)
+        got = got if isinstance(got, tuple) else (got,)
+        for w, g in zip(want, got):
+            worst = max(worst, (w - g).abs().max().item())
+    return worst
+
+
+def run(args, dims) -> int:
+    module, prog = program(args.file, args.cell, dims)
+    stack = build(prog, args.target)
+    print(describe(stack))
+    for dtype in (torch.float64, torch.float32):
+        worst = compare(module, stack, dtype=dtype)
+        print(f"largest difference from the program, {str(dtype)[6:]}, random inputs in [-2, 2], "
+              f"T = 1, 7, 33: {worst:.3g}")
+    if args.output:
+        torch.save(stack.double(), args.output)
+        print(f"wrote {args.output}")
+    return 0
