@@ -44,8 +44,7 @@ def program(source_or_path, cell=None, dims=None, module=None):
     if module is None:
         cls = api.compile(source_or_path, cell=cell, backend="torch", plan="sequential",
                           dims={k: v for k, v in values.items()})
-        free = {d.name: values[d.name] for d in cell_ir.dims if d.static is None}
-        module = cls(**free).double()
+        module = cls(**values).double()
     params = {name: p.detach().cpu().double().numpy() for name, p in module.named_parameters()}
     return module, extract(cell_ir, values, params)
 

@@ -91,6 +91,7 @@ class Program:
     atoms: list = field(default_factory=list)
     index: dict = field(default_factory=dict)  # atom key -> id
     span: object = None  # of the operation being evaluated, for atoms and errors
+    state_spans: dict = field(default_factory=dict)  # state name -> span of its update
 
     def atom(self, kind, args=(), name="", index=0) -> int:
         key = (kind, name, index, tuple(a.key() for a in args))
@@ -169,6 +170,7 @@ class Extractor:
             prog.span = n.span
             self.values[n.id] = self._eval(n)
             for s in updated.get(n.id, ()):
+                prog.state_spans[s] = n.span
                 shape = self._shape(next(d.shape for d in c.states if d.name == s))
                 value = np.broadcast_to(np.asarray(self.values[n.id], dtype=object), shape)
                 prog.updates[s] = [self._form(x) for x in value.reshape(-1)]

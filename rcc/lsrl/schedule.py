@@ -140,7 +140,8 @@ def _substitute(f: Form, defs: dict) -> Form:
 
 def schedule(prog: Program, pattern: str, refuse=None) -> Schedule:
     """Place the program's LinStates, ReLUs and products at stages of `pattern` (e.g. "LR": a
-    LinState stage then a ReLU stage), repeated as often as needed. `refuse(atom)` may raise for
+    LinState stage then a ReLU stage), repeated as often as needed; stages left empty are
+    dropped. `refuse(atom)` may raise for
     an atom kind the target cannot compute."""
     atoms = prog.atoms
     linstates = group_states(prog)
@@ -182,8 +183,8 @@ def schedule(prog: Program, pattern: str, refuse=None) -> Schedule:
         if idle > len(pattern):
             raise CompileError("the program reads a value before it is computed (an LSRL "
                                "program is a DAG within each step)", prog.span)
-    while placed and not placed[-1][1]:
-        placed.pop()
+    # a stage with nothing placed would only pass values on: dropped
+    placed = [(kind, its) for kind, its in placed if its]
     return Schedule(prog, _with_carried(prog, placed, items, provides), linstates)
 
 

@@ -4,6 +4,8 @@ them with set weights.
 linear  a linear RNN layer (rcc's stdlib LinearRNN: h' = A h + B x + b) then a ReLU MLP; the
         paper's base model. Every construction is exact. It has no product: a program with one
         (f_ifelse_mul) is refused, with the ReLU construction (f_ifelse) as the way out.
+mamba   Mamba blocks (rcc's stdlib S6 cell inside in_proj and the SiLU gate) for LinStates and
+        products, ReLU MLPs for ReLUs (rcc.lsrl.mamba says which constructions are exact).
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import torch
 
 from ..errors import CompileError
 from . import layers as L
+from . import mamba
 from .schedule import schedule
 
-TARGETS = ("linear",)
+TARGETS = ("linear", "mamba")
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,34 +65,33 @@ def _refuse_products(target):
     return refuse
 
 
+PATTERNS = {"linear": "LR", "mamba": "LMR"}
+
+
+def _stage_module(target, prog, stage, reads, width):
+    """(module, reads of its output, its width) for one stage on `target`."""
+    if stage.kind == "R":
+        W, b, out = L.relu_weights(prog, stage, reads, width)
+        return ReluStage(W, b), out, W.shape[0]
+    if target == "mamba":
+        build_stage = mamba.linstate_stage if stage.kind == "L" else mamba.product_stage
+        module, out = build_stage(prog, stage, reads, width)
+        return module, out, module.in_proj.out_features // 2
+    if stage.kind == "L":
+        A, B, b, h0, out = L.linstate_weights(prog, stage, reads, width)
+        return LinStateStage(A, B, b, h0), out, A.shape[0]
+    W, b, out = L.mul_weights(prog, stage, reads, width)
+    return ProductStage(W, b), out, W.shape[0] // 2
+
+
 def build(prog, target) -> L.Stack:
-    sched = schedule(prog, "LR", _refuse_products(target))
+    refuse = _refuse_products(target) if "M" not in PATTERNS[target] else None
+    sched = schedule(prog, PATTERNS[target], refuse)
     reads, width = L.input_reads(prog)
     stages = []
     for stage in sched.stages:
-        if stage.kind == "L":
-            A, B, b, h0, reads_next = L.linstate_weights(prog, stage, reads, width)
-            module = LinStateStage(A, B, b, h0)
-        elif stage.kind == "R":
-            W, b, reads_next = L.relu_weights(prog, stage, reads, width)
-            module = ReluStage(W, b)
-        else:
-            W, b, reads_next = L.mul_weights(prog, stage, reads, width)
-            module = ProductStage(W, b)
+        module, reads, width = _stage_module(target, prog, stage, reads, width)
         stages.append(module)
-        reads, width = reads_next, max([k for r in reads_next.values() for k in r] + [-1]) + 1
-        width = _width(module, width)
     forms = [f for _, _, fs in prog.outputs for f in fs]
     W, b = L.form_rows(forms, reads, width)
     return L.Stack(prog.inputs, prog.outputs, stages, L.linear(W, b), target)
-
-
-def _width(module, fallback):
-    """The number of slots a stage outputs (units nobody reads still count)."""
-    if isinstance(module, LinStateStage):
-        return module.cell.A.shape[0]
-    if isinstance(module, ReluStage):
-        return module[0].out_features
-    if isinstance(module, L.Product):
-        return module.proj.out_features // 2
-    return fallback

@@ -1,0 +1,198 @@
+"""rcc.lsrl and `rcc lsrl`: LSRL programs compiled into stacks of layers with set weights, checked
+against the program itself (the cell's own torch module) on the programs' inputs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rcc
+import rcc.lsrl
+from rcc.lsrl.cli import compare
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+EXAMPLES = os.path.join(ROOT, "examples", "lsrl")
+
+
+def _example(name):
+    return os.path.join(EXAMPLES, name)
+
+
+def lookup_prompts(B, K, T, gen):
+    """K (key, value) pairs, keys distinct integers 1..9, values in [-20, 20]; then queries."""
+    keys = torch.stack([torch.randperm(9, generator=gen)[:K] + 1 for _ in range(B)]).double()
+    values = torch.randint(-20, 21, (B, K), generator=gen).double()
+    prompt = torch.stack([keys, values], -1).reshape(B, 2 * K)
+    queries = torch.randint(0, 10, (B, max(T - 2 * K, 0)), generator=gen).double()
+    return torch.cat([prompt, queries], 1)[:, :T]
+
+
+def approximation_prompts(B, N, T, gen):
+    """The function's values on N cells (integers in [-9, 9]), then queries in [0, 1)."""
+    values = torch.randint(-9, 10, (B, N), generator=gen).double()
+    queries = torch.rand(B, max(T - N, 0), generator=gen, dtype=torch.float64)
+    return torch.cat([values, queries], 1)[:, :T]
+
+
+def bits(B, _, T, gen):
+    return torch.randint(0, 2, (B, T), generator=gen).double()
+
+
+# (file, cell, dims, prompts, targets the program compiles to, exact in float32)
+PROGRAMS = [
+    ("counting.rnn", None, {"n": 3}, bits, ("linear",), True),
+    ("lookup.rnn", "LookupMul", {"K": 3}, lookup_prompts, ("mamba",), True),
+    ("lookup.rnn", "LookupRelu", {"K": 3}, lookup_prompts, ("linear", "mamba"), False),
+    ("approximation.rnn", "ApproximateMul", {"N": 4}, approximation_prompts, ("mamba",), True),
+    ("approximation.rnn", "ApproximateRelu", {"N": 4}, approximation_prompts, ("linear", "mamba"),
+     False),
+]
+CASES = [pytest.param(f, c, d, p, t, exact32, id=f"{c or f}-{t}")
+         for f, c, d, p, targets, exact32 in PROGRAMS for t in targets]
+
+
+def _outputs(module, stack, x, dtype):
+    want, _ = module.to(dtype)(x.to(dtype))
+    got = stack.to(dtype)(x.to(dtype))
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    return want, got
+
+
+@pytest.mark.parametrize("path,cell,dims,prompts,target,exact32", CASES)
+def test_examples_compile_to_stacks_equal_to_the_program(path, cell, dims, prompts, target,
+                                                         exact32):
+    module, prog = rcc.lsrl.program(_example(path), cell=cell, dims=dims)
+    stack = rcc.lsrl.compile(_example(path), to=target, cell=cell, dims=dims)
+    gen = torch.Generator().manual_seed(1)
+    size = next(iter(dims.values()))
+    for T in (1, 2 * size - 1, 2 * size, 2 * size + 1, 17):
+        x = prompts(4, size, T, gen)
+        want, got = _outputs(module, stack, x, torch.float64)
+        for w, g in zip(want, got):
+            assert torch.equal(w, g), (T, (w - g).abs().max())
+        want, got = _outputs(module, stack, x, torch.float32)
+        for w, g in zip(want, got):
+            if exact32:
+                assert torch.equal(w, g), (T, (w - g).abs().max())
+    if not exact32:
+        # the paper's point: f_ifelse's large constant (1e10) is fragile. The program gets these
+        # integer prompts right in float32, but the stack's layers add terms of 1e13 that cancel,
+        # and a float32 sum of them keeps none of the value's digits
+        x = prompts(4, size, 17, gen)
+        want32, got32 = _outputs(module, stack, x, torch.float32)
+        want64, _ = _outputs(module, stack, x, torch.float64)
+        assert torch.equal(want32[0].double(), want64[0])
+        assert (got32[0] - want32[0]).abs().max() > 1
+
+
+@pytest.mark.parametrize("path,cell,dims,prompts,target,exact32", CASES[:3])
+def test_stacks_agree_on_any_input_to_rounding(path, cell, dims, prompts, target, exact32):
+    module, _ = rcc.lsrl.program(_example(path), cell=cell, dims=dims)
+    stack = rcc.lsrl.compile(_example(path), to=target, cell=cell, dims=dims)
+    # random inputs in [-2, 2] land on f_step's ramps (slope 1000), which scale rounding
+    assert compare(module, stack, lengths=(1, 9, 33)) < 1e-9
+
+
+def test_the_modulo_counter_and_its_stack():
+    module, _ = rcc.lsrl.program(_example("counting.rnn"), dims={"n": 5})
+    stack = rcc.lsrl.compile(_example("counting.rnn"), to="linear", dims={"n": 5})
+    x = torch.ones(2, 23, dtype=torch.float64)
+    (more, position), _ = module(x)
+    assert torch.equal(position[0], torch.arange(23, dtype=torch.float64) % 5)
+    assert torch.equal(more[0], torch.ones(23, dtype=torch.float64))
+    assert torch.equal(stack(x)[1], position)
+
+
+def test_a_program_with_params_vectors_and_old_state_reads():
+    """Vector inputs, a param matrix, a state read before its update (kept one more step)."""
+    src = """
+    cell P(d = 3) {
+        input x[d]
+        param W[2, d]
+        state s[2]
+        y = relu(W @ x - s)            # reads s before its update
+        s' = 0.5 * s + W @ x
+        output y = y
+        output z = max(s', 0.25) + abs(x[0])
+    }
+    """
+    module, prog = rcc.lsrl.program(src)  # a new module: params from the cell's initializers
+    stack = rcc.lsrl.compile(src, to="linear", module=module)
+    assert compare(module, stack, lengths=(1, 4, 9)) < 1e-12
+    # a param set in the module is used
+    with torch.no_grad():
+        module.W.mul_(3)
+    stack3 = rcc.lsrl.compile(src, to="linear", module=module)
+    assert compare(module, stack3) < 1e-12 and compare(module, stack) > 1e-3
+
+
+def test_products_have_no_construction_on_target_linear():
+    src = "use lsrl\ncell C() {\n  input c, t\n  output y = f_ifelse_mul(c, t, 0)\n}\n"
+    with pytest.raises(rcc.CompileError, match="Multiplicative.*no exact construction") as e:
+        rcc.lsrl.compile(src, to="linear")
+    assert e.value.filename.endswith("lsrl.rnn")  # the product in f_ifelse_mul
+    assert compare(*_pair(src, "mamba")) < 1e-12
+
+
+def _pair(src, to):
+    module, _ = rcc.lsrl.program(src)
+    return module, rcc.lsrl.compile(src, to=to, module=module)
+
+
+@pytest.mark.parametrize("body,line,message", [
+    ("output y = tanh(x)", 3, r"tanh\(\) is not an LSRL primitive"),
+    ("output y = x > 0", 3, "f_larger"),
+    ("output y = 1 / x", 3, "a division by a value"),
+    ("state s\n  s' = relu(s) + x\n  output s'", 4, "loop through a relu"),
+])
+def test_cells_that_are_not_lsrl_programs_are_located_errors(body, line, message):
+    src = f"cell C() {{\n  input x\n  {body}\n}}\n"
+    with pytest.raises(rcc.CompileError, match=message) as e:
+        rcc.lsrl.compile(src, to="linear")
+    assert e.value.line == line
+
+
+def test_mamba_refuses_a_rotation_with_its_location():
+    with pytest.raises(rcc.CompileError, match="non-diagonal transition") as e:
+        rcc.lsrl.compile(_example("counting.rnn"), to="mamba")
+    assert e.value.filename.endswith("lsrl.rnn")
+
+
+def test_dims_without_a_value_and_unknown_targets():
+    with pytest.raises(rcc.CompileError, match="needs a value"):
+        rcc.lsrl.compile("cell C(d) {\n input x[d]\n output y = x\n}\n")
+    with pytest.raises(ValueError, match="unknown target"):
+        rcc.lsrl.compile(_example("counting.rnn"), to="transformer")
+
+
+def test_the_lsrl_program_runs_its_scan_plan():
+    """The rotation counter is two coupled scalar states: a block scan."""
+    cls = rcc.compile(_example("counting.rnn"), plan="scan")
+    seq = rcc.compile(_example("counting.rnn"), plan="sequential")
+    x = torch.randint(0, 2, (3, 40)).double()
+    a, _ = cls(n=4).double()(x)
+    b, _ = seq(n=4).double()(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rcc", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_cli_lsrl(tmp_path):
+    out = tmp_path / "stack.pt"
+    r = _cli("lsrl", "examples/lsrl/lookup.rnn", "--cell", "LookupMul", "--to", "mamba",
+             "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "mamba stack of" in r.stdout and "largest difference" in r.stdout
+    stack = torch.load(out, weights_only=False)
+    x = lookup_prompts(2, 3, 9, torch.Generator().manual_seed(0))
+    module, _ = rcc.lsrl.program(_example("lookup.rnn"), cell="LookupMul")
+    assert torch.equal(stack(x), module(x)[0])
+    r = _cli("lsrl", "examples/lsrl/counting.rnn", "--to", "mamba")
+    assert r.returncode == 1 and "error: the LinState" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("lsrl", "--help")
+    assert r.returncode == 0 and "linear" in r.stdout and "mamba" in r.stdout
