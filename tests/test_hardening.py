@@ -204,3 +204,28 @@ def test_a_final_state_never_aliases_the_initial_state_passed_in(backend, heads)
     assert torch.equal(final["c"], init["c"])
     final["c"].add_(1)
     assert torch.equal(init["c"], torch.ones(1, *heads, 3))
+
+
+def test_amax_over_a_large_literal_value_analyses_quickly():
+    """A fuzz case (10k campaign, session 13): amax over a [64, 64] value built sympy's Max of
+    its elements at the probe sizes, which compares every pair, and differentiated it: 19 s.
+    amax is now opaque to sympy, with a cheap derivative."""
+    cell = """cell C(d_in) {
+    input x[d_in]
+    param W[64, d_in], R[64, 64], b[64]
+    state h[64]
+    z = amax(W @ x + R * h + b)
+    h' = tanh(z + h)
+    output h'
+}
+"""
+    start = time.perf_counter()
+    analysis = rcc.analyze(cell)
+    assert analysis.kind == "nonlinear" and analysis.plans == ("sequential",)
+    assert time.perf_counter() - start < 10
+    m = rcc.compile(cell)(d_in=3).double()
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    y, _ = m(x)
+    ref = rcc.compile(cell, plan="sequential")(d_in=3).double()
+    ref.load_state_dict(m.state_dict())
+    assert torch.allclose(y, ref(x)[0])

@@ -39,6 +39,39 @@ def _cmp(name):
 
 
 _CMP = {op: _cmp(op) for op in ir.COMPARE}
+
+
+class _Amax(sympy.Function):
+    """The largest of its arguments, kept opaque: sympy's Max compares every pair of its
+    arguments when built (quadratic, with a solver call each) and its derivative is slower still,
+    so amax over a [64, 64] value took minutes. d/dx_k is _IsMax(k, ...): 1 where x_k is the
+    first largest. Both evaluate at numbers."""
+
+    @classmethod
+    def eval(cls, *args):
+        if len(args) == 1:
+            return args[0]
+        if all(a.is_Number for a in args):
+            return max(args, key=float)
+        return None
+
+    def fdiff(self, argindex=1):
+        return _IsMax(sympy.Integer(argindex - 1), *self.args)
+
+
+class _IsMax(sympy.Function):
+    """1 where argument k + 1 is the first largest of the others, else 0 (its derivative is
+    zero almost everywhere)."""
+
+    @classmethod
+    def eval(cls, k, *args):
+        if all(a.is_Number for a in args):
+            values = [float(a) for a in args]
+            return sympy.Integer(int(values.index(max(values)) == int(k)))
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
 _SQRT2 = sympy.sqrt(2)
 
 _UNARY = {
@@ -174,7 +207,7 @@ class Probe:
         if op == "mean":
             return _reduce(v[0], n.attr("axis"), lambda xs: sympy.Add(*xs) / len(xs))
         if op == "amax":
-            return _reduce(v[0], n.attr("axis"), lambda xs: sympy.Max(*xs))
+            return _reduce(v[0], n.attr("axis"), lambda xs: _Amax(*xs))
         if op == "logsumexp":
             return _reduce(v[0], n.attr("axis"),
                            lambda xs: sympy.log(sympy.Add(*[sympy.exp(x) for x in xs])))
