@@ -12,6 +12,7 @@ PARITY = os.path.join(ROOT, "examples", "parity.py")
 LANGUAGE_MODEL = os.path.join(ROOT, "examples", "language_model.py")
 PLSTM_IMAGES = os.path.join(ROOT, "examples", "plstm_images.py")
 NEWTON_LONG = os.path.join(ROOT, "examples", "newton_long_sequence.py")
+LSRL_PROGRAMS = os.path.join(ROOT, "examples", "lsrl_programs.py")
 REFERENCE_BENCH = os.path.join(ROOT, "benchmarks", "reference.py")
 
 
@@ -164,3 +165,16 @@ def test_newton_long_sequence_matches_sequential_float64(tmp_path):
     assert printed_float(r"max \|diff\| outputs (\S+)", proc.stdout) < 1e-10
     assert printed_float(r"^max relative \|diff\| gradients (\S+)$", proc.stdout) < 1e-10
     assert losses(proc.stdout) == []
+
+
+def test_lsrl_programs_compile_to_every_target_they_have_a_construction_on(tmp_path):
+    proc = run_script([LSRL_PROGRAMS, "--batch", "4", "--lengths", "1", "9"], tmp_path, threads=1)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    built = [r for r in rows if "no" not in r]
+    refused = [r for r in rows if "no" in r]
+    assert len(built) == 15 and len(refused) == 5
+    assert all(float(r[4]) == 0.0 for r in built)  # float64: every stack equals its program
+    # float32: exact but for f_ifelse's large constant (the Relu programs)
+    assert all(float(r[5]) == 0.0 for r in built if not r[0].endswith("Relu"))
+    assert {r[1] for r in refused if r[0] == "counting"} == {"mamba"}

@@ -8,10 +8,21 @@ a value that is never negative), through a product stage x * 1.
 """
 from __future__ import annotations
 
+import functools
+from importlib import resources
+
 import numpy as np
 import torch
 
 from .program import Form
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_class(name):
+    """The module class of rcc's stdlib cell NAME (stdlib/NAME.rnn), on backend torch."""
+    from .. import api
+    return api.compile(str(resources.files("rcc.stdlib").joinpath(f"{name}.rnn")),
+                       backend="torch", plan="auto")
 
 
 def form_rows(forms, reads, width):

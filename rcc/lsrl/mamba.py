@@ -20,7 +20,6 @@ state's value from before its update.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -34,12 +33,6 @@ DELTA = 32.0  # softplus(DELTA) == DELTA exactly
 GATE = 64.0  # silu(GATE) == GATE exactly
 
 
-@functools.lru_cache(maxsize=None)
-def _s6_class():
-    from .. import api
-    return api.compile("stdlib/mamba.rnn", backend="torch", plan="auto")
-
-
 class MambaStage(torch.nn.Module):
     """in_proj -> (x, z); y = S6(x) from initial state h0; out = y * silu(z)."""
 
@@ -47,7 +40,7 @@ class MambaStage(torch.nn.Module):
         super().__init__()
         d = a_log.shape[0]
         self.in_proj = L.linear(W, b)
-        self.s6 = _s6_class()(d=d, R=1, N=1).double()
+        self.s6 = L.stdlib_class("mamba")(d=d, R=1, N=1).double()
         with torch.no_grad():
             s6 = self.s6
             s6.A_log.copy_(torch.as_tensor(a_log).reshape(d, 1))

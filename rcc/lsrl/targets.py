@@ -6,25 +6,21 @@ linear  a linear RNN layer (rcc's stdlib LinearRNN: h' = A h + B x + b) then a R
         (f_ifelse_mul) is refused, with the ReLU construction (f_ifelse) as the way out.
 mamba   Mamba blocks (rcc's stdlib S6 cell inside in_proj and the SiLU gate) for LinStates and
         products, ReLU MLPs for ReLUs (rcc.lsrl.mamba says which constructions are exact).
+lstm    LSTM layers only (rcc's stdlib LSTM cell): LinStates, ReLUs and products through its gates.
+gru     GRU layers (rcc's stdlib GRU cell) for LinStates, ReLU MLPs for ReLUs; no products
+        (rcc.lsrl.gated says why, and where both are exact).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from ..errors import CompileError
 from . import layers as L
-from . import mamba
+from . import gated, mamba
 from .schedule import schedule
 
-TARGETS = ("linear", "mamba")
-
-
-@functools.lru_cache(maxsize=None)
-def _cell_class(path):
-    from .. import api
-    return api.compile(path, backend="torch", plan="auto")
+TARGETS = ("linear", "mamba", "lstm", "gru")
 
 
 class LinStateStage(torch.nn.Module):
@@ -32,7 +28,7 @@ class LinStateStage(torch.nn.Module):
 
     def __init__(self, A, B, b, h0):
         super().__init__()
-        self.cell = _cell_class("stdlib/linear_rnn.rnn")(d_in=B.shape[1], d=A.shape[0]).double()
+        self.cell = L.stdlib_class("linear_rnn")(d_in=B.shape[1], d=A.shape[0]).double()
         with torch.no_grad():
             for name, value in (("A", A), ("B", B), ("b", b), ("h0", h0)):
                 getattr(self.cell, name).copy_(torch.as_tensor(value))
@@ -55,24 +51,35 @@ class ProductStage(L.Product):
         self.summary = f"Linear({W.shape[1]} -> {W.shape[0]}) + product of halves"
 
 
+_NO_PRODUCT = {
+    "linear": "whose layers are linear RNNs and ReLU MLPs",
+    "gru": "whose gates scale the candidate by (1 - z) and keep z of the old state, so no gate "
+           "multiplies two of this step's values alone",
+}
+
+
 def _refuse_products(target):
     def refuse(atom):
         if atom.kind == "mul":
-            raise CompileError(f"a product of two values (Multiplicative) has no exact "
-                               f"construction on target '{target}', whose layers are linear "
-                               "RNNs and ReLU MLPs: write the condition with f_ifelse (ReLUs and "
-                               "a large constant) or compile to a gated target", atom.span)
+            raise CompileError(f"a product of two values (Multiplicative) has no construction on "
+                               f"target '{target}', {_NO_PRODUCT[target]}: write the condition "
+                               "with f_ifelse (ReLUs and a large constant), or compile to target "
+                               "mamba or lstm", atom.span)
     return refuse
 
 
-PATTERNS = {"linear": "LR", "mamba": "LMR"}
+PATTERNS = {"linear": "LR", "mamba": "LMR", "lstm": "LRM", "gru": "LR"}
 
 
 def _stage_module(target, prog, stage, reads, width):
     """(module, reads of its output, its width) for one stage on `target`."""
+    if target == "lstm":
+        return gated.lstm_stage(prog, stage, reads, width)
     if stage.kind == "R":
         W, b, out = L.relu_weights(prog, stage, reads, width)
         return ReluStage(W, b), out, W.shape[0]
+    if target == "gru":
+        return gated.gru_stage(prog, stage, reads, width)
     if target == "mamba":
         build_stage = mamba.linstate_stage if stage.kind == "L" else mamba.product_stage
         module, out = build_stage(prog, stage, reads, width)
