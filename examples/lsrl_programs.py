@@ -4,8 +4,10 @@ program is written for; prints the largest difference per program, target and dt
 
     python examples/lsrl_programs.py [--batch 8] [--lengths 1 7 20] [--seed 0]
 
-A target a program has no construction on (a rotation on Mamba, a product on the linear RNN or
-the GRU) is listed with the reason rcc gives.
+A target a program has no construction on (a rotation on Hawk and Mamba, a product on the linear
+RNN or the GRU) is listed with the reason rcc gives. Every construction is exact in float64 but
+Hawk's counters (its RG-LRU cannot hold a decay of 1 with an input: see rcc/lsrl/hawk.py); in
+float32, f_ifelse's large constant (the *Relu programs) keeps no digits of the values.
 """
 from __future__ import annotations
 

@@ -173,8 +173,10 @@ def test_lsrl_programs_compile_to_every_target_they_have_a_construction_on(tmp_p
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
     built = [r for r in rows if "no" not in r]
     refused = [r for r in rows if "no" in r]
-    assert len(built) == 15 and len(refused) == 5
-    assert all(float(r[4]) == 0.0 for r in built)  # float64: every stack equals its program
+    assert len(built) == 19 and len(refused) == 6
+    exact = [r for r in built if r[1] != "hawk"]  # hawk's counters are approximate
+    assert all(float(r[4]) == 0.0 for r in exact)  # float64: every stack equals its program
     # float32: exact but for f_ifelse's large constant (the Relu programs)
-    assert all(float(r[5]) == 0.0 for r in built if not r[0].endswith("Relu"))
-    assert {r[1] for r in refused if r[0] == "counting"} == {"mamba"}
+    assert all(float(r[5]) == 0.0 for r in exact if not r[0].endswith("Relu"))
+    assert all(float(r[4]) < 1e-7 for r in built if r[1] == "hawk" and r[0].endswith("Mul"))
+    assert {r[1] for r in refused if r[0] == "counting"} == {"hawk", "mamba"}

@@ -147,10 +147,27 @@ def test_cells_that_are_not_lsrl_programs_are_located_errors(body, line, message
     assert e.value.line == line
 
 
-def test_mamba_refuses_a_rotation_with_its_location():
+@pytest.mark.parametrize("target", ["mamba", "hawk"])
+def test_diagonal_targets_refuse_a_rotation_with_its_location(target):
     with pytest.raises(rcc.CompileError, match="non-diagonal transition") as e:
-        rcc.lsrl.compile(_example("counting.rnn"), to="mamba")
-    assert e.value.filename.endswith("lsrl.rnn")
+        rcc.lsrl.compile(_example("counting.rnn"), to=target)
+    assert e.value.filename.endswith("lsrl.rnn") and e.value.line > 1
+
+
+@pytest.mark.parametrize("path,cell,dims,prompts,tolerance", [
+    ("lookup.rnn", "LookupMul", {"K": 3}, programs.lookup_prompts, 1e-7),
+    ("approximation.rnn", "ApproximateMul", {"N": 4}, programs.approximation_prompts, 1e-7),
+])
+def test_hawk_stacks_are_close_in_float64(path, cell, dims, prompts, tolerance):
+    """Hawk's RG-LRU cannot hold a decay of 1 with an input: its counters run a = 1 to rounding,
+    the input scaled by 1 / sqrt(1 - a^2) = 2^30 to rounding, so they drift by ~1e-16 a step."""
+    module, _ = rcc.lsrl.program(_example(path), cell=cell, dims=dims)
+    stack = rcc.lsrl.compile(_example(path), to="hawk", cell=cell, dims=dims, module=module)
+    gen = torch.Generator().manual_seed(2)
+    size = next(iter(dims.values()))
+    for T in (1, 2 * size + 1, 20):
+        want, got = _outputs(module, stack, prompts(4, size, T, gen), torch.float64)
+        assert (want[0] - got[0]).abs().max() < tolerance
 
 
 def test_dims_without_a_value_and_unknown_targets():

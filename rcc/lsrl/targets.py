@@ -4,6 +4,8 @@ them with set weights.
 linear  a linear RNN layer (rcc's stdlib LinearRNN: h' = A h + B x + b) then a ReLU MLP; the
         paper's base model. Every construction is exact. It has no product: a program with one
         (f_ifelse_mul) is refused, with the ReLU construction (f_ifelse) as the way out.
+hawk    Hawk's recurrent blocks (rcc's stdlib RG-LRU cell inside in_proj and the GeLU gate) for
+        LinStates and products, ReLU MLPs for ReLUs; its counters are approximate (rcc.lsrl.hawk).
 mamba   Mamba blocks (rcc's stdlib S6 cell inside in_proj and the SiLU gate) for LinStates and
         products, ReLU MLPs for ReLUs (rcc.lsrl.mamba says which constructions are exact).
 lstm    LSTM layers only (rcc's stdlib LSTM cell): LinStates, ReLUs and products through its gates.
@@ -17,10 +19,10 @@ import torch
 
 from ..errors import CompileError
 from . import layers as L
-from . import gated, mamba
+from . import gated, hawk, mamba
 from .schedule import schedule
 
-TARGETS = ("linear", "mamba", "lstm", "gru")
+TARGETS = ("linear", "hawk", "mamba", "lstm", "gru")
 
 
 class LinStateStage(torch.nn.Module):
@@ -68,7 +70,7 @@ def _refuse_products(target):
     return refuse
 
 
-PATTERNS = {"linear": "LR", "mamba": "LMR", "lstm": "LRM", "gru": "LR"}
+PATTERNS = {"linear": "LR", "hawk": "LMR", "mamba": "LMR", "lstm": "LRM", "gru": "LR"}
 
 
 def _stage_module(target, prog, stage, reads, width):
@@ -80,8 +82,9 @@ def _stage_module(target, prog, stage, reads, width):
         return ReluStage(W, b), out, W.shape[0]
     if target == "gru":
         return gated.gru_stage(prog, stage, reads, width)
-    if target == "mamba":
-        build_stage = mamba.linstate_stage if stage.kind == "L" else mamba.product_stage
+    if target in ("mamba", "hawk"):
+        kind = mamba if target == "mamba" else hawk
+        build_stage = kind.linstate_stage if stage.kind == "L" else kind.product_stage
         module, out = build_stage(prog, stage, reads, width)
         return module, out, module.in_proj.out_features // 2
     if stage.kind == "L":
