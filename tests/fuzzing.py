@@ -35,8 +35,20 @@ _NUMBERS = ["0", "1", "2", "3", "0.5", "1e-6", "16", "64", "128", "99999999999",
 _PUNCT = list("()[]{},;:='") + [".."]
 
 
+# a library of fns (stdlib/lsrl.rnn) becomes a seed with a cell that uses its fns
+_LIBRARY_USE = """
+cell UsesLibrary(n = 3) {
+    input x
+    c = f_counter(x)
+    output y = f_ifelse_mul(f_eq(c, 2), x, 0) + f_ifelse(f_larger(c, 1), x, 0)
+    output m = f_modulo_counter(n) + f_bump(x, 0, 1) + f_or(f_not(x), f_and(x, x))
+}
+"""
+
+
 def seeds() -> list:
-    return [open(p, encoding="utf-8").read() for p in STDLIB]
+    texts = [open(p, encoding="utf-8").read() for p in STDLIB]
+    return [t if re.search(r"^cell\s", t, re.M) else t + _LIBRARY_USE for t in texts]
 
 
 def mutate(text: str, rng: random.Random) -> str:
