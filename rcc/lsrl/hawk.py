@@ -25,12 +25,10 @@ import math
 import numpy as np
 import torch
 
-from ..errors import CompileError
 from . import layers as L
-from .mamba import _names, _span
+from .mamba import GATE, diagonal_decays, product_channels
 from .program import Form
 
-GATE = 64.0  # gelu(GATE) == GATE exactly
 SAT = 1000.0
 LOG_A_ONE = -2.0 ** -61  # a = exp(LOG_A_ONE) rounds to 1; sqrt(-expm1(2 LOG_A_ONE)) = 2^-30
 
@@ -69,22 +67,9 @@ def _input_scale(log_a):
 def linstate_stage(prog, stage, reads, width):
     gates, forms, lams, h0, out = [], [], [], [], {}
     for ls in stage.items:
-        A = ls.A
-        if np.count_nonzero(A - np.diag(np.diag(A))):
-            raise CompileError(f"the LinState of {_names(ls)} has a non-diagonal transition (a "
-                               "rotation or a coupling of its elements); Hawk's RG-LRU is "
-                               "diagonal with decays in [0, 1]: compile it to target linear, lstm "
-                               "or gru", _span(prog, ls))
-        if ls.keep_old:
-            name, _ = ls.atoms()[ls.keep_old[0]]
-            raise CompileError(f"state '{name}' is read before its update; on target hawk a "
-                               f"LinState's output is its new value: read {name}' instead",
-                               _span(prog, ls))
+        decays = diagonal_decays(prog, ls, "hawk", "Hawk's RG-LRU")
         for i, (name, k) in enumerate(ls.atoms()):
-            a = float(A[i, i])
-            if not 0.0 <= a <= 1.0:
-                raise CompileError(f"the LinState of {_names(ls)} decays by {a:g}: the RG-LRU's "
-                                   "decays lie in [0, 1]", _span(prog, ls))
+            a = decays[i]
             log_a = LOG_A_ONE if a == 1.0 else (-8 * SAT if a == 0.0 else math.log(a))
             key = ("new", name, k, ())
             if key in prog.index:
@@ -103,16 +88,7 @@ def linstate_stage(prog, stage, reads, width):
 
 
 def product_stage(prog, stage, reads, width):
-    gates, forms, out = [], [], {}
-    for a in stage.items:
-        left, right = prog.atoms[a].args
-        out[a] = {len(forms): 1.0, len(forms) + 1: -1.0}
-        forms += [left, left]
-        gates += [right + GATE, Form(prog, {}, GATE)]
-    for a in stage.carried:
-        out[a] = {len(forms): 1.0 / GATE}
-        forms.append(Form(prog, {a: 1.0}))
-        gates.append(Form(prog, {}, GATE))
+    forms, gates, out = product_channels(prog, stage)
     n = len(forms)
     return _stage(gates, forms, [-SAT] * n, [0.0] * n, reads, width, "products"), out
 

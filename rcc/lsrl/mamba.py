@@ -60,16 +60,34 @@ class MambaStage(torch.nn.Module):
         return y * torch.nn.functional.silu(z)
 
 
-def _decay_log(a, ls, prog):
+def _decay_log(a):
     if a == 1.0:
         return -1000.0
     if a == 0.0:
         return 1000.0
-    if 0.0 < a < 1.0:
-        return math.log(-math.log(a) / DELTA)
-    raise CompileError(f"the LinState of {_names(ls)} decays by {a:g}: Mamba decays a channel by "
-                       "exp(delta * A) in (0, 1], so only decays in [0, 1] have a construction",
-                       _span(prog, ls))
+    return math.log(-math.log(a) / DELTA)
+
+
+def diagonal_decays(prog, ls, target, recurrence) -> list:
+    """The decays of a LinState on a target whose recurrence is diagonal with decays in [0, 1]
+    (Hawk, Mamba), or a located error."""
+    A = ls.A
+    if np.count_nonzero(A - np.diag(np.diag(A))):
+        raise CompileError(f"the LinState of {_names(ls)} has a non-diagonal transition (a "
+                           f"rotation or a coupling of its elements); {recurrence} is diagonal "
+                           "with decays in [0, 1]: compile it to target linear, lstm or gru",
+                           _span(prog, ls))
+    if ls.keep_old:
+        name, _ = ls.atoms()[ls.keep_old[0]]
+        raise CompileError(f"state '{name}' is read before its update; on target {target} a "
+                           f"LinState's output is its new value: read {name}' instead",
+                           _span(prog, ls))
+    decays = [float(a) for a in np.diag(A)]
+    for a in decays:
+        if not 0.0 <= a <= 1.0:
+            raise CompileError(f"the LinState of {_names(ls)} decays by {a:g}: {recurrence}'s "
+                               "decays lie in [0, 1]", _span(prog, ls))
+    return decays
 
 
 def _names(ls):
@@ -81,21 +99,12 @@ def linstate_stage(prog, stage, reads, width):
     channel held at 1 (the S6's B and C)."""
     forms, logs, h0, out = [], [], [], {}
     for ls in stage.items:
-        A = ls.A
-        if np.count_nonzero(A - np.diag(np.diag(A))):
-            raise CompileError(f"the LinState of {_names(ls)} has a non-diagonal transition (a "
-                               "rotation or a coupling of its elements); Mamba's is diagonal with "
-                               "decays in (0, 1]: compile it to target linear", _span(prog, ls))
-        if ls.keep_old:
-            name, _ = ls.atoms()[ls.keep_old[0]]
-            raise CompileError(f"state '{name}' is read before its update; on target mamba a "
-                               f"LinState's output is its new value: read {name}' instead",
-                               _span(prog, ls))
+        decays = diagonal_decays(prog, ls, "mamba", "Mamba's S6")
         for i, (name, k) in enumerate(ls.atoms()):
             key = ("new", name, k, ())
             if key in prog.index:
                 out[prog.index[key]] = {len(forms): 1.0 / GATE}
-            logs.append(_decay_log(float(A[i, i]), ls, prog))
+            logs.append(_decay_log(decays[i]))
             forms.append(ls.inputs[i].scale(1.0 / DELTA))
             h0.append(ls.init[i])
     for a in stage.carried:
@@ -111,9 +120,10 @@ def linstate_stage(prog, stage, reads, width):
     return _stage(prog, forms, gates, logs, h0, one, reads, width, "LinStates"), out
 
 
-def product_stage(prog, stage, reads, width):
-    """Channels with no memory (decay 0, so y = x): for a product a * b, a gated by b + 64 and a
-    gated by 64 (their difference is a * b); for a carried value, itself gated by 64."""
+def product_channels(prog, stage):
+    """(values, gates, reads) of a product stage through an offset gate (Mamba's SiLU, Hawk's
+    GeLU): for a * b, a gated by b + 64 and a gated by 64 (their difference is a * b); for a
+    carried value, itself gated by 64."""
     forms, gates, out = [], [], {}
     for a in stage.items:
         left, right = prog.atoms[a].args
@@ -124,6 +134,12 @@ def product_stage(prog, stage, reads, width):
         out[a] = {len(forms): 1.0 / GATE}
         forms.append(Form(prog, {a: 1.0}))
         gates.append(Form(prog, {}, GATE))
+    return forms, gates, out
+
+
+def product_stage(prog, stage, reads, width):
+    """Channels with no memory (decay 0, so y = x), plus the channel held at 1."""
+    forms, gates, out = product_channels(prog, stage)
     forms = [f.scale(1.0 / DELTA) for f in forms] + [Form(prog, {}, 1.0)]
     gates.append(Form(prog, {}, GATE))
     n = len(forms)
