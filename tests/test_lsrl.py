@@ -206,3 +206,14 @@ def test_cli_lsrl(tmp_path):
     assert r.returncode == 1 and "error: the LinState" in r.stderr and "Traceback" not in r.stderr
     r = _cli("lsrl", "--help")
     assert r.returncode == 0 and "linear" in r.stdout and "mamba" in r.stdout
+
+
+def test_mamba_stacks_run_the_scan_and_stay_exact_on_long_prompts():
+    module, _ = rcc.lsrl.program(_example("lookup.rnn"), cell="LookupMul")
+    stack = rcc.lsrl.compile(_example("lookup.rnn"), to="mamba", cell="LookupMul", module=module)
+    s6 = [st.s6 for st in stack.stages if hasattr(st, "s6")]
+    assert s6 and all("plan scan)" in type(m).RCC_CODE.split("\n")[0] for m in s6)
+    x = lookup_prompts(3, 3, 300, torch.Generator().manual_seed(3))
+    for dtype in (torch.float64, torch.float32):
+        want, got = _outputs(module, stack, x, dtype)
+        assert torch.equal(want[0], got[0])

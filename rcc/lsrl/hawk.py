@@ -15,8 +15,8 @@ sigmoid(...). Its weights are set as follows:
   * the gate GeLU(64) = 64 (the normal CDF rounds to 1): out = 64 y, read as y / 64; a product
     a * b: y = a, g = b + 64, minus a second channel 64 a, as on target mamba (exact while
     b > -55, to the rounding of b + 64).
-The RG-LRU is diagonal with decays in [0, 1]: other LinStates (rotations) have no construction,
-nor has a state read before its update.
+The RG-LRU runs plan scan (its parallel form). It is diagonal with decays in [0, 1]: other
+LinStates (rotations) have no construction, nor has a state read before its update.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class HawkStage(torch.nn.Module):
         super().__init__()
         d = lam.shape[0]
         self.in_proj = L.linear(W, b)
-        self.rglru = L.stdlib_class("rglru")(d=d).double()
+        self.rglru = L.stdlib_class("rglru", "scan")(d=d).double()
         with torch.no_grad():
             cell = self.rglru
             cell.Wa.zero_(), cell.ba.fill_(SAT), cell.Wx.zero_(), cell.bx.fill_(SAT)

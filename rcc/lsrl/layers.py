@@ -18,11 +18,11 @@ from .program import Form
 
 
 @functools.lru_cache(maxsize=None)
-def stdlib_class(name):
+def stdlib_class(name, plan="auto"):
     """The module class of rcc's stdlib cell NAME (stdlib/NAME.rnn), on backend torch."""
     from .. import api
     return api.compile(str(resources.files("rcc.stdlib").joinpath(f"{name}.rnn")),
-                       backend="torch", plan="auto")
+                       backend="torch", plan=plan)
 
 
 def form_rows(forms, reads, width):

@@ -14,6 +14,7 @@ point where the block allows it:
     64 * a, and the difference is a * b: exact while b > -27 (so that sigmoid(b + 64) rounds to
     1) up to the rounding of b + 64 (none for integers; 2^-47 |a| in float64, 2^-18 |a| in
     float32 for b in [-27, 64)).
+The S6 runs plan scan (its parallel form; exact here too: the decays are 0 and 1).
 Mamba's transitions are diagonal with decays in (0, 1]: a LinState whose A is not diagonal with
 entries in [0, 1] (a rotation, as in f_modulo_counter) has no construction, nor does reading a
 state's value from before its update.
@@ -40,7 +41,7 @@ class MambaStage(torch.nn.Module):
         super().__init__()
         d = a_log.shape[0]
         self.in_proj = L.linear(W, b)
-        self.s6 = L.stdlib_class("mamba")(d=d, R=1, N=1).double()
+        self.s6 = L.stdlib_class("mamba", "scan")(d=d, R=1, N=1).double()
         with torch.no_grad():
             s6 = self.s6
             s6.A_log.copy_(torch.as_tensor(a_log).reshape(d, 1))
