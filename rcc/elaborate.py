@@ -104,7 +104,8 @@ class Elaborator(GraphBuilder):
         self.inline_stack: list = []
         self.unrolled = 0  # loop iterations unrolled so far, against MAX_UNROLL
         self.inlined = 0  # fn calls inlined so far, against MAX_INLINED
-        self.caller_env: dict = {}  # while inlining: the env of the fn's caller
+        self.caller_env: set = set()  # while inlining: the names bound by the fn's callers
+        self.block_names: list = []  # the names each block fn being run declares, innermost last
         self.fn_uses: dict = {}  # block fn name -> uses so far (names each use's states)
         self.state_leaf: dict = {}  # state name -> the id of its declaration's node
         # the predecessor forms being elaborated, innermost last: (scope id, agg, k)
@@ -151,10 +152,14 @@ class Elaborator(GraphBuilder):
         if p is None or p.kind != "param":
             raise CompileError(f"unknown initializer '{pname}' for state '{decl.name}' (expected "
                                "0, a number, zeros, ones, eye or the name of a param)", span)
-        if not _same_shape(p.shape, decl.shape):
-            raise CompileError(f"shape mismatch: state '{decl.name}' is {fmt_shape(decl.shape)} "
+        return dataclasses.replace(decl, init=self._param_init(decl, decl.shape, pname, span))
+
+    def _param_init(self, state, shape, pname, span) -> ir.Init:
+        p = self.decls[pname]
+        if not _same_shape(p.shape, shape):
+            raise CompileError(f"shape mismatch: state '{state.name}' is {fmt_shape(shape)} "
                                f"but its initial param '{pname}' is {fmt_shape(p.shape)}", span)
-        return ir.Decl(decl.kind, decl.name, decl.shape, ir.Init("param", param=pname), decl.span)
+        return ir.Init("param", param=pname)
 
     # ---- building nodes -------------------------------------------------------------------
     def name_value(self, vid: int, name: str):
@@ -255,10 +260,19 @@ class Elaborator(GraphBuilder):
         where = _span(e)
         if item.kind == "input":
             raise CompileError(f"input '{item.name}' cannot have an initial value", where)
+        bound = self.env.get(e.id) if isinstance(e, S.Name) else None
+        if isinstance(bound, Val) and self.nodes[bound.id].op == "param" and item.kind == "state":
+            # a param in scope (in a block fn, the one its parameter is bound to)
+            return self._param_init(item, shape, self.nodes[bound.id].attr("name"), where)
         if isinstance(e, S.Name) and e.id in _INITS:
             kind = e.id
-        elif isinstance(e, S.Name) and item.kind == "state" and e.id not in self.dims:
-            self.state_inits[item.name] = (e.id, where)
+        elif isinstance(e, S.Name) and item.kind == "state" and bound is None \
+                and e.id not in self.dims and e.id != "pi":
+            if self.block_names and e.id not in self.block_names[-1]:
+                raise CompileError(f"unknown initializer '{e.id}' (a block fn's state starts "
+                                   "from a number, an expression of its parameters and dims, or "
+                                   "a param it declares or is given)", where)
+            self.state_inits[item.name] = (e.id, where)  # a param declared further on
             return ir.Init("zeros")  # replaced once the param is known
         elif isinstance(e, S.Call) and e.func in ("uniform", "normal"):
             if len(e.args) != 2 or e.kwargs:
@@ -271,7 +285,8 @@ class Elaborator(GraphBuilder):
             if e.func == "normal" and b.is_negative:
                 raise CompileError(f"normal(mean, std) needs std >= 0, got {b}", where)
             return self._random_ok(item, e.func, (a, b), where)
-        elif isinstance(e, S.Name) and e.id not in self.dims:  # a dim is a number
+        elif isinstance(e, S.Name) and bound is None and e.id not in self.dims \
+                and e.id != "pi":  # a dim, a bound value and pi are numbers
             raise CompileError(f"unknown initializer '{e.id}' (expected 0, a number, zeros, "
                                "ones, eye, uniform(a, b), normal(mean, std), xavier, orthogonal)",
                                where)
@@ -349,7 +364,16 @@ class Elaborator(GraphBuilder):
             self.name_value(vid, t.id)
             self.env[t.id] = Val(vid)
 
+    def _visible_state(self, name) -> bool:
+        """Whether state `name` is in scope here: a block fn sees only its own states, an
+        expression fn none, the cell its own."""
+        return name in self.state_leaf and self.env.get(name) == Val(self.state_leaf[name])
+
     def stmt_Update(self, st: S.Update):
+        if st.state in self.decls and not self._visible_state(st.state) and self.inline_stack:
+            raise CompileError(f"fn '{self.inline_stack[-1][0]}' cannot update state "
+                               f"'{st.state}': a block fn updates only the states it declares",
+                               st.span)
         decl = self.decls.get(st.state)
         if decl is None and st.state not in self.env:
             raise CompileError(f"unknown state '{st.state}' (declare it first: "
@@ -447,6 +471,9 @@ class Elaborator(GraphBuilder):
         raise CompileError(f"unknown name '{e.id}'{hint}", e.span)
 
     def ex_Primed(self, e: S.Primed):
+        if e.id in self.decls and self.inline_stack and not self._visible_state(e.id):
+            raise CompileError(f"fn '{self.inline_stack[-1][0]}' cannot read {e.id}': an fn "
+                               "sees its parameters, the dims and the states it declares", e.span)
         decl = self.decls.get(e.id)
         if decl is None:
             if e.id in self.env or e.id in self.dims:
@@ -653,7 +680,7 @@ class Elaborator(GraphBuilder):
         saved, saved_caller = self.env, self.caller_env
         # an fn sees its parameters, the cell's dims and the other fns; not the caller's locals
         self.env = {k: v for k, v in saved.items() if k in self.dims} | bound
-        self.caller_env = saved
+        self.caller_env = set(saved_caller) | set(saved)
         self.inline_stack.append((e.func, e.span))
         try:
             if fn.stmts is not None:
@@ -689,11 +716,15 @@ class Elaborator(GraphBuilder):
         for st in fn.stmts:
             check_block_stmt(st, fn)
         self.fn_uses[fn.name] = self.fn_uses.get(fn.name, 0) + 1
-        taken = set(self.decls) | set(self.dims) | set(self.env) | set(self.caller_env)
+        taken = set(self.decls) | set(self.dims) | set(self.env) | self.caller_env
         prefix = instance_prefix(fn.name, self.fn_uses[fn.name], declared, taken)
         names = {name: f"{prefix}_{name}" for name in declared}
-        self.block(renamed(fn.stmts, names))
-        return self.eval_any(renamed(fn.body, names))
+        self.block_names.append(set(names.values()))
+        try:
+            self.block(renamed(fn.stmts, names))
+            return self.eval_any(renamed(fn.body, names))
+        finally:
+            self.block_names.pop()
 
     def stmt_Value(self, st: S.Value):
         where = "a block fn" if self.inline_stack else f"cell '{self.cell.name}'"
