@@ -87,6 +87,7 @@ _RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
 class Elaborator(GraphBuilder):
     def __init__(self, cell: S.Cell, fns: dict, static: dict):
         self.cell = cell
+        self.origins: list = []  # per node: the outermost fn call that made it (CellIR.origins)
         self.fns = fns  # name -> S.FnDef
         self.static = dict(static)  # dim name -> int, for integer contexts
         super().__init__()
@@ -142,7 +143,8 @@ class Elaborator(GraphBuilder):
             name=self.cell.name, filename=self.cell.span.filename, topology=self.cell.topology,
             dims=dims, inputs=kinds["input"], params=kinds["param"], states=states,
             nodes=tuple(self.nodes), updates=tuple(self.updated.items()),
-            outputs=tuple(self.outputs), constraints=tuple(self.constraints), span=self.cell.span)
+            outputs=tuple(self.outputs), constraints=tuple(self.constraints), span=self.cell.span,
+            origins=tuple(self.origins))
 
     def _resolve_state_init(self, decl: ir.Decl) -> ir.Decl:
         if decl.name not in self.state_inits:
@@ -162,6 +164,13 @@ class Elaborator(GraphBuilder):
         return ir.Init("param", param=pname)
 
     # ---- building nodes -------------------------------------------------------------------
+    def emit(self, op, args, shape, span, attrs=(), batched=None) -> int:
+        new = len(self.nodes)
+        vid = super().emit(op, args, shape, span, attrs, batched)
+        if vid == new:
+            self.origins.append(self.inline_stack[0][1] if self.inline_stack else None)
+        return vid
+
     def name_value(self, vid: int, name: str):
         n = self.nodes[vid]
         if not n.name and n.op not in ("input", "param", "state", "const"):

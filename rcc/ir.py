@@ -139,6 +139,10 @@ class CellIR:
     constraints: tuple = ()
     span: Optional[Span] = None
     source_hash: str = field(default="", compare=False)
+    # per node, as elaborated: the span of the outermost fn call in the cell that made it (None
+    # outside fns), for errors found after elaboration (rcc.lsrl). Passes that renumber nodes
+    # drop it (with_nodes).
+    origins: tuple = field(default=(), compare=False)
 
     def node(self, i: int) -> Node:
         return self.nodes[i]
@@ -152,7 +156,17 @@ class CellIR:
 
     def with_nodes(self, nodes, updates=None, outputs=None) -> "CellIR":
         return replace(self, nodes=tuple(nodes), updates=self.updates if updates is None else
-                       tuple(updates), outputs=self.outputs if outputs is None else tuple(outputs))
+                       tuple(updates), outputs=self.outputs if outputs is None else tuple(outputs),
+                       origins=())
+
+    def located(self, i: int):
+        """(span, notes) to report node `i` at: the fn call in the cell it came from, with a note
+        at the place in the fn, or the node's own span."""
+        origin = self.origins[i] if i < len(self.origins) else None
+        n = self.nodes[i]
+        if origin is None or origin == n.span:
+            return n.span, ()
+        return origin, (("in the fn, here", n.span),)
 
 
 def cone(nodes, roots, stop=()) -> set:
@@ -181,7 +195,8 @@ def verify(cell: CellIR) -> None:
         assert arity is None or len(n.args) == arity, f"{n.op} takes {arity} args: {n}"
         assert all(0 <= a < i for a in n.args), f"node {i} uses a later value: {n}"
         assert {k for k, _ in n.attrs} <= set(attr_names), f"bad attrs on {n}"
-        want_batched = n.op in ("input", "state", "slot", "pred") or any(cell.nodes[a].type.batched for a in n.args)
+        want_batched = n.op in ("input", "state", "slot", "pred") or any(
+            cell.nodes[a].type.batched for a in n.args)
         assert n.type.batched == want_batched, f"batched flag wrong on {n}"
     names = {d.name for d in cell.states}
     for s, v in cell.updates:

@@ -111,7 +111,9 @@ def test_products_have_no_construction_on_targets_linear_and_gru(target):
     src = "use lsrl\ncell C() {\n  input c, t\n  output y = f_ifelse_mul(c, t, 0)\n}\n"
     with pytest.raises(rcc.CompileError, match="Multiplicative.*no construction") as e:
         rcc.lsrl.compile(src, to=target)
-    assert e.value.filename.endswith("lsrl.rnn")  # the product in f_ifelse_mul
+    # at the use of f_ifelse_mul, with a note at the product in its body
+    assert (e.value.filename, e.value.line, e.value.col) == ("<string>", 4, 14)
+    assert e.value.notes[0][1].filename == "stdlib/lsrl.rnn"
 
 
 def test_products_on_mamba_and_lstm():
@@ -151,7 +153,8 @@ def test_cells_that_are_not_lsrl_programs_are_located_errors(body, line, message
 def test_diagonal_targets_refuse_a_rotation_with_its_location(target):
     with pytest.raises(rcc.CompileError, match="non-diagonal transition") as e:
         rcc.lsrl.compile(_example("counting.rnn"), to=target)
-    assert e.value.filename.endswith("lsrl.rnn") and e.value.line > 1
+    assert e.value.filename.endswith("counting.rnn") and e.value.line == 11  # the counter's use
+    assert e.value.notes[0][1].filename == "stdlib/lsrl.rnn"  # the rotation's update
 
 
 @pytest.mark.parametrize("path,cell,dims,prompts,tolerance", [

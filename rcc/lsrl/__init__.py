@@ -25,11 +25,12 @@ def program(source_or_path, cell=None, dims=None, module=None):
     """(the cell's own module, its LSRL Program). `module`: an instance of the compiled cell whose
     param values to use (by default a new one, initialised as the cell says)."""
     from .. import api
-    from ..elaborate import NeedStatic
+    from ..elaborate import NeedStatic, elaborate
 
     dims = dict(dims or {})
-    try:
-        cell_ir, _, _ = api.build_ir(source_or_path, cell, dims)
+    try:  # as elaborated (CellIR.origins: errors at the fn calls in the cell)
+        prog, ast = api._load(source_or_path, cell)
+        cell_ir = elaborate(ast, prog.fns, dims)
     except NeedStatic as need:
         raise CompileError(f"dim{'s' if len(need.names) > 1 else ''} "
                            f"{', '.join(need.names)} need{'s' if len(need.names) == 1 else ''} a "

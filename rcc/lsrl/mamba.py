@@ -77,17 +77,17 @@ def diagonal_decays(prog, ls, target, recurrence) -> list:
         raise CompileError(f"the LinState of {_names(ls)} has a non-diagonal transition (a "
                            f"rotation or a coupling of its elements); {recurrence} is diagonal "
                            "with decays in [0, 1]: compile it to target linear, lstm or gru",
-                           _span(prog, ls))
+                           *_where(prog, ls))
     if ls.keep_old:
         name, _ = ls.atoms()[ls.keep_old[0]]
         raise CompileError(f"state '{name}' is read before its update; on target {target} a "
                            f"LinState's output is its new value: read {name}' instead",
-                           _span(prog, ls))
+                           *_where(prog, ls))
     decays = [float(a) for a in np.diag(A)]
     for a in decays:
         if not 0.0 <= a <= 1.0:
             raise CompileError(f"the LinState of {_names(ls)} decays by {a:g}: {recurrence}'s "
-                               "decays lie in [0, 1]", _span(prog, ls))
+                               "decays lie in [0, 1]", *_where(prog, ls))
     return decays
 
 
@@ -153,6 +153,6 @@ def _stage(prog, forms, gates, logs, h0, one, reads, width, what):
     return MambaStage(W, b, np.asarray(logs), np.asarray(h0, dtype=np.float64), one, what)
 
 
-def _span(prog, ls):
-    """Where the LinState's first state is updated: the program's span of that update."""
-    return prog.state_spans.get(ls.states[0][0], prog.span)
+def _where(prog, ls):
+    """(span, notes): where the LinState's first state is updated."""
+    return prog.where_state(ls.states[0][0])

@@ -25,7 +25,8 @@ class Atom:
     args: tuple = ()  # relu: (form,); mul: (form, form)
     name: str = ""  # input or state name
     index: int = 0  # the element, row-major
-    span: object = None  # the operation that made it (relu, mul)
+    span: object = None  # where to report it: the operation that made it (relu, mul), or the
+    notes: tuple = ()  # fn call in the cell it came from, with a note at the operation
 
 
 class Form:
@@ -91,13 +92,18 @@ class Program:
     atoms: list = field(default_factory=list)
     index: dict = field(default_factory=dict)  # atom key -> id
     span: object = None  # of the operation being evaluated, for atoms and errors
-    state_spans: dict = field(default_factory=dict)  # state name -> span of its update
+    notes: tuple = ()  # with span: where in an fn the operation is
+    state_spans: dict = field(default_factory=dict)  # state name -> (span, notes) of its update
+
+    def where_state(self, name) -> tuple:
+        """(span, notes) to report the update of state `name` at."""
+        return self.state_spans.get(name, (self.span, ()))
 
     def atom(self, kind, args=(), name="", index=0) -> int:
         key = (kind, name, index, tuple(a.key() for a in args))
         if key not in self.index:
             self.index[key] = len(self.atoms)
-            self.atoms.append(Atom(kind, args, name, index, self.span))
+            self.atoms.append(Atom(kind, args, name, index, self.span, self.notes))
         return self.index[key]
 
     def atom_form(self, kind, args=(), name="", index=0) -> Form:
@@ -166,11 +172,15 @@ class Extractor:
         updated = {}
         for s, v in c.updates:
             updated.setdefault(v, []).append(s)
+        # only what the updates and outputs read: an unused value may be anything
+        live = ir.cone(c.nodes, [v for _, v in c.updates] + [v for _, v, _ in c.outputs])
         for n in c.nodes:
-            prog.span = n.span
+            if n.id not in live:
+                continue
+            prog.span, prog.notes = c.located(n.id)
             self.values[n.id] = self._eval(n)
             for s in updated.get(n.id, ()):
-                prog.state_spans[s] = n.span
+                prog.state_spans[s] = (prog.span, prog.notes)
                 shape = self._shape(next(d.shape for d in c.states if d.name == s))
                 value = np.broadcast_to(np.asarray(self.values[n.id], dtype=object), shape)
                 prog.updates[s] = [self._form(x) for x in value.reshape(-1)]
@@ -216,7 +226,7 @@ class Extractor:
                            "inputs, an LSRL program may use affine maps, relu (and max, min, abs), "
                            "products of two values, and states updated affinely"
                            + (f"; `use lsrl` has {_SUGGEST[n.op]}" if n.op in _SUGGEST else ""),
-                           n.span)
+                           self.prog.span, self.prog.notes)
 
     def _eval(self, n: ir.Node):
         from ..passes.probe import Probe

@@ -120,7 +120,7 @@ def _linstate(prog, group, sizes, states_reached) -> LinState:
                 raise CompileError(
                     f"the states {', '.join(group)} form a loop through a {at.kind} (here) that "
                     f"reads {names}: an LSRL LinState is affine in its own state (s' = A s + B x + "
-                    "b); move the nonlinearity out of the loop", at.span)
+                    "b); move the nonlinearity out of the loop", at.span, at.notes)
             else:
                 rest[a] = c
         inputs.append(Form(prog, rest, f.const))

@@ -66,7 +66,7 @@ def _refuse_products(target):
             raise CompileError(f"a product of two values (Multiplicative) has no construction on "
                                f"target '{target}', {_NO_PRODUCT[target]}: write the condition "
                                "with f_ifelse (ReLUs and a large constant), or compile to target "
-                               "mamba or lstm", atom.span)
+                               "mamba or lstm", atom.span, atom.notes)
     return refuse
 
 
