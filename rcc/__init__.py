@@ -8,7 +8,7 @@ from .errors import CompileError, Span
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compile": ("rcc.api", "compile"),
+    "compile": ("rcc.frontcache", "compile"),  # rcc.api.compile, its front end cached
     "generate": ("rcc.api", "generate"),
     "analyze": ("rcc.api", "analyze"),
     "recurrence": ("rcc.pyfrontend", "recurrence"),

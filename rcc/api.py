@@ -284,7 +284,8 @@ def _auto_facts(cell_ir, analysis, dims=None):
 
 
 def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
-    """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims.
+    """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims. This runs
+    the compiler every time; rcc.compile (rcc.frontcache.compile) is this with its results cached.
 
     source_or_path: a .rnn file's path (absolute, relative, or a stdlib name such as
     "stdlib/gla.rnn") or the cell's source text. cell: which cell of a file with several.

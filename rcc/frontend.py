@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from importlib import resources
 
@@ -10,6 +9,7 @@ from . import syntax as S
 from .elaborate import BUILTINS
 from .errors import CompileError
 from .parser import parse
+from .source import MAX_SOURCE_BYTES, _file_span, _read_file, normalized, read_source  # noqa: F401
 
 
 @dataclass
@@ -17,45 +17,6 @@ class Program:
     cells: dict  # name -> S.Cell, in definition order
     fns: dict  # name -> S.FnDef
     texts: dict  # filename -> source text (every file read, for the content hash)
-
-
-def read_source(source_or_path) -> tuple:
-    """(text, filename): a path (str or PathLike naming an existing file, or ending in .rnn) is
-    read; any other string is the program text itself."""
-    if isinstance(source_or_path, os.PathLike) or (
-            isinstance(source_or_path, str) and "\n" not in source_or_path
-            and (source_or_path.endswith(".rnn") or os.path.isfile(source_or_path))):
-        path = os.fspath(source_or_path)
-        return _read_file(path, _file_span(path)), path
-    if not isinstance(source_or_path, str):
-        raise TypeError(f"expected .rnn source text or a path, got {type(source_or_path).__name__}")
-    return normalized(source_or_path), "<string>"
-
-
-MAX_SOURCE_BYTES = 1 << 20  # a .rnn file is small: a bound keeps /dev/zero or a huge file out
-
-
-def normalized(text: str) -> str:
-    """Source text as the parser reads it: without a UTF-8 byte-order mark, and with Windows
-    (CR LF) and old Mac (CR) line endings as LF."""
-    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _read_file(path, span, what=None) -> str:
-    what = what or path
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise CompileError(f"cannot read {what}: not a regular file", span)
-        if info.st_size > MAX_SOURCE_BYTES:
-            raise CompileError(f"cannot read {what}: {info.st_size} bytes, more than the "
-                               f"{MAX_SOURCE_BYTES} a source file may have", span)
-        with open(path, encoding="utf-8") as f:
-            return normalized(f.read(MAX_SOURCE_BYTES + 1))
-    except OSError as e:
-        raise CompileError(f"cannot read {what}: {e.strerror or e}", span) from None
-    except UnicodeDecodeError as e:
-        raise CompileError(f"cannot read {what}: not UTF-8 text (byte {e.start})", span) from None
 
 
 def load(text: str, filename: str) -> Program:
@@ -127,11 +88,3 @@ def pick_cell(prog: Program, cell: str | None, filename: str) -> S.Cell:
                            _file_span(filename, text))
     raise CompileError(f"{len(own)} cells are defined ({', '.join(c.name for c in own)}); "
                        "choose one with cell=\"Name\" (or --cell Name)", own[1].span)
-
-
-def _file_span(filename, text=None):
-    """The start of a file; with its text, its first line shown under the caret (an empty
-    file's empty line included)."""
-    from .errors import Span
-    first = "" if text is None else (text.split("\n", 1)[0] or " ")
-    return Span(filename, 1, 1, 1, 2, first)
