@@ -678,20 +678,18 @@ class Elaborator(GraphBuilder):
             cycle = " -> ".join(chain[chain.index(e.func):] + [e.func])
             raise CompileError(f"fn '{e.func}' calls itself ({cycle}); recursion is not allowed",
                                e.span, notes=((f"'{fn.name}' is defined here", fn.span),))
-        if e.kwargs:
-            raise CompileError(f"fn '{e.func}' takes positional arguments only",
-                               _span(e.kwargs[0][1]))
-        if len(e.args) != len(fn.params):
-            raise CompileError(f"fn '{e.func}' takes {len(fn.params)} argument"
-                               f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}", e.span,
-                               notes=((f"'{fn.name}' is defined here", fn.span),))
-        bound = {p: self.eval_any(a) for p, a in zip(fn.params, e.args)}
+        given = self._fn_arguments(e, fn)
+        bound = {p: self.eval_any(a) for p, a in given.items()}
         saved, saved_caller = self.env, self.caller_env
         # an fn sees its parameters, the cell's dims and the other fns; not the caller's locals
         self.env = {k: v for k, v in saved.items() if k in self.dims} | bound
         self.caller_env = set(saved_caller) | set(saved)
         self.inline_stack.append((e.func, e.span))
         try:
+            defaults = dict(zip(fn.params, fn.defaults or (None,) * len(fn.params)))
+            for p in fn.params:  # defaults in the fn's scope, left to right
+                if p not in bound:
+                    self.env[p] = self.eval_any(defaults[p])
             if fn.stmts is not None:
                 return self._run_block(fn)
             return self.eval_any(fn.body)
@@ -709,6 +707,37 @@ class Elaborator(GraphBuilder):
         finally:
             self.inline_stack.pop()
             self.env, self.caller_env = saved, saved_caller
+
+    def _fn_arguments(self, e: S.Call, fn: S.FnDef) -> dict:
+        """Parameter name -> argument expression of a call, by position then by keyword; the
+        parameters left out must have defaults."""
+        here = ((f"'{fn.name}' is defined here", fn.span),)
+        defaults = fn.defaults or (None,) * len(fn.params)
+        required = sum(1 for d in defaults if d is None)
+        if len(e.args) > len(fn.params):
+            want = str(len(fn.params)) if required == len(fn.params) else \
+                f"{required} to {len(fn.params)}"
+            raise CompileError(f"fn '{e.func}' takes {want} argument"
+                               f"{'s' if want != '1' else ''}, got {len(e.args)}", e.span,
+                               notes=here)
+        given = dict(zip(fn.params, e.args))
+        for name, value in e.kwargs:
+            if name not in fn.params:
+                raise CompileError(f"fn '{e.func}' has no parameter '{name}' (its parameters: "
+                                   f"{', '.join(fn.params) or 'none'})", _span(value), notes=here)
+            if name in given:
+                raise CompileError(f"fn '{e.func}' gets parameter '{name}' twice", _span(value),
+                                   notes=here)
+            given[name] = value
+        missing = [p for p, d in zip(fn.params, defaults) if p not in given and d is None]
+        if missing:
+            if not e.kwargs and required == len(fn.params):
+                raise CompileError(f"fn '{e.func}' takes {len(fn.params)} argument"
+                                   f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}",
+                                   e.span, notes=here)
+            raise CompileError(f"fn '{e.func}' needs parameter{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(repr(m) for m in missing)}", e.span, notes=here)
+        return given
 
     def _run_block(self, fn: S.FnDef):
         """A block fn's statements, with fresh copies of the states and params it declares,

@@ -88,6 +88,19 @@ _STATEMENTS = {"fndef", "fnblock", "value", "decl", "assign", "destructure", "up
                "output_expr", "forloop"}
 
 
+def _fn_params(params):
+    """(names, defaults) of an fn's parameters; a parameter without a default may not follow
+    one with a default."""
+    params = [p for p in params if p is not None]
+    seen_default = False
+    for name, default, span in params:
+        if default is None and seen_default:
+            raise CompileError(f"parameter '{name}' has no default but follows one that has "
+                               "(parameters with defaults come last)", span)
+        seen_default = seen_default or default is not None
+    return tuple(n for n, _, _ in params), tuple(d for _, d, _ in params)
+
+
 def _check_depth(tree, source: Source):
     stack = [(tree, 1, tree)]  # (node, depth, the statement it belongs to, for the caret)
     while stack:
@@ -222,18 +235,23 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def fndef(self, meta, children):
         name, *params, body = children
-        params = tuple(str(p) for p in params if p is not None)
-        return S.FnDef(str(name), params, body, self._span(name))
+        names, defaults = _fn_params(params)
+        return S.FnDef(str(name), names, body, self._span(name), defaults=defaults)
+
+    def fnparam(self, children):
+        name, default = children
+        return (str(name), default, self._span(name))
 
     @v_args(meta=True)
     def fnblock(self, meta, children):
         name, *params, body = children
-        params = tuple(str(p) for p in params if p is not None)
+        params, defaults = _fn_params(params)
         if not body or not isinstance(body[-1], S.Value):
             where = body[-1].span if body else self._span(name)
             raise CompileError(f"fn '{name}' must end with its value: an expression alone on its "
                                "last line", where)
-        return S.FnDef(str(name), params, body[-1].value, self._span(name), tuple(body[:-1]))
+        return S.FnDef(str(name), params, body[-1].value, self._span(name), tuple(body[:-1]),
+                       defaults)
 
     @v_args(meta=True)
     def value(self, meta, children):

@@ -169,6 +169,7 @@ class FnDef:
     # a block fn's statements before its last line (None: an expression fn). Each use of a block
     # fn runs them with fresh copies of the states and params they declare.
     stmts: Optional[tuple] = None
+    defaults: tuple = ()  # per param: its default Expr, or None (required)
 
 
 @dataclass(frozen=True)

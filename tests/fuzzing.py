@@ -41,7 +41,7 @@ cell UsesLibrary(n = 3) {
     input x
     c = f_counter(x)
     output y = f_ifelse_mul(f_eq(c, 2), x, 0) + f_ifelse(f_larger(c, 1), x, 0)
-    output m = f_modulo_counter(n) + f_bump(x, 0, 1) + f_or(f_not(x), f_and(x, x))
+    output m = f_modulo_counter(x, n) + f_bump(x, 0, 1) + f_or(f_not(x), f_and(x, x))
 }
 """
 

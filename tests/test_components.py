@@ -517,3 +517,39 @@ def test_a_block_fn_state_cannot_start_from_the_callers_param():
            "cell C() {\n    input x\n    param p = 1\n    output y = reg(x)\n}\n")
     err = _compile_error(src)
     assert "unknown initializer 'p'" in err.message
+
+
+# ---- fn parameters with defaults, arguments by name ---------------------------------------------
+
+def test_fn_defaults_and_keyword_arguments():
+    src = ("fn mix(a, b = 2, c = b + 1) = a * b + c\n"
+           "cell C() {\n    input x\n"
+           "    output y = mix(x) + mix(x, 3) + mix(x, c = 0) + mix(b = 1, a = x)\n}\n")
+    y, _ = rcc.compile(src)().double()(torch.ones(1, 2, dtype=torch.float64))
+    assert torch.equal(y, torch.full((1, 2), 5.0 + 7.0 + 2.0 + 3.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call,message", [
+    ("mix(x, d = 1)", "fn 'mix' has no parameter 'd' (its parameters: a, b, c)"),
+    ("mix(x, a = 1)", "fn 'mix' gets parameter 'a' twice"),
+    ("mix(b = 1)", "fn 'mix' needs parameter 'a'"),
+    ("mix(x, 1, 2, 3)", "fn 'mix' takes 1 to 3 arguments, got 4"),
+])
+def test_fn_argument_errors(call, message):
+    src = f"fn mix(a, b = 2, c = b + 1) = a * b + c\ncell C() {{\n    input x\n    output y = {call}\n}}\n"
+    err = _compile_error(src)
+    assert err.line == 4 and message in err.message
+
+
+def test_a_parameter_without_default_after_one_with_is_an_error():
+    err = _compile_error("fn f(a = 1, b) = a\ncell C() {\n    input x\n    output y = f(x, x)\n}\n")
+    assert (err.line, err.col) == (1, 13) and "defaults come last" in err.message
+
+
+def test_lsrl_sugar_takes_lsrl_keyword_arguments():
+    src = ("use lsrl\ncell C() {\n    input x\n"
+           "    output a = f_larger(x, 0.5, scale = 100)\n"
+           "    output b = f_ifelse(f_larger(x, 0.5), 1, 2, large_constant = 100)\n}\n")
+    (a, b), _ = rcc.compile(src)().double()(torch.tensor([[0.0, 0.505, 1.0]], dtype=torch.float64))
+    assert torch.allclose(a, torch.tensor([[0.0, 0.5, 1.0]], dtype=torch.float64))
+    assert torch.equal(b, torch.tensor([[2.0, 1.0, 1.0]], dtype=torch.float64))  # scale 1000

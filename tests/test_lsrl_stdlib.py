@@ -9,7 +9,7 @@ Each fn is evaluated by compiling a tiny cell that outputs it per step (inputs [
   ReLU(s x) - ReLU(s x - 1) where LSRL writes ReLU(s x) - s ReLU(x - 1/s): equal in real
   arithmetic, but LSRL's form rounds past 1/s (1/s has no exact binary form), so the comparison
   to LSRL's formula is to LSRL_TOL.
-- The construction's exact value in floating point (`exact_*`): f_step_s(x, s) is exactly
+- The construction's exact value in floating point (`exact_*`): f_step(x, s) is exactly
   clip(s x, 0, 1) as long as s x < 2**53 (float64) or 2**24 (float32), so every fn built on it is
   compared bit for bit to the same composition of clips.
 """
@@ -152,7 +152,7 @@ def rand(scale=1.0, shape=(4, 8)):
     return RNG.normal(size=shape) * scale
 
 
-# ---- f_step, f_step_s --------------------------------------------------------------------------
+# ---- f_step ----------------------------------------------------------------------------------
 
 STEP_BOUNDARY = col(0.0, -0.0, 1 / S, 0.5 / S, -1e-9, 1e-9, 0.999 / S, 1.001 / S, 2 / S,
                     -1 / S, 0.25, 1.0, -1.0, 1e6, -1e6)
@@ -161,7 +161,7 @@ STEP_BOUNDARY = col(0.0, -0.0, 1 / S, 0.5 / S, -1e-9, 1e-9, 0.999 / S, 1.001 / S
 @pytest.mark.parametrize("x", [rand(0.002), rand(1.0), STEP_BOUNDARY],
                          ids=["random-ramp", "random", "boundary"])
 def test_f_step(x):
-    got = run({"s": "f_step(x)", "s7": "f_step_s(x, 7)", "half": "f_step_s(x, 0.5)"}, {"x": x})
+    got = run({"s": "f_step(x)", "s7": "f_step(x, 7)", "half": "f_step(x, scale = 0.5)"}, {"x": x})
     same(got["s"], exact_step(x))
     same(got["s7"], exact_step(x, 7.0))
     same(got["half"], exact_step(x, 0.5))
@@ -302,7 +302,7 @@ def test_comparisons_at_their_resolution():
 
 # ---- if-else --------------------------------------------------------------------------------------
 
-IFELSE = {"ie": "f_ifelse(c, t, f)", "il": "f_ifelse_l(c, t, f, 100)",
+IFELSE = {"ie": "f_ifelse(c, t, f)", "il": "f_ifelse(c, t, f, 100)",
           "st": "f_ifelse_step(c, t, f)", "mul": "f_ifelse_mul(c, t, f)"}
 
 
@@ -359,7 +359,7 @@ def test_ifelse_variants_at_c_one_half():
 
 
 def test_ifelse_l_leaks_past_its_large_constant():
-    # f_ifelse_l(c, t, f, 100): exact while |t|, |f| < 100; with c = 0 a t of 150 leaks t - L
+    # f_ifelse(c, t, f, 100): exact while |t|, |f| < 100; with c = 0 a t of 150 leaks t - L
     c, t, f = col(0.0, 0.0, 1.0, 1.0), col(150.0, -150.0, 0.25, 0.25), col(0.25, 0.25, 120.0, 99.0)
     got = run(IFELSE, {"c": c, "t": t, "f": f})
     same(got["il"][:, 0], [0.25 + 50.0, 0.25 - 50.0, 0.25 + 20.0, 0.25])
@@ -465,7 +465,7 @@ def test_sugar_on_vectors_is_elementwise():
 
 # ---- block fns: the modulo counter and the counter ---------------------------------------------
 
-MOD = {"m": "f_modulo_counter(n) + 0 * x"}
+MOD = {"m": "f_modulo_counter(x, n) + 0 * x"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
@@ -474,16 +474,16 @@ def test_f_modulo_counter_with_a_dim(n):
     got, final = run(MOD, {"x": np.zeros((2, T))}, dims=f"n={n}", state={})
     same(got["m"], np.tile(np.arange(T) % n, (2, 1)).astype(np.float64))
     # two scalar states, named after the fn, end at position (T - 1) mod n on the unit circle
-    assert list(final) == ["f_modulo_counter_x", "f_modulo_counter_y"]
+    assert list(final) == ["f_modulo_counter_cos_t", "f_modulo_counter_sin_t"]
     ang = 2 * math.pi * ((T - 1) % n) / n
-    close(final["f_modulo_counter_x"], [math.cos(ang)] * 2, 1e-12)
-    close(final["f_modulo_counter_y"], [math.sin(ang)] * 2, 1e-12)
+    close(final["f_modulo_counter_cos_t"], [math.cos(ang)] * 2, 1e-12)
+    close(final["f_modulo_counter_sin_t"], [math.sin(ang)] * 2, 1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
 def test_f_modulo_counter_with_a_literal(n):
     T = 3 * n + 2
-    got = run({"m": f"f_modulo_counter({n}) + 0 * x", "m2": "f_modulo_counter(2) + 0 * x"},
+    got = run({"m": f"f_modulo_counter(x, {n}) + 0 * x", "m2": "f_modulo_counter(x, 2) + 0 * x"},
               {"x": np.zeros((1, T))})
     same(got["m"][0], np.arange(T) % n)
     same(got["m2"][0], np.arange(T) % 2)  # a second copy counts on its own
@@ -492,15 +492,15 @@ def test_f_modulo_counter_with_a_literal(n):
 def test_f_modulo_counter_starts_from_the_given_state():
     n, T, p = 5, 8, 2
     ang = 2 * math.pi * p / n  # at position p before the first step: the first value is p + 1
-    state = {"f_modulo_counter_x": torch.full((1,), math.cos(ang), dtype=torch.float64),
-             "f_modulo_counter_y": torch.full((1,), math.sin(ang), dtype=torch.float64)}
+    state = {"f_modulo_counter_cos_t": torch.full((1,), math.cos(ang), dtype=torch.float64),
+             "f_modulo_counter_sin_t": torch.full((1,), math.sin(ang), dtype=torch.float64)}
     got, _ = run(MOD, {"x": np.zeros((1, T))}, dims=f"n={n}", state=state)
     same(got["m"][0], (np.arange(T) + p + 1) % n)
 
 
 def test_f_modulo_counter_cpp_backend():
     n, T = 5, 8
-    src = "use lsrl\ncell S(n) {\n    input x\n    output m = f_modulo_counter(n) + 0 * x\n}\n"
+    src = "use lsrl\ncell S(n) {\n    input x\n    output m = f_modulo_counter(x, n) + 0 * x\n}\n"
     m = rcc.compile(src, backend="cpp")(n=n).double()
     out, _ = m(torch.zeros(1, T, dtype=torch.float64))
     same(out.numpy()[0], np.arange(T) % n)
