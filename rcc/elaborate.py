@@ -17,8 +17,7 @@ import sympy
 from . import ir
 from . import syntax as S
 from .builder import GraphBuilder, fmt_number
-from .components import (check_block_stmt, constant_elements, declared_names, instance_prefix,
-                         renamed)
+from .components import ComponentElaboration
 from .errors import CompileError, Span
 from .passes.generalize import generalize, literal_sizes, remember
 from .shapes import broadcast, fmt_shape, same_dim
@@ -84,7 +83,7 @@ _RECURSION_LIMIT = 10000
 _RANDOM_INITS = {"uniform", "normal", "xavier", "orthogonal", "default"}
 
 
-class Elaborator(GraphBuilder):
+class Elaborator(ComponentElaboration, GraphBuilder):
     def __init__(self, cell: S.Cell, fns: dict, static: dict):
         self.cell = cell
         self.origins: list = []  # per node: the outermost fn call that made it (CellIR.origins)
@@ -310,19 +309,6 @@ class Elaborator(GraphBuilder):
             raise CompileError(f"initializer {kind} needs a rank-2 shape, '{item.name}' is "
                                f"{fmt_shape(shape)}", where)
         return self._random_ok(item, kind, (), where)
-
-    def _initial_values(self, item, shape, vid, where) -> ir.Init:
-        """`state c[2] = stack(cos(a), sin(a))`: a tensor computed from numbers and dims."""
-        got = self.shape(vid)
-        if len(got) > len(shape) or not all(same_dim(g, s) or g == 1
-                                             for g, s in zip(got[::-1], shape[::-1])):
-            raise CompileError(f"shape mismatch: state '{item.name}' is {fmt_shape(shape)} but "
-                               f"its initial value is {fmt_shape(got)}", where)
-        values = constant_elements(self.nodes, vid, shape, f"state '{item.name}'", where)
-        _fits_float32("the initial value", values, where)
-        if all(v == 0 for v in values):
-            return ir.Init("zeros")
-        return ir.Init("values", values)
 
     def _random_ok(self, item, kind, args, where):
         if item.kind == "state" and kind in _RANDOM_INITS | {"uniform", "normal"}:
@@ -707,62 +693,6 @@ class Elaborator(GraphBuilder):
         finally:
             self.inline_stack.pop()
             self.env, self.caller_env = saved, saved_caller
-
-    def _fn_arguments(self, e: S.Call, fn: S.FnDef) -> dict:
-        """Parameter name -> argument expression of a call, by position then by keyword; the
-        parameters left out must have defaults."""
-        here = ((f"'{fn.name}' is defined here", fn.span),)
-        defaults = fn.defaults or (None,) * len(fn.params)
-        required = sum(1 for d in defaults if d is None)
-        if len(e.args) > len(fn.params):
-            want = str(len(fn.params)) if required == len(fn.params) else \
-                f"{required} to {len(fn.params)}"
-            raise CompileError(f"fn '{e.func}' takes {want} argument"
-                               f"{'s' if want != '1' else ''}, got {len(e.args)}", e.span,
-                               notes=here)
-        given = dict(zip(fn.params, e.args))
-        for name, value in e.kwargs:
-            if name not in fn.params:
-                raise CompileError(f"fn '{e.func}' has no parameter '{name}' (its parameters: "
-                                   f"{', '.join(fn.params) or 'none'})", _span(value), notes=here)
-            if name in given:
-                raise CompileError(f"fn '{e.func}' gets parameter '{name}' twice", _span(value),
-                                   notes=here)
-            given[name] = value
-        missing = [p for p, d in zip(fn.params, defaults) if p not in given and d is None]
-        if missing:
-            if not e.kwargs and required == len(fn.params):
-                raise CompileError(f"fn '{e.func}' takes {len(fn.params)} argument"
-                                   f"{'s' if len(fn.params) != 1 else ''}, got {len(e.args)}",
-                                   e.span, notes=here)
-            raise CompileError(f"fn '{e.func}' needs parameter{'s' if len(missing) > 1 else ''} "
-                               f"{', '.join(repr(m) for m in missing)}", e.span, notes=here)
-        return given
-
-    def _run_block(self, fn: S.FnDef):
-        """A block fn's statements, with fresh copies of the states and params it declares,
-        then its value, the last line (self.env already holds its parameters)."""
-        declared = declared_names(fn.stmts)
-        for name, item in declared.items():
-            if name in fn.params:
-                raise CompileError(f"'{name}' is a parameter of fn '{fn.name}'; a state or "
-                                   "param it declares needs another name", item.span)
-        if declared and self.scopes:
-            raise CompileError(f"fn '{fn.name}' declares states or params, so it cannot be "
-                               "used inside a predecessor form (one copy per edge)",
-                               self.inline_stack[-1][1])
-        for st in fn.stmts:
-            check_block_stmt(st, fn)
-        self.fn_uses[fn.name] = self.fn_uses.get(fn.name, 0) + 1
-        taken = set(self.decls) | set(self.dims) | set(self.env) | self.caller_env
-        prefix = instance_prefix(fn.name, self.fn_uses[fn.name], declared, taken)
-        names = {name: f"{prefix}_{name}" for name in declared}
-        self.block_names.append(set(names.values()))
-        try:
-            self.block(renamed(fn.stmts, names))
-            return self.eval_any(renamed(fn.body, names))
-        finally:
-            self.block_names.pop()
 
     def stmt_Value(self, st: S.Value):
         where = "a block fn" if self.inline_stack else f"cell '{self.cell.name}'"
