@@ -284,22 +284,16 @@ def _auto_facts(cell_ir, analysis, dims=None):
 
 
 def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None):  # noqa: A001
-    """Compile a cell to a torch.nn.Module class; instantiate it with the cell's dims. This runs
-    the compiler every time; rcc.compile (rcc.frontcache.compile) is this with its results cached.
+    """rcc.compile without its front-end cache: the compiler runs every time (the arguments and
+    the class are documented at rcc.frontcache.compile, which is rcc.compile)."""
+    return compile_program(source_or_path, cell, backend, plan, dims)[0]
 
-    source_or_path: a .rnn file's path (absolute, relative, or a stdlib name such as
-    "stdlib/gla.rnn") or the cell's source text. cell: which cell of a file with several.
-    backend: "torch" (the default, "auto"), "cpp" (a C++ loop for CPU) or "triton" (GPU
-    kernels; needs the rcc[triton] extra). plan: "sequential", "scan", "chunk", "newton", or
-    "auto" (the cost model picks a legal plan per call). dims: values for dims that set a loop
-    count or a split (the others are given when the class is instantiated).
 
-    The class is called as `m(*inputs, initial_state=None, output_final_state=True,
-    cu_seqlens=None, lengths=None)`: inputs [B, T, *heads, *decl], returning (outputs,
-    final_state); docs/language.md section 12. Bad cells raise CompileError, located."""
+def compile_program(source_or_path, cell=None, backend="auto", plan="auto", dims=None):
+    """(the class, the texts of every file the source read: rcc.frontcache records them)."""
     backend, plan = _check_choice(backend, plan)
     prog, ast = _load(source_or_path, cell)
-    return _specialize(prog, ast, plan, dict(dims or {}), backend)
+    return _specialize(prog, ast, plan, dict(dims or {}), backend), prog.texts
 
 
 def _specialize(prog, ast, plan, dims, backend="torch"):

@@ -163,12 +163,10 @@ def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None): 
                     lambda all_dims: _uncached(source_or_path, cell, backend, plan,
                                                {**dims, **all_dims}))
                 return cls
-    from . import api
+    from .api import compile_program
 
-    backend_used, plan_used = api._check_choice(backend, plan)
-    prog, ast = api._load(source_or_path, cell)
-    cls = api._specialize(prog, ast, plan_used, dims, backend_used)
+    cls, texts = compile_program(source_or_path, cell, backend, plan, dims)
     if key is not None:
-        store(key, prog.texts, cls)
+        store(key, texts, cls)
     return cls
 
