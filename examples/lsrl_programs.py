@@ -57,19 +57,6 @@ PROGRAMS = [
 ]
 
 
-def largest_difference(module, stack, prompts, size, lengths, batch, gen, dtype):
-    worst = 0.0
-    for T in lengths:
-        x = prompts(batch, size, T, gen).to(dtype)
-        with torch.no_grad():
-            want, _ = module.to(dtype)(x)
-            got = stack.to(dtype)(x)
-        want = want if isinstance(want, tuple) else (want,)
-        got = got if isinstance(got, tuple) else (got,)
-        worst = max([worst] + [(w - g).abs().max().item() for w, g in zip(want, got)])
-    return worst
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -90,8 +77,9 @@ def main(argv=None):
                 continue
             gen = torch.Generator().manual_seed(args.seed)
             size = next(iter(dims.values()))
-            d64, d32 = (largest_difference(module, stack, prompts, size, args.lengths, args.batch,
-                                           gen, dtype) for dtype in (torch.float64, torch.float32))
+            inputs = [(prompts(args.batch, size, T, gen),) for T in args.lengths]
+            d64, d32 = (rcc.lsrl.largest_difference(module, stack, inputs, dtype)
+                        for dtype in (torch.float64, torch.float32))
             weights = sum(p.numel() for p in stack.parameters())
             print(f"{name:<17} {target:<7} {len(stack.stages):>6} {weights:>8} {d64:>9.3g} "
                   f"{d32:>9.3g}")

@@ -102,11 +102,9 @@ def constant_elements(nodes, vid: int, shape, what: str, span: Span) -> tuple:
     if not all(sympy.sympify(s).is_number for s in shape):
         raise CompileError(f"{what} starts from an expression, so its shape must be fixed "
                            f"numbers, not {list(shape)}", span)
-    probe = Probe.__new__(Probe)  # the element-wise evaluator, dims kept as symbols
-    probe.cell, probe.dims, probe.subs = None, {}, {}
-    probe.values, probe.state_symbols = {}, {}
+    probe = Probe.evaluator()  # dims kept as symbols
     for i in cone:
-        probe.values[i] = probe._eval(nodes[i])
+        probe.values[i] = probe.evaluate(nodes[i])
     value = np.broadcast_to(np.asarray(probe.values[vid], dtype=object),
                             tuple(int(s) for s in shape))
     elements = tuple(sympy.sympify(e) for e in flat(value))

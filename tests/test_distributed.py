@@ -81,6 +81,9 @@ def _rank(rank, world, init_file, how, out_dir):
             params[name] = full.detach().clone()
         if rank == 0:
             torch.save({"losses": losses / world, "params": params}, f"{out_dir}/result.pt")
+        # both ranks leave together: a rank tearing its gloo pairs down while the other is still
+        # in a collective can abort that one ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

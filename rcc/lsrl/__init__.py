@@ -10,7 +10,10 @@ stage a layer of the target with its weights set (rcc.lsrl.layers, rcc.lsrl.targ
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
 
 from ..errors import CompileError
 from .layers import Stack
@@ -18,7 +21,7 @@ from .program import Program, extract
 from .schedule import Schedule
 from .targets import TARGETS, build
 
-__all__ = ["compile", "program", "TARGETS", "Stack", "Program", "Schedule"]
+__all__ = ["compile", "program", "largest_difference", "TARGETS", "Stack", "Program", "Schedule"]
 
 
 def program(source_or_path, cell=None, dims=None, module=None):
@@ -69,3 +72,20 @@ def describe(stack: Stack) -> str:
     lines.append(f"  readout: Linear({stack.readout.in_features} -> {stack.readout.out_features});"
                  f" {n_params} weights in all")
     return "\n".join(lines)
+
+
+def largest_difference(module, stack: Stack, inputs, dtype=torch.float64) -> float:
+    """The largest difference between the program's outputs (`module`, the cell's own module) and
+    the stack's, over `inputs` (an iterable of tuples of input tensors), both run in `dtype`
+    (on copies: the caller's weights are not rounded)."""
+    module, stack = copy.deepcopy(module).to(dtype), copy.deepcopy(stack).to(dtype)
+    worst = 0.0
+    for xs in inputs:
+        xs = [x.to(dtype) for x in xs]
+        with torch.no_grad():
+            want, _ = module(*xs)
+            got = stack(*xs)
+        want = want if isinstance(want, tuple) else (want,)
+        got = got if isinstance(got, tuple) else (got,)
+        worst = max([worst] + [(w - g).abs().max().item() for w, g in zip(want, got)])
+    return worst

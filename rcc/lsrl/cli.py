@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import describe, program
+from . import describe, largest_difference, program
 from .targets import build
 
 
@@ -11,19 +11,9 @@ def compare(module, stack, lengths=(1, 7, 33), batch=3, seed=0, dtype=torch.floa
     """The largest difference between the program's outputs and the stack's, over random inputs
     (values in [-2, 2]) of each length."""
     gen = torch.Generator().manual_seed(seed)
-    module, stack = module.to(dtype), stack.to(dtype)
-    worst = 0.0
-    for T in lengths:
-        xs = [4 * torch.rand(batch, T, *shape, generator=gen, dtype=dtype) - 2
-              for shape in stack.input_shapes]
-        with torch.no_grad():
-            want, _ = module(*xs)
-            got = stack(*xs)
-        want = want if isinstance(want, tuple) else (want,)
-        got = got if isinstance(got, tuple) else (got,)
-        for w, g in zip(want, got):
-            worst = max(worst, (w - g).abs().max().item())
-    return worst
+    inputs = [[4 * torch.rand(batch, T, *shape, generator=gen, dtype=torch.float64) - 2
+               for shape in stack.input_shapes] for T in lengths]
+    return largest_difference(module, stack, inputs, dtype)
 
 
 def run(args, dims) -> int:

@@ -259,10 +259,9 @@ class Extractor:
             return np.multiply.outer(np.asarray(v[0], dtype=object), np.asarray(v[1], dtype=object))
         # structure only (matmul, concat, stack, getitem, transpose, eye, zeros, ones): the
         # probe's element-wise evaluation, on forms and numbers
-        probe = Probe.__new__(Probe)
-        probe.cell, probe.dims, probe.subs = self.cell, {}, self.subs
-        probe.values = {a: self.values[a] for a in n.args}
-        out = probe._eval(n)
+        probe = Probe.evaluator(self.subs)
+        probe.values.update((a, self.values[a]) for a in n.args)
+        out = probe.evaluate(n)
         if op in ("eye", "zeros", "ones"):
             out = np.vectorize(float, otypes=[object])(out) if np.asarray(out).size else out
         return out

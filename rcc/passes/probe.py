@@ -166,6 +166,19 @@ class Probe:
             else:
                 self.values[n.id] = self._eval(n)
 
+    @classmethod
+    def evaluator(cls, subs=None):
+        """A probe of no cell: `evaluate` computes one node from the values its caller put in
+        `values` for the node's arguments (dims stay symbols unless `subs` gives them)."""
+        probe = cls.__new__(cls)
+        probe.cell, probe.dims, probe.subs = None, {}, dict(subs or {})
+        probe.state_symbols, probe.override_symbols, probe.values = {}, {}, {}
+        return probe
+
+    def evaluate(self, n: ir.Node):
+        """The element-wise value of node `n`, from the values of its arguments."""
+        return self._eval(n)
+
     def shape(self, n) -> tuple:
         return tuple(int(sympy.sympify(s).subs(self.subs)) for s in n.type.shape)
 

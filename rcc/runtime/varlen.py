@@ -115,25 +115,15 @@ def _bounds(cu_seqlens, total) -> list:
 
 
 def _initial(module, initial_state, S, first, lead):
-    """initial_state as {state: [S, *heads, *decl]} (a dict, or the one state's tensor)."""
+    """initial_state as {state: [S, *heads, *decl]}, checked as a call's (one per sequence)."""
     if initial_state is None:
         return None
-    if isinstance(initial_state, torch.Tensor):
-        if len(module.STATES) != 1:
-            raise TypeError(f"initial_state is one tensor but {module.CELL} has "
-                            f"{len(module.STATES)} states: pass a dict")
-        initial_state = {module.STATES[0]: initial_state}
     heads = tuple(first.shape[lead:first.dim() - len(module.shapes[module.INPUTS[0]])])
-    for name, s in initial_state.items():
-        if name not in module.STATES:
-            raise ValueError(f"initial_state has unknown state {name!r} "
-                             f"(states: {', '.join(module.STATES)})")
-        want = (S, *heads, *module.shapes[name])
-        if not isinstance(s, torch.Tensor) or s.shape != want:
-            got = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"initial state {name!r} has shape {got} but {module.CELL} expects "
-                             f"{list(want)}: one per sequence")
-    return initial_state
+    try:
+        given = module._given_states(initial_state, (S, heads, None))
+    except ValueError as e:
+        raise ValueError(f"{e}: one per sequence") from None
+    return {name: s for name, s in zip(module.STATES, given) if s is not None}
 
 
 def _padded(module, given, initial_state, output_final_state, lengths):
