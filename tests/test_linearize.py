@@ -6,7 +6,7 @@ import sympy
 
 from rcc.api import build_ir
 from rcc.passes.linearize import ZERO, Linearizer
-from rcc.passes.probe import _CMP, Probe, _NoGrad, flat, jacobian
+from rcc.passes.probe import _CMP, Probe, NoGrad, flat, jacobian
 
 _TESTS = {cls: op for op, cls in _CMP.items()}
 _PY = {"lt": float.__lt__, "le": float.__le__, "gt": float.__gt__, "ge": float.__ge__,
@@ -43,7 +43,7 @@ def _numeric(values, rng):
     def value(e):
         e = sympy.sympify(e).xreplace(point)
         # the probe's comparisons are opaque functions: evaluate them at the point
-        e = e.replace(lambda f: isinstance(f, _NoGrad), lambda f: sympy.Float(float(
+        e = e.replace(lambda f: isinstance(f, NoGrad), lambda f: sympy.Float(float(
             _PY[_TESTS[type(f)]](float(f.args[0]), float(f.args[1])))))
         return float(sympy.N(e))
     return np.array([value(e) for e in values])

@@ -34,6 +34,7 @@ MATRIX_LINKS = {
     "read of a column-scaled state": "{S} - outer(k, k @ (sigmoid(b)[None, :] * {S}))",
     "tanh": "tanh({S})",
     "silu": "{S} * sigmoid({S})",
+    "threshold": "{S} + 0.3 * ({S} > 0)",
 }
 MATRIX_INPUTS = ["", " + outer(k, v)", " + outer(k, v) + outer(a, b)",
                  " + k[:, None] * v[None, :]", " + 0.5 * outer(k, v)"]
@@ -49,6 +50,8 @@ VECTOR_LINKS = {
     "dense": "0.5 * (W @ {h})",
     "tanh": "tanh({h})",
     "silu": "{h} * sigmoid({h})",
+    "threshold": "{h} + 0.3 * ({h} > 0)",
+    "where": "where({h} > 0, 0.5 * {h}, {h})",
 }
 VECTOR_INPUTS = ["", " + x", " + sigmoid(a) * x"]
 VECTOR_OUTPUTS = ["h'", "h", "h' * sigmoid(a)", "h' + h"]
@@ -220,3 +223,53 @@ def test_a_scalar_broadcast_against_the_state_read_keeps_its_shape_when_the_stat
            "    S' = S + outer(k, beta * (V - k @ S))\n    output o = q @ S'\n}\n")
     assert "chunk" in rcc.analyze(src).plans
     _assert_plans_equal_sequential(src, {"K": 3, "V": 2}, 9, ())
+
+
+VECTOR_CELL = """
+cell C(d) {
+    input x[d]
+    state h[d] = 0.5, c[d]
+    UPDATE
+    output y = h'
+}
+"""
+
+
+@pytest.mark.parametrize("update", [
+    "h' = (h > 0) * 0.3 + x",
+    "h' = x * (h > 0)",
+    "h' = where(h > 0, 0.3, 0) + x",
+    "h' = 0.9 * h + (h > 0) * (h < 1) * x",
+    "h' = 0.5 * h + (c > 0) * x\n    c' = c + x",
+])
+def test_a_state_read_through_a_comparison_is_no_affine_term(update):
+    """A comparison has a zero derivative, so the Jacobian alone calls these updates affine;
+    the scan (which reads the step at a zero state) would drop the comparison."""
+    src = VECTOR_CELL.replace("UPDATE", update)
+    analysis = rcc.analyze(src)
+    assert analysis.kind == "nonlinear" and "scan" not in analysis.plans, analysis.plans
+    assert "c" in dict((f.name, f.reads) for f in analysis.states)["h"] or "c'" not in update
+    _assert_plans_equal_sequential(src, {"d": 3}, 9, ())
+
+
+@pytest.mark.parametrize("update", [
+    "exp(gk)[:, None] * S + outer(k, v) * where(sum(S) > 1000, 2.0, 1.0)",
+    "exp(g) * S + outer(k, v) + (S > 100) * 0.1",
+    "exp(g) * S + outer(k, v) + relu(S - 100)",
+    "exp(g) * max(S, -100) + outer(k, v)",
+])
+def test_a_piecewise_term_true_only_far_from_the_verifier_points_is_caught(update):
+    """The chunk form is verified at random points in [-0.9, 0.9]: piecewise terms are equal
+    there only if equal as independent symbols, not because they vanish on that region."""
+    analysis = rcc.analyze(ROW_MEAN.replace("mean(S, 1)[:, None] + outer(k, v)", update)
+                           .replace("input q[K], k[K], v[V]", "input q[K], k[K], v[V], gk[K], g"))
+    assert "chunk" not in analysis.plans and "scan" not in analysis.plans, analysis.plans
+
+
+def test_a_chunk_form_with_piecewise_inputs_stays_legal():
+    """Piecewise functions of the inputs (relu features, a clamped gate) are exact in a form."""
+    src = ROW_MEAN.replace("mean(S, 1)[:, None] + outer(k, v)",
+                           "exp(-relu(g))[:, None] * S + outer(relu(k), where(v > 0, v, 0.5 * v))"
+                           ).replace("input q[K], k[K], v[V]", "input q[K], k[K], v[V], g[K]")
+    assert "chunk" in rcc.analyze(src).plans
+    _assert_plans_equal_sequential(src, {"K": 3, "V": 5}, 9, ())

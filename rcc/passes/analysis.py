@@ -23,7 +23,7 @@ import sympy
 from .. import ir
 from ..errors import CompileError
 from .generalize import general_of
-from .probe import Probe, flat, jacobian, probe_dims
+from .probe import NoGrad, Probe, flat, jacobian, probe_dims
 
 STRUCTURES = ("scalar", "diagonal", "block-diagonal", "householder", "diagonal+low-rank", "dense")
 
@@ -150,15 +150,21 @@ def _analyze(written: ir.CellIR, cell: ir.CellIR) -> Analysis:
     undefined = any(e is not sympy.S.Zero and e.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
                     for j in jacs for row in j for e in row)
     state_symbols = [set(_all_state_symbols(p, states)) for p in probes]
-    affine = not undefined and all(e is sympy.S.Zero or not (e.free_symbols & symbols)
-                                   for symbols, j in zip(state_symbols, jacs) for row in j for e in row)
+    # a comparison of the state ((h > 0) * 0.3) has a zero derivative but is no affine term: the
+    # Jacobian does not see it, so its reads are found in the updates themselves
+    compared = [_compared_states(p, states, updates) for p in probes]
+    affine = not undefined and not any(t for c in compared for t in c.values()) and all(
+        e is sympy.S.Zero or not (e.free_symbols & symbols)
+        for symbols, j in zip(state_symbols, jacs) for row in j for e in row)
     kind = "affine" if affine else "nonlinear"
 
     read = {name: set() for name in states}
-    for p, j in zip(probes, jacs):
+    for p, j, cmp in zip(probes, jacs, compared):
         owner = [name for name in states for _ in flat(_state_symbols(p, name))]
         for i, row in enumerate(j):
             read[owner[i]] |= {owner[c] for c, e in enumerate(row) if e != 0}
+        for name, through in cmp.items():
+            read[name] |= through
     facts = [StateFacts(d.name, d.shape, tuple(s for s in states if s in read[d.name]),
                         d.name in updates) for d in written.states]
 
@@ -239,6 +245,20 @@ def _all_state_symbols(probe, states) -> list:
 
 def _state_symbols(probe, name):
     return probe.state_symbols.get(name, np.empty((0,), dtype=object))
+
+
+def _compared_states(probe, states, updates) -> dict:
+    """Per updated state, the states its update reads through a comparison (a 0/1 value)."""
+    owner = {sym: name for name in states for sym in flat(_state_symbols(probe, name))}
+    out = {}
+    for name in states:
+        if name in updates:
+            through = set()
+            for e in flat(probe.values[updates[name]]):
+                for c in sympy.sympify(e).atoms(NoGrad):
+                    through |= {owner[x] for x in c.free_symbols if x in owner}
+            out[name] = through
+    return out
 
 
 def _joint_jacobian(probe, cell, states, updates):

@@ -14,7 +14,7 @@ import sympy
 from .. import ir
 
 
-class _NoGrad(sympy.Function):
+class NoGrad(sympy.Function):
     """A comparison result (0/1): constant almost everywhere, so its derivative is zero. At
     numbers it evaluates (rcc.passes.verify compares forms at random points)."""
 
@@ -35,16 +35,16 @@ _COMPARE = {"lt": float.__lt__, "le": float.__le__, "gt": float.__gt__, "ge": fl
 
 
 def _cmp(name):
-    return type(f"cmp_{name}", (_NoGrad,), {"holds": staticmethod(_COMPARE[name])})
+    return type(f"cmp_{name}", (NoGrad,), {"holds": staticmethod(_COMPARE[name])})
 
 
 _CMP = {op: _cmp(op) for op in ir.COMPARE}
 
 
-class _Amax(sympy.Function):
+class Amax(sympy.Function):
     """The largest of its arguments, kept opaque: sympy's Max compares every pair of its
     arguments when built (quadratic, with a solver call each) and its derivative is slower still,
-    so amax over a [64, 64] value took minutes. d/dx_k is _IsMax(k, ...): 1 where x_k is the
+    so amax over a [64, 64] value took minutes. d/dx_k is IsMax(k, ...): 1 where x_k is the
     first largest. Both evaluate at numbers."""
 
     @classmethod
@@ -56,10 +56,10 @@ class _Amax(sympy.Function):
         return None
 
     def fdiff(self, argindex=1):
-        return _IsMax(sympy.Integer(argindex - 1), *self.args)
+        return IsMax(sympy.Integer(argindex - 1), *self.args)
 
 
-class _IsMax(sympy.Function):
+class IsMax(sympy.Function):
     """1 where argument k + 1 is the first largest of the others, else 0 (its derivative is
     zero almost everywhere)."""
 
@@ -220,7 +220,7 @@ class Probe:
         if op == "mean":
             return _reduce(v[0], n.attr("axis"), lambda xs: sympy.Add(*xs) / len(xs))
         if op == "amax":
-            return _reduce(v[0], n.attr("axis"), lambda xs: _Amax(*xs))
+            return _reduce(v[0], n.attr("axis"), lambda xs: Amax(*xs))
         if op == "logsumexp":
             return _reduce(v[0], n.attr("axis"),
                            lambda xs: sympy.log(sympy.Add(*[sympy.exp(x) for x in xs])))

@@ -14,7 +14,7 @@ import numpy as np
 import sympy
 
 from .generalize import dims_text
-from .probe import Probe, _map, flat, probe_dims
+from .probe import Amax, IsMax, NoGrad, Probe, _map, flat, probe_dims
 
 _DIGITS = 40
 _POINTS = 2
@@ -164,10 +164,32 @@ def _obj(x):
     return np.asarray(x, dtype=object)
 
 
+# Functions that are not analytic: two expressions may agree on a region of random points and
+# differ elsewhere ((S > 100) * 0.1 is zero at every point of [-0.9, 0.9])
+_PIECEWISE = (sympy.Max, sympy.Min, sympy.Abs, sympy.sign, sympy.Heaviside, sympy.Piecewise,
+              sympy.DiracDelta, NoGrad, Amax, IsMax)
+
+
+def _analytic(pairs) -> list:
+    """`pairs` with every piecewise subexpression replaced by a fresh symbol, one per distinct
+    subexpression: what is then equal at random points is equal for every value of those
+    symbols, so the originals are equal everywhere."""
+    stand_in: dict = {}
+    for pair in pairs:
+        for e in pair:
+            for sub in sympy.preorder_traversal(e):
+                if isinstance(sub, _PIECEWISE) and sub not in stand_in:
+                    stand_in[sub] = sympy.Dummy(f"piece{len(stand_in)}", real=True)
+    if not stand_in:
+        return pairs
+    return [(x.xreplace(stand_in), y.xreplace(stand_in)) for x, y in pairs]
+
+
 def _equal(a, b) -> bool:
-    """Whether two object arrays of sympy expressions agree at random points (to 40 digits)."""
+    """Whether two object arrays of sympy expressions are equal: at random points (to 40 digits)
+    once their piecewise parts are independent symbols (_analytic)."""
     a, b = np.broadcast_arrays(_obj(a), _obj(b))
-    pairs = [(sympy.sympify(x), sympy.sympify(y)) for x, y in zip(flat(a), flat(b))]
+    pairs = _analytic([(sympy.sympify(x), sympy.sympify(y)) for x, y in zip(flat(a), flat(b))])
     symbols = sorted({s for p in pairs for e in p for s in e.free_symbols}, key=str)
     rng = np.random.default_rng(0)
     for _ in range(_POINTS):
