@@ -301,7 +301,7 @@ def _specialize(prog, ast, plan, dims, backend="torch"):
     try:
         cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
     except NeedStatic:
-        return _deferred_class(prog, ast, plan, backend)
+        return _deferred_class(prog, ast, plan, backend, dims)
     cls = _class_for(cell_ir, plan, backend=backend)
     cls._respecialize = staticmethod(
         lambda all_dims: _specialize(prog, ast, plan, {**dims, **all_dims}, backend))
@@ -367,17 +367,19 @@ def _auto_class(cell_ir, source_name=""):
     return auto_class(classes, plan_facts(cell_ir, analysis))
 
 
-def _deferred_class(prog, ast, plan, backend="torch"):
-    """A class for a cell whose code depends on a dim with no default: it generates the code
-    when instantiated, once the dims are known."""
+def _deferred_class(prog, ast, plan, backend="torch", given=None):
+    """A class for a cell whose code depends on a dim with no value yet: it generates the code
+    when instantiated, once the dims are known (those `given` to rcc.compile are defaults)."""
     from .runtime.module import CellModule, span
 
-    dims = tuple((d.name, d.default, span(d.span.filename, d.span.line, d.span.col, d.span.end_col,
-                                          d.span.source_line)) for d in ast.dims)
-    static = {d.name: None for d in ast.dims if d.default is None}
+    given = dict(given or {})
+    dims = tuple((d.name, given.get(d.name, d.default),
+                  span(d.span.filename, d.span.line, d.span.col, d.span.end_col,
+                       d.span.source_line)) for d in ast.dims)
+    static = {name: None for name, default, _ in dims if default is None}
     cls = type(ast.name, (CellModule,), {"CELL": ast.name, "DIMS": dims, "STATIC_DIMS": static})
     cls._respecialize = staticmethod(
-        lambda all_dims: _specialize(prog, ast, plan, dict(all_dims), backend))
+        lambda all_dims: _specialize(prog, ast, plan, {**given, **all_dims}, backend))
     return cls
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 
 from .errors import CompileError
+from .source import packaged_stdlib
 
 
 def _dims(items):
@@ -133,8 +134,9 @@ def main(argv=None) -> int:
         dims = _dims(getattr(args, "dims", None))
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
-    if not os.path.isfile(args.file):
-        print(f"rcc: error: no such file: {args.file}", file=sys.stderr)
+    if not os.path.isfile(args.file) and packaged_stdlib(args.file) is None:
+        what = "not a file" if os.path.exists(args.file) else "no such file"
+        print(f"rcc: error: {what}: {args.file}", file=sys.stderr)
         return 2
     if getattr(args, "batch", 1) < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")

@@ -749,13 +749,15 @@ class Elaborator(ComponentElaboration, GraphBuilder):
 
     call_sum = call_mean = call_amax = call_logsumexp = _reduce
 
-    def call_softmax(self, e):
-        kw = self._args(e, 1, 1, ("axis",))
+    def call_softmax(self, e):  # softmax(x, axis) as torch.softmax: the axis by place or name
+        kw = self._args(e, 1, 2, ("axis",))
         x = self.value(e.args[0])
         rank = len(self.shape(x))
         if rank == 0:
             raise CompileError("softmax of a scalar", e.span)
-        axis = self._axis(e, kw.get("axis"), rank, default=rank - 1)
+        _axis_once(e, kw, 2)
+        axis_expr = e.args[1] if len(e.args) == 2 else kw.get("axis")
+        axis = self._axis(e, axis_expr, rank, default=rank - 1)
         return Val(self.emit("softmax", (x,), self.shape(x), e.span, (("axis", axis),)))
 
     def call_dot(self, e):

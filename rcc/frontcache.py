@@ -138,8 +138,9 @@ def compile(source_or_path, cell=None, backend="auto", plan="auto", dims=None): 
     "stdlib/gla.rnn") or the cell's source text. cell: which cell of a file with several.
     backend: "torch" (the default, "auto"), "cpp" (a C++ loop for CPU) or "triton" (GPU
     kernels; needs the rcc[triton] extra). plan: "sequential", "scan", "chunk", "newton", or
-    "auto" (the cost model picks a legal plan per call). dims: values for dims that set a loop
-    count or a split (the others are given when the class is instantiated).
+    "auto" (the cost model picks a legal plan per call). dims: values of the cell's dims, the
+    defaults when the class is instantiated (a dim that sets a loop count or a split needs one
+    before code exists: here, or at instantiation).
 
     The class is called as `m(*inputs, initial_state=None, output_final_state=True,
     cu_seqlens=None, lengths=None)`: inputs [B, T, *heads, *decl], returning (outputs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 
@@ -26,13 +27,34 @@ class Source:
                     self.line_text(line))
 
 
+_STDLIB_PATH = re.compile(r"stdlib/([A-Za-z_][A-Za-z0-9_]*)\.rnn")
+
+
+def packaged_stdlib(path: str):
+    """The name `stdlib/NAME.rnn` the packaged stdlib answers for `path` when no such file exists
+    here (rcc.compile("stdlib/gla.rnn") from any directory, as `use gla` reads it), else None."""
+    match = _STDLIB_PATH.fullmatch(path.replace(os.sep, "/"))
+    if match is None or os.path.exists(path):
+        return None
+    from importlib import resources
+    if not resources.files("rcc.stdlib").joinpath(f"{match.group(1)}.rnn").is_file():
+        return None
+    return f"stdlib/{match.group(1)}.rnn"
+
+
 def read_source(source_or_path) -> tuple:
     """(text, filename): a path (str or PathLike naming an existing file, or ending in .rnn) is
-    read; any other string is the program text itself."""
+    read; any other string is the program text itself. A path `stdlib/NAME.rnn` that names no
+    file here is the packaged stdlib's."""
     if isinstance(source_or_path, os.PathLike) or (
             isinstance(source_or_path, str) and "\n" not in source_or_path
             and (source_or_path.endswith(".rnn") or os.path.isfile(source_or_path))):
         path = os.fspath(source_or_path)
+        stdlib = packaged_stdlib(path)
+        if stdlib is not None:
+            from importlib import resources
+            ref = resources.files("rcc.stdlib").joinpath(stdlib[len("stdlib/"):])
+            return normalized(ref.read_text(encoding="utf-8")), stdlib
         return _read_file(path, _file_span(path)), path
     if not isinstance(source_or_path, str):
         raise TypeError(f"expected .rnn source text or a path, got {type(source_or_path).__name__}")

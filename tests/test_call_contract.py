@@ -37,6 +37,29 @@ def test_initial_state_as_one_tensor():
     torch.testing.assert_close(m(*xs, initial_state=S0)[0], m(*xs, initial_state={"S": S0})[0])
 
 
+def test_inputs_that_disagree_on_batch_time_or_heads_are_named_in_that_order():
+    m = rcc.compile(stdlib("gla.rnn"))(K=3, V=2)
+    q, k, v = torch.randn(2, 5, 4, 3), torch.randn(2, 5, 4, 3), torch.randn(2, 5, 4, 2)
+    with pytest.raises(ValueError) as e:
+        m(q, k, v, -torch.rand(2, 5, 3))
+    assert "batch, time and head sizes [2, 5] differ from the first input's [2, 5, 4]" \
+        in str(e.value)
+
+
+def test_a_stdlib_path_names_the_packaged_stdlib_from_any_directory(tmp_path, monkeypatch):
+    """LANGUAGE.md's rcc.compile("stdlib/mingru.rnn") away from a checkout; a file of that name
+    in the working directory is still what is read."""
+    monkeypatch.chdir(tmp_path)
+    m = rcc.compile("stdlib/mingru.rnn")(d_in=3, d=4)
+    assert m(torch.randn(2, 5, 3))[0].shape == (2, 5, 4)
+    with pytest.raises(rcc.CompileError, match="cannot read stdlib/nope.rnn"):
+        rcc.compile("stdlib/nope.rnn")
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "stdlib" / "mingru.rnn").write_text(
+        "cell Mine(d) {\n    input x[d]\n    state h[d]\n    h' = h + x\n    output y = h'\n}\n")
+    assert rcc.compile("stdlib/mingru.rnn").CELL == "Mine"
+
+
 def test_autocast_is_not_refused():
     m = rcc.compile(stdlib("lstm.rnn"))(d_in=3, d=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -25,6 +25,13 @@ def test_check_ok():
     assert r.stderr == ""
 
 
+def test_check_a_stdlib_path_away_from_a_checkout(tmp_path):
+    r = rcc_cli("check", "stdlib/mingru.rnn", cwd=tmp_path)
+    assert r.returncode == 0 and "stdlib/mingru.rnn: cell MinGRU: ok" in r.stdout, r.stderr
+    r = rcc_cli("check", "stdlib/nope.rnn", cwd=tmp_path)
+    assert r.returncode == 2 and "no such file: stdlib/nope.rnn" in r.stderr
+
+
 def test_check_bad_file_prints_position_and_caret(tmp_path):
     path = tmp_path / "bad.rnn"
     path.write_text(BAD)

@@ -81,3 +81,51 @@ cell C(d, e) {
     y, z = m(torch.randn(1, 2, 3))[0]
     assert y.shape == (1, 2, 2, 3) and z.shape == (1, 2, 4)
     assert torch.equal(z[0, 0, 3], torch.tensor(1.0))
+
+
+LOOP_DIM = """
+cell C(d, n) {
+    input x[n, d]
+    state h[d]
+    acc = h
+    for j in 0..n {
+        acc = acc + x[j] * (j + 1)
+    }
+    h' = acc
+    output y = h'
+}
+"""
+
+
+def test_dims_given_to_compile_are_the_defaults_at_construction():
+    """dims= binds a dim that sets a loop count (and any other): the class takes it as the
+    default; another value at construction re-specializes, as a dim with no value does."""
+    x = torch.randn(2, 4, 3, 2)
+    m = rcc.compile(LOOP_DIM, dims={"n": 3})(d=2)
+    assert m.dims == {"d": 2, "n": 3}
+    want = (x * torch.tensor([1.0, 2.0, 3.0])[:, None]).sum(2).cumsum(1)
+    torch.testing.assert_close(m(x)[0], want)
+    assert rcc.compile(LOOP_DIM, dims={"d": 2})(n=3).dims == {"d": 2, "n": 3}
+    m4 = rcc.compile(LOOP_DIM, dims={"n": 3})(d=2, n=4)
+    assert m4(torch.randn(2, 4, 4, 2))[0].shape == (2, 4, 2)
+
+
+def test_python_spellings_a_user_brings():
+    """`2.` is a float literal (not when a range `0..n` follows a number) and softmax takes
+    its axis by place, as torch.softmax(x, 0) does."""
+    src = """
+cell C(d) {
+    input a[d, d]
+    state h[d]
+    acc = h
+    for j in 0..2 {
+        acc = acc + 2. * softmax(a, 0)[j]
+    }
+    h' = acc
+    output y = h'
+}
+"""
+    a = torch.randn(1, 3, 4, 4)
+    got, _ = rcc.compile(src)(d=4)(a)
+    rows = 2.0 * torch.softmax(a, 2)[:, :, :2].sum(2)
+    torch.testing.assert_close(got, rows.cumsum(1))

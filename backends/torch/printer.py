@@ -90,7 +90,9 @@ class TorchPrinter(ExprPrinter):
             f"class {self.class_name}({self.base_class}):",
             f"    CELL = {c.name!r}",
             "    DIMS = (",
-            *[f"        ({d.name!r}, {d.default!r}, {_span(d.span)})," for d in c.dims],
+            # a dim fixed at generation defaults to its value (the one value the code takes)
+            *[f"        ({d.name!r}, {d.default if d.default is not None else d.static!r}, "
+              f"{_span(d.span)})," for d in c.dims],
             "    )",
             f"    STATIC_DIMS = {static}",
             f"    INPUTS = {tuple(d.name for d in c.inputs)!r}",

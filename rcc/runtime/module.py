@@ -169,8 +169,11 @@ class CellModule(torch.nn.Module):
             if layout is None:
                 layout = this
             elif this != layout:
-                raise ValueError(f"input {name!r} has shape {list(x.shape)}: batch, time and head "
-                                 f"sizes {list(this)} differ from the first input's {list(layout)}")
+                def sizes(lay):  # [B, T, *heads], as the inputs are laid out
+                    return [lay[0], lay[2], *lay[1]]
+                raise ValueError(f"input {name!r} has shape {list(x.shape)}: its batch, time and "
+                                 f"head sizes {sizes(this)} differ from the first input's "
+                                 f"{sizes(layout)} ([B, T, *heads])")
             if x.shape[1] == 0:
                 raise ValueError(f"input {name!r} has an empty time axis (T=0)")
             if not x.is_floating_point():
