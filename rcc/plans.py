@@ -492,7 +492,11 @@ def _log_of(lin, a):
         return lin.b.emit("getitem", (_log_of(lin, n.args[0]),), n.type.shape, n.span, n.attrs)
     if n.op == "mul":
         return lin._bin("add", _log_of(lin, n.args[0]), _log_of(lin, n.args[1]))
-    return lin._un("log", a)
+    try:
+        return lin._un("log", a)
+    except CompileError:  # a constant decay of 0 or below: its log folds to no real number
+        raise NotChunkable("the decay is a constant that is not positive (the chunkwise form "
+                           "works with its logarithm)") from None
 
 
 def _rank_one(cell, lin, b, decl):

@@ -273,3 +273,14 @@ def test_a_chunk_form_with_piecewise_inputs_stays_legal():
                            ).replace("input q[K], k[K], v[V]", "input q[K], k[K], v[V], g[K]")
     assert "chunk" in rcc.analyze(src).plans
     _assert_plans_equal_sequential(src, {"K": 3, "V": 5}, 9, ())
+
+
+@pytest.mark.parametrize("decay", ["0.0 * S", "-0.5 * S", "(0.5 - 0.5) * S"])
+def test_a_constant_decay_that_is_not_positive_has_no_chunk_form_but_compiles(decay):
+    """The chunk form takes the decay's log: a constant 0 or below folds to no number, and had
+    made the analysis (so plan auto) fail on a valid cell."""
+    src = ROW_MEAN.replace("mean(S, 1)[:, None] + outer(k, v)", f"{decay} + outer(k, v)")
+    assert rcc.analyze(src).plans == ("sequential", "scan")
+    with pytest.raises(rcc.CompileError, match="constant that is not positive"):
+        rcc.compile(src, plan="chunk")
+    _assert_plans_equal_sequential(src, {"K": 3, "V": 5}, 6, ())
