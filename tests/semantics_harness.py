@@ -120,7 +120,14 @@ def instantiate(source, cell=None, params="normal", backend="torch", **dims):
     key = (source, cell, backend)
     if key not in _CLASSES:  # parsing dominates these tiny tests; each source is parsed once
         _CLASSES[key] = rcc.compile(source, cell=cell, backend=backend)
-    m = _CLASSES[key](**dims).double()
+    # made in float64: backend cpp builds its kernel for the default dtype when a module is
+    # made (and the backward meanwhile), a build a float32 module converted by .double() wastes
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        m = _CLASSES[key](**dims).double()
+    finally:
+        torch.set_default_dtype(default)
     if params == "normal":
         with torch.no_grad():
             for p in m.parameters():

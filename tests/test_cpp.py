@@ -24,11 +24,27 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
 def test_build_is_cached_on_disk(monkeypatch):
     from rcc.runtime import cpp
     cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
-    first = cls(d=5)._kernel().wait().paths  # the forward, and the backward built meanwhile
+    m = cls(d=5)
+    assert set(m._kernel().paths) == {("forward", torch.float32)}  # no backward yet
+    x = torch.randn(1, 3, 5, requires_grad=True)
+    m(x, torch.randn(1, 3, 5))  # a call that will need the backward starts its build
+    first = m._kernel().wait().paths
     assert set(first) == {("forward", torch.float32), ("backward", torch.float32)}
     monkeypatch.setattr(cpp, "_BY_SOURCE", {})  # as a new process: only the disk cache is left
     monkeypatch.setattr(cpp, "_build", None)  # never called when the cache has the kernel
-    assert cls(d=5)._kernel().wait().paths == first
+    m = cls(d=5)
+    m(x, torch.randn(1, 3, 5))
+    assert m._kernel().wait().paths == first
+
+
+def test_a_module_converted_to_float64_builds_no_float32_backward():
+    cls = rcc.compile(stdlib("hgrn.rnn"), backend="cpp")
+    m = cls(d=6).double()
+    x = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x, torch.randn(1, 3, 6, dtype=torch.float64))
+    y.sum().backward()
+    assert set(m._kernel().wait().paths) == {
+        ("forward", torch.float32), ("forward", torch.float64), ("backward", torch.float64)}
 
 
 def test_a_failed_background_build_fails_the_backward_that_needs_it(monkeypatch):

@@ -53,7 +53,7 @@ VECTOR_LINKS = {
     "threshold": "{h} + 0.3 * ({h} > 0)",
     "where": "where({h} > 0, 0.5 * {h}, {h})",
 }
-VECTOR_INPUTS = ["", " + x", " + sigmoid(a) * x"]
+VECTOR_INPUTS = ["", " + x", " + sigmoid(a) * x", " + 1.0"]
 VECTOR_OUTPUTS = ["h'", "h", "h' * sigmoid(a)", "h' + h"]
 
 
@@ -284,3 +284,19 @@ def test_a_constant_decay_that_is_not_positive_has_no_chunk_form_but_compiles(de
     with pytest.raises(rcc.CompileError, match="constant that is not positive"):
         rcc.compile(src, plan="chunk")
     _assert_plans_equal_sequential(src, {"K": 3, "V": 5}, 6, ())
+
+
+def test_coupled_states_with_constant_offsets_scan():
+    """An offset printed in place (v + 1.0, a constant's sum) before the block scan's expand had
+    printed as `v + 1.0.expand(...)`; found by a randomised campaign."""
+    src = """cell Vec(d) {
+    input x[d]
+    state h[d], c[d]
+    h_0 = 0.5 * h + 1.0
+    h' = h_0 + 1.0
+    c' = 0.5 * c + 1.0 + h'
+    output y = h' + h
+}
+"""
+    assert "scan" in rcc.analyze(src).plans
+    _assert_plans_equal_sequential(src, {"d": 5}, 6, ())

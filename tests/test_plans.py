@@ -53,8 +53,10 @@ def _triton_runs(name, plan):
     return not triton_lacks(rcc.plans.chunk_form(build_ir(stdlib(name), dims=DIMS[name])[0]))
 
 
-@pytest.mark.parametrize("name,plan", [c for c in CASES if _triton_runs(*c)])
-@pytest.mark.parametrize("T", [1, 7, 40])  # 40: more than one of the Triton scans' blocks of 32 steps
+# 40: more than one of the Triton scans' blocks of 32 steps; 13: four chunks of 4, the last
+# partial (the chunk kernels' own tiling is tested at T = 70 and 130 in test_triton_chunk.py)
+@pytest.mark.parametrize("name,plan,T", [(*c, T) for c in CASES if _triton_runs(*c)
+                                         for T in ([1, 7, 13] if c[1] == "chunk" else [1, 7, 40])])
 def test_triton_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T, backend="triton")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from rcc import ir, plans
 from rcc.passes.linearize import ZERO
 
+from .expr import _atom
 from .printer import TorchPrinter, _tuple
 
 
@@ -170,7 +171,7 @@ class ScanPrinter(PlanPrinter):
             return f"{init}.new_tensor({self._ref(v)}){full}"
         if self.cell.node(v).type.batched:
             return f"_rt.time_major({self._ref(v)}, _T, {rank}){full}"
-        return f"{self._ref(v)}{full}"
+        return f"{_atom(self._ref(v))}{full}"  # an expression printed in place: (v + 1.0)
 
 
 class NewtonPrinter(PlanPrinter):

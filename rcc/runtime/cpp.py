@@ -76,10 +76,11 @@ FEW_ROWS = 8
 
 class Kernel:
     """One kernel source with its dims set, built per float type and direction on first use.
-    The forward is built first (about half a second); its build starts the backward's in a
-    background thread (the longer one), so a module is ready to run forward before its
-    backward is, and a forward-only model never waits for it. float64 is only built for a model
-    that runs in float64."""
+    The forward is built first (about half a second). The first call that will need a backward
+    starts the backward's build (the longer one) in a background thread while its forward runs:
+    a forward-only model never builds it, and a module made in float32 and then converted
+    (.double()) builds no float32 backward. float64 is only built for a model that runs in
+    float64."""
 
     def __init__(self, text: str):
         self.text = text
@@ -98,9 +99,13 @@ class Kernel:
             if pending is not None:
                 pending.finish()  # re-raises a failed background build
             self._load(dtype, direction)
-            if direction == "forward" and ("backward", dtype) not in self._fns:
-                self._pending["backward", dtype] = _Build(self._source(dtype, "backward"))
         return self
+
+    def start_backward(self, dtype) -> None:
+        """Build the backward for `dtype` in the background, unless it is built or building."""
+        if ("backward", dtype) not in self._fns and ("backward", dtype) not in self._pending \
+                and dtype in _REAL:
+            self._pending["backward", dtype] = _Build(self._source(dtype, "backward"))
 
     def wait(self) -> "Kernel":
         """Finish the builds running in the background (and load them)."""
@@ -269,6 +274,8 @@ def _forward(meta, tensors, save, entry="forward"):
     outs = [torch.empty(N, T, *shape, dtype=dtype) for shape in out_shapes]
     finals = [torch.empty(s.shape, dtype=dtype) for s in given]  # [N, *decl], row-major
     saved = [torch.empty(T, *s.shape, dtype=dtype) for s in states] if save else [None] * len(states)
+    if save:
+        kern.start_backward(dtype)  # built while this forward runs
     kern(entry, dtype, sizes, [*seq, *consts, *states, *outs, *finals, *saved])
     return (*outs, *finals), (seq, consts, states, saved)
 
@@ -440,6 +447,7 @@ def _levels_forward(meta, tensors):
 class _Levels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *tensors):
+        meta[0].start_backward(_one_dtype(tensors))  # built while this forward runs
         results, kept = _levels_forward(meta, tensors)
         ctx.save_for_backward(*tensors)  # for autograd's in-place check (see _Loop)
         ctx.meta, ctx.kept, ctx.float_type = meta, kept, tensors[0].dtype
