@@ -22,6 +22,7 @@ _LAZY = {
     "Layer": ("rcc.runtime.layer", "Layer"),
     "Feature": ("rcc.runtime.layer", "Feature"),
     "layers": ("rcc.layers", None),
+    "lsrl": ("rcc.lsrl", None),
 }
 
 

@@ -112,7 +112,7 @@ def build_ir(source_or_path, cell=None, dims=None):
     """Parse and elaborate one cell. Returns (CellIR, program, syntax cell), or raises NeedStatic
     when a dim with no default sets a loop count and `dims` does not give it."""
     prog, ast = _load(source_or_path, cell)
-    return run_pipeline(elaborate(ast, prog.fns, dims)), prog, ast
+    return run_pipeline(elaborate(ast, prog.fns, _checked_dims(ast, dims))), prog, ast
 
 
 def analyze(source_or_path, cell=None, dims=None):
@@ -293,13 +293,27 @@ def compile_program(source_or_path, cell=None, backend="auto", plan="auto", dims
     """(the class, the texts of every file the source read: rcc.frontcache records them)."""
     backend, plan = _check_choice(backend, plan)
     prog, ast = _load(source_or_path, cell)
-    return _specialize(prog, ast, plan, dict(dims or {}), backend), prog.texts
+    dims = _checked_dims(ast, dims)
+    return _specialize(prog, ast, plan, dims, backend), prog.texts
+
+
+def _checked_dims(ast, dims) -> dict:
+    """`dims` given with a cell: names of its dims, each a positive integer."""
+    dims = dict(dims or {})
+    names = [d.name for d in ast.dims]
+    for name, value in dims.items():
+        if name not in names:
+            raise CompileError(f"cell '{ast.name}' has no dim '{name}' (dims: "
+                               f"{', '.join(names) or 'none'})", ast.span)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CompileError(f"dim '{name}' must be a positive integer, got {value!r}", ast.span)
+    return dims
 
 
 def _specialize(prog, ast, plan, dims, backend="torch"):
     """The class for `dims`' values of the static dims; it re-specializes itself for others."""
     try:
-        cell_ir = run_pipeline(elaborate(ast, prog.fns, dims))
+        cell_ir = _with_dims(run_pipeline(elaborate(ast, prog.fns, dims)), dims)
     except NeedStatic:
         return _deferred_class(prog, ast, plan, backend, dims)
     cls = _class_for(cell_ir, plan, backend=backend)

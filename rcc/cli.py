@@ -140,6 +140,8 @@ def main(argv=None) -> int:
         return 2
     if getattr(args, "batch", 1) < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if any(t < 1 for t in getattr(args, "lengths", None) or ()):
+        parser.error(f"--T lengths must be at least 1, got {' '.join(map(str, args.lengths))}")
     try:  # what the arguments say, checked before any work
         if args.command == "explain":
             args.grid = _grid(args.grid)

@@ -32,6 +32,11 @@ def test_check_a_stdlib_path_away_from_a_checkout(tmp_path):
     assert r.returncode == 2 and "no such file: stdlib/nope.rnn" in r.stderr
 
 
+def test_explain_refuses_a_length_below_one_as_usage():
+    r = rcc_cli("explain", stdlib("gla.rnn"), "--T", "0")
+    assert r.returncode == 2 and "--T lengths must be at least 1" in r.stderr
+
+
 def test_check_bad_file_prints_position_and_caret(tmp_path):
     path = tmp_path / "bad.rnn"
     path.write_text(BAD)

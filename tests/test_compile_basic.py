@@ -129,3 +129,26 @@ cell C(d) {
     got, _ = rcc.compile(src)(d=4)(a)
     rows = 2.0 * torch.softmax(a, 2)[:, :, :2].sum(2)
     torch.testing.assert_close(got, rows.cumsum(1))
+
+
+def test_dims_given_to_compile_are_checked_and_default_free_dims():
+    M = rcc.compile(stdlib("mingru.rnn"), dims={"d": 8})
+    assert M(d_in=3).dims == {"d_in": 3, "d": 8} and M(d_in=3, d=5).dims == {"d_in": 3, "d": 5}
+    for bad, why in (({"zz": 8}, "has no dim 'zz'"), ({"d": 0}, "positive integer"),
+                     ({"d": "x"}, "positive integer")):
+        with pytest.raises(rcc.CompileError, match=why):
+            rcc.compile(stdlib("mingru.rnn"), dims=bad)
+
+
+def test_from_torch_refuses_a_relu_rnn_for_the_tanh_elman_cell():
+    rnn = torch.nn.RNN(3, 4, batch_first=True, nonlinearity="relu")
+    with pytest.raises(ValueError, match="nonlinearity='relu'"):
+        rcc.from_torch(rcc.compile(stdlib("elman.rnn"))(d_in=3, d=4), rnn)
+
+
+def test_rcc_lsrl_is_there_after_import_rcc():
+    import subprocess
+    import sys
+    code = "import rcc; print(callable(rcc.lsrl.compile))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr

@@ -231,3 +231,22 @@ def test_kda_layer_recurrence_equals_fla_naive():
     q, k, v, g, beta = layer.cell_inputs(x)
     want = layer.output(x, naive_recurrent_kda(q, k, v, g, beta)[0])
     torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["gated_deltanet", "kda"])
+def test_a_layer_with_short_convolutions_continues_from_a_final_state(make):
+    """forward's final state holds each convolution's window (as step's cache does), so a prompt
+    prefilled by one call continues by step() or by another call exactly."""
+    torch.manual_seed(0)
+    layer = getattr(rcc.layers, make)(d_model=16, num_heads=2, head_dim=8).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, final = layer(x)
+    assert {k for k in final if k.startswith("conv:")} == {"conv:q", "conv:k", "conv:v"}
+    for cut in (1, 5):
+        _, prefix = layer(x[:, :cut])
+        y_step, _ = layer.step(x[:, cut], cache=rcc.Cache(prefix, cut))
+        torch.testing.assert_close(y_step, y[:, cut])
+        y_rest, final_rest = layer(x[:, cut:], initial_state=prefix)
+        torch.testing.assert_close(y_rest, y[:, cut:])
+        for name in final:
+            torch.testing.assert_close(final_rest[name], final[name])

@@ -1,7 +1,7 @@
 """LSRL's compilation target: a cell written with LSRL's primitives (`use lsrl`) turned into a
 stack of layers of a recurrent architecture, with set weights, that computes the same outputs.
 
-    stack = rcc.lsrl.compile("examples/lsrl/count.rnn", to="linear", dims={"n": 3})
+    stack = rcc.lsrl.compile("examples/lsrl/counting.rnn", to="linear", dims={"n": 3})
     y = stack(x)                                      # equals the cell's outputs
 
 The pipeline (Petrov et al. 2024, LSRL): the step as affine forms over ReLUs, products and

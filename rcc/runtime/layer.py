@@ -56,14 +56,18 @@ class Feature(torch.nn.Module):
         self.heads, self.size = heads, size
         return self
 
-    def forward(self, x):
-        """x [B, T, d_model] -> [B, T, heads, size]."""
+    def forward(self, x, history=None):
+        """x [B, T, d_model] -> ([B, T, heads, size], the convolution's window after x: the last
+        conv - 1 projections [B, conv - 1, width], or None without a convolution). `history`: the
+        window before x (zeros: a sequence's start)."""
         y = self.proj(x)
-        if self.conv:  # causal: step t sees steps t - conv + 1 .. t
-            y = F.conv1d(F.pad(y.transpose(1, 2), (self.conv - 1, 0)), self.conv_weight,
-                         groups=y.shape[-1]).transpose(1, 2)
-            y = F.silu(y)
-        return self._activate(y)
+        if not self.conv:
+            return self._activate(y), None
+        if history is None:
+            history = y.new_zeros(y.shape[0], self.conv - 1, y.shape[-1])
+        full = torch.cat([history.to(y.dtype), y], 1)  # causal: step t sees t - conv + 1 .. t
+        y = F.conv1d(full.transpose(1, 2), self.conv_weight, groups=y.shape[-1]).transpose(1, 2)
+        return self._activate(F.silu(y)), full[:, full.shape[1] - (self.conv - 1):]
 
     def step(self, x, history=None):
         """One step: x [B, d_model] -> ([B, heads, size], the convolution's window of the last
@@ -139,21 +143,40 @@ class Layer(torch.nn.Module):
     def cell_inputs(self, x, cu_seqlens=None):
         """The cell's inputs [B, T, heads, *decl] made from x (with cu_seqlens, a short
         convolution runs over each packed sequence alone: it never reads across a boundary)."""
-        out = []
+        return self._inputs_and_windows(x, cu_seqlens)[0]
+
+    def _inputs_and_windows(self, x, cu_seqlens=None, windows=None):
+        """(cell_inputs, each short convolution's window after x as "conv:<input>"). `windows`:
+        those before x (a continued sequence); with cu_seqlens none is kept."""
+        out, after = [], {}
         for n in self.cell.INPUTS:
             f = self.features[n]
             if f.conv and cu_seqlens is not None:
                 bounds = [int(b) for b in cu_seqlens]
-                y = torch.cat([f(x[:, a:b]) for a, b in zip(bounds, bounds[1:])], 1)
+                y = torch.cat([f(x[:, a:b])[0] for a, b in zip(bounds, bounds[1:])], 1)
             else:
-                y = f(x)
+                y, window = f(x, (windows or {}).get("conv:" + n))
+                if window is not None:
+                    after["conv:" + n] = window
             out.append(y.view(*x.shape[:2], self.num_heads, *self.cell.shapes[n]))
-        return out
+        return out, after
 
-    def forward(self, x, **kwargs):
+    def forward(self, x, initial_state=None, output_final_state=True, **kwargs):
+        """x [B, T, d_model] -> (y [B, T, d_model], the final state: the cell's states and each
+        short convolution's window of recent projections as "conv:<input>", what step() keeps
+        too, so a call continues from another's final state)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Layer takes x [B, T, {self.d_model}], got {list(x.shape)}")
-        o, final = self.cell(*self.cell_inputs(x, kwargs.get("cu_seqlens")), **kwargs)
+        given = dict(initial_state) if isinstance(initial_state, dict) else None
+        windows = {k: given.pop(k) for k in list(given) if k.startswith("conv:")} if given else {}
+        if windows and kwargs.get("cu_seqlens") is not None:
+            raise ValueError("with cu_seqlens each packed sequence starts its convolutions from "
+                             "zeros: initial_state may not hold convolution windows (conv:*)")
+        inputs, after = self._inputs_and_windows(x, kwargs.get("cu_seqlens"), windows)
+        o, final = self.cell(*inputs, initial_state=initial_state if given is None else given,
+                             output_final_state=output_final_state, **kwargs)
+        if final is not None:
+            final = {**final, **after}
         return self.output(x, o), final
 
     def output(self, x, o):

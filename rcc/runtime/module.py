@@ -340,6 +340,12 @@ def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0,
             for rev in ((False, True) if cell.bidirectional else (False,)):
                 from_torch(cell.cell(k, rev), source, k, rev)
         return cell
+    nonlinearity = getattr(source, "nonlinearity", "tanh")
+    if nonlinearity != "tanh" and getattr(cell, "CELL", None) == "Elman":
+        raise ValueError(f"{type(source).__name__} has nonlinearity={nonlinearity!r} but rcc's "
+                         "stdlib Elman cell is tanh: copy it into a cell written with "
+                         f"{nonlinearity} (h' = {nonlinearity}(weight_ih @ x + bias_ih + "
+                         "weight_hh @ h + bias_hh))")
     src = dict(source.named_parameters())
     suffix = f"_l{layer}" + ("_reverse" if reverse else "")
     copied = 0
