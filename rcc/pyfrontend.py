@@ -179,10 +179,31 @@ class Traced:
         raise CompileError("a traced value cannot be iterated; index it or use rcc.split",
                            _user_span())
 
+    def __abs__(self):
+        return self._tracer.call("abs", (self,), {})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """torch.tanh(h) on a traced value: the cell's functions are rcc's (rcc.tanh(h))."""
+        name = getattr(func, "__name__", str(func))
+        hint = f"rcc.{name}" if name in _FUNCTION_NAMES else "an rcc function (LANGUAGE.md section 6)"
+        raise CompileError(f"torch.{name} cannot trace a cell's value; write {hint}", _user_span())
+
+    def __getattr__(self, name):  # x.sum() and other tensor methods: say the rcc spelling
+        if name.startswith("__"):
+            raise AttributeError(name)
+        hint = f"rcc.{name}(...)" if name in _FUNCTION_NAMES else "an rcc function or operator"
+        raise CompileError(f"a traced value has no method .{name}(); write {hint}", _user_span())
+
     def __repr__(self):
         n = self._tracer.elab.nodes[self._tracer.elab.env[self._name].id]
         return f"<traced {n.type}>"
 
+
+_FUNCTION_NAMES = frozenset("""
+    sigmoid tanh relu silu gelu exp log log1p expm1 softplus logsigmoid sqrt rsqrt abs sign sin cos
+    max min logaddexp where sum mean amax logsumexp softmax dot outer l2norm eye zeros ones
+    concat stack split chunk""".split())
 
 # Python operator methods -> the .rnn operator they build; arithmetic ones also come reflected
 _ARITHMETIC = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "matmul": "@", "pow": "**"}

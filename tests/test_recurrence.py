@@ -86,6 +86,26 @@ def test_traced_bad_annotation_and_return():
             return {"h'": h, "y": h}
 
 
+def test_torch_spellings_say_the_rcc_one_at_the_line():
+    with pytest.raises(rcc.CompileError, match="torch.tanh cannot trace .* write rcc.tanh") as e:
+        @rcc.recurrence
+        def TorchTanh(x: rcc.Input["d"], h: rcc.State["d"]):
+            return {"h'": torch.tanh(h + x)}
+    assert e.value.span.filename == __file__
+    with pytest.raises(rcc.CompileError, match=r"no method .sum\(\); write rcc.sum"):
+        @rcc.recurrence
+        def MethodSum(x: rcc.Input["d"], h: rcc.State["d"]):
+            return {"h'": h + x.sum()}
+
+    @rcc.recurrence
+    def Abs(x: rcc.Input["d"], h: rcc.State["d"]):  # Python's abs() is rcc.abs
+        h_next = 0.5 * h + abs(x)
+        return {"h'": h_next, "y": h_next}
+    x = torch.randn(1, 3, 2)
+    y, _ = Abs(d=2)(x)
+    torch.testing.assert_close(y[:, 0], x[:, 0].abs())
+
+
 # ---- dims as values (issue 18): `K: rcc.Dim` arguments --------------------------------------
 @rcc.recurrence
 def ScaledGLA(q: rcc.Input["K"], k: rcc.Input["K"], v: rcc.Input["V"], gk: rcc.Input["K"],
