@@ -129,3 +129,14 @@ def test_packed_sequences_equal_torch(cell_file):
     unpacked, _ = torch.nn.utils.rnn.pad_packed_sequence(y_ref, batch_first=True)
     torch.testing.assert_close(y_pad, unpacked)  # zeros past each length, as torch pads
     torch.testing.assert_close(final_pad["h"], h_ref)
+
+
+def test_a_stack_of_a_one_state_cell_takes_initial_state_as_one_tensor():
+    """torch.nn.GRU's h_0 [num_layers * directions, B, d]; several states need a dict."""
+    stack = rcc.Stack(rcc.compile(stdlib("gru.rnn")), num_layers=2, d_in=4, d=5)
+    x, h0 = torch.randn(3, 6, 4), torch.randn(2, 3, 5)
+    torch.testing.assert_close(stack(x, initial_state=h0)[0],
+                               stack(x, initial_state={"h": h0})[0])
+    lstm = rcc.Stack(rcc.compile(stdlib("lstm.rnn")), num_layers=2, d_in=4, d=5)
+    with pytest.raises(TypeError, match="has 2 states: pass a dict"):
+        lstm(x, initial_state=h0)
