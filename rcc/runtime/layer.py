@@ -164,7 +164,11 @@ class Layer(torch.nn.Module):
     def forward(self, x, initial_state=None, output_final_state=True, **kwargs):
         """x [B, T, d_model] -> (y [B, T, d_model], the final state: the cell's states and each
         short convolution's window of recent projections as "conv:<input>", what step() keeps
-        too, so a call continues from another's final state)."""
+        too, so a call continues from another's final state; with lengths= or cu_seqlens= the
+        windows are not kept: the sequences end at different steps)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Layer takes x [B, T, {self.d_model}] (variable lengths as lengths= "
+                            f"or cu_seqlens=), got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Layer takes x [B, T, {self.d_model}], got {list(x.shape)}")
         given = dict(initial_state) if isinstance(initial_state, dict) else None
@@ -175,7 +179,7 @@ class Layer(torch.nn.Module):
         inputs, after = self._inputs_and_windows(x, kwargs.get("cu_seqlens"), windows)
         o, final = self.cell(*inputs, initial_state=initial_state if given is None else given,
                              output_final_state=output_final_state, **kwargs)
-        if final is not None:
+        if final is not None and kwargs.get("lengths") is None:  # padded rows end elsewhere
             final = {**final, **after}
         return self.output(x, o), final
 
