@@ -448,8 +448,9 @@ def test_generated_code_is_readable():
         A = v.U @ v.U.T + torch.eye(3, dtype=F64)
         pre = v.W @ v.x + A @ v.h + v.b
         g = _sigmoid(v.gate)
-        h = torch.tanh(pre) * g + (1 - g) * v.h + torch.logaddexp(pre, 0 * pre) * torch.log1p(
-            torch.exp(pre - v.b))
+        # softplus as log(1 + e^x) without overflow (log1p(exp(x)) is inf past x = 709)
+        h = torch.tanh(pre) * g + (1 - g) * v.h + torch.logaddexp(pre, 0 * pre) * torch.logaddexp(
+            pre - v.b, 0 * pre)
         S = v.S * g + h[:, None] * h[None, :] - torch.where(v.S > 0, v.S, 0 * v.S) * torch.relu(
             pre)[:, None]
         return {"h'": h, "S'": S, "y": h @ S + A.sum(1)}
