@@ -211,16 +211,7 @@ class CellModule(torch.nn.Module):
         """`initial_state` checked ([B, *heads, *decl]; a dict by state name, or one tensor when
         the cell has one state, flash-linear-attention's habit): a tensor or None per state."""
         B, heads, _ = layout
-        if isinstance(initial_state, torch.Tensor):
-            if len(self.STATES) != 1:
-                raise TypeError(f"initial_state is one tensor but {self.CELL} has "
-                                f"{len(self.STATES)} states: pass a dict "
-                                f"{{{', '.join(repr(s) + ': ...' for s in self.STATES)}}}")
-            initial_state = {self.STATES[0]: initial_state}
-        elif initial_state is not None and not isinstance(initial_state, dict):
-            raise TypeError(f"initial_state must be a dict of tensors by state name (states: "
-                            f"{', '.join(self.STATES)}), got {type(initial_state).__name__}")
-        given = initial_state or {}
+        given = states_by_name(initial_state, self.STATES, self.CELL) or {}
         for name in given:
             if name not in self.STATES:
                 raise ValueError(f"initial_state has unknown state {name!r} "
@@ -318,6 +309,20 @@ def init_xavier(p):
 
 def init_orthogonal(p):
     torch.nn.init.orthogonal_(p)
+
+
+def states_by_name(initial_state, states, owner):
+    """`initial_state` as a dict by state name (None stays None): one tensor is the state of a
+    one-state cell (flash-linear-attention's and torch.nn.GRU's habit)."""
+    if isinstance(initial_state, torch.Tensor):
+        if len(states) != 1:
+            raise TypeError(f"initial_state is one tensor but {owner} has {len(states)} states: "
+                            f"pass a dict {{{', '.join(repr(s) + ': ...' for s in states)}}}")
+        return {states[0]: initial_state}
+    if initial_state is not None and not isinstance(initial_state, dict):
+        raise TypeError(f"initial_state must be a dict of tensors by state name (states: "
+                        f"{', '.join(states)}), got {type(initial_state).__name__}")
+    return initial_state
 
 
 def from_torch(cell: torch.nn.Module, source: torch.nn.Module, layer: int = 0,

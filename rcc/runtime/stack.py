@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .module import states_by_name
+
 
 def _reverse_within(lengths, T, device):
     """Per row, the time index that reverses its first lengths[b] steps (the padding stays)."""
@@ -83,15 +85,7 @@ class Stack(torch.nn.Module):
             flip = _reverse_within(lengths, x.shape[1], x.device)
         else:
             kwargs, flip = {}, None
-        if isinstance(initial_state, torch.Tensor):  # torch.nn.GRU's h_0, for one state
-            if len(self.states) != 1:
-                raise TypeError(f"initial_state is one tensor but the cell has "
-                                f"{len(self.states)} states: pass a dict "
-                                f"{{{', '.join(repr(s) + ': ...' for s in self.states)}}}")
-            initial_state = {self.states[0]: initial_state}
-        elif initial_state is not None and not isinstance(initial_state, dict):
-            raise TypeError(f"initial_state must be a dict of tensors by state name, got "
-                            f"{type(initial_state).__name__}")
+        initial_state = states_by_name(initial_state, self.states, "the cell")  # GRU's h_0 too
         if initial_state is not None:
             unknown = set(initial_state) - set(self.states)
             if unknown:
