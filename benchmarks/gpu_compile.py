@@ -25,7 +25,9 @@ sys.path.insert(0, REPO)
 
 import rcc  # noqa: E402
 from rcc.runtime.triton.common import accumulator  # noqa: E402
-from rcc.runtime.triton.offline import chunk_launches, compile_for, loop_kernels, resources  # noqa: E402
+from rcc.runtime.triton.offline import (chunk_launches, compile_for, loop_kernels, maxplus_launches,  # noqa: E402
+                                        resources)
+
 
 def sequential_kernels(name, dims, dtype, batch=16, sms=132):
     """(label, jit, constexprs, options, wide) of a stdlib cell's generated loop kernels (with
@@ -49,7 +51,8 @@ def plan_kernels(dtype, K=128, V=128):
             + chunk_launches("linear_attention", dtype, K, V, scalar_decay=True, label="chunk RetNet")
             + chunk_launches("delta_rule", dtype, K, V, label="chunk delta rule")
             + chunk_launches("delta_rule", dtype, K, V, n_h=2, label="chunk DeltaProduct n_h=2")
-            + chunk_launches("dplr", dtype, K, V, label="chunk KDA"))
+            + chunk_launches("dplr", dtype, K, V, label="chunk KDA")
+            + maxplus_launches(dtype, "chunk mLSTM (its stabiliser first)"))
 
 
 CELLS = {  # plan sequential at the sizes of benchmarks/gpu.py (the tiled kernels serve every d > 32)

@@ -94,10 +94,7 @@ def _triton_plan(cell_ir, plan, analysis=None):
         vectors = all(len(d.shape) <= 1 for d in cell_ir.states)
         plan = "scan" if "scan" in analysis.plans and vectors else "sequential"
         if "chunk" in analysis.plans:
-            from rcc.backends.triton.printer import triton_lacks
-            from .plans import chunk_form
-            if not triton_lacks(chunk_form(cell_ir)):
-                plan = "chunk"
+            plan = "chunk"
     return plan, analysis
 
 

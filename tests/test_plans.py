@@ -43,19 +43,9 @@ def test_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T)
 
 
-def _triton_runs(name, plan):
-    """Backend triton's kernels cover this plan's form (the dplr chunk form has none: it says so,
-    tests/test_stdlib_forms.py)."""
-    if plan != "chunk":
-        return plan in rcc.api.TRITON_PLANS
-    from rcc.api import build_ir
-    from rcc.backends.triton.printer import triton_lacks
-    return not triton_lacks(rcc.plans.chunk_form(build_ir(stdlib(name), dims=DIMS[name])[0]))
-
-
 # 40: more than one of the Triton scans' blocks of 32 steps; 13: four chunks of 4, the last
 # partial (the chunk kernels' own tiling is tested at T = 70 and 130 in test_triton_chunk.py)
-@pytest.mark.parametrize("name,plan,T", [(*c, T) for c in CASES if _triton_runs(*c)
+@pytest.mark.parametrize("name,plan,T", [(*c, T) for c in CASES if c[1] in rcc.api.TRITON_PLANS
                                          for T in ([1, 7, 13] if c[1] == "chunk" else [1, 7, 40])])
 def test_triton_plan_equals_sequential(name, plan, T):
     _compare(name, plan, T, backend="triton")

@@ -41,8 +41,8 @@ def test_precompile_errors_are_clear():
 
 def test_precompile_plan_chunk(tmp_path):
     """Plan chunk's kernels (the library's, at the cell's key and value sizes): DeltaProduct's
-    seven (forward and backward) and RWKV-6's six, none spilling; a cell whose chunk form has no
-    Triton kernel is told so."""
+    seven (forward and backward), RWKV-6's six and the stabilised mLSTM's eight (its max-plus
+    scan's two first), none spilling."""
     run = _rcc("precompile", stdlib("deltaproduct.rnn"), "--dims", "K=64", "V=48", "--dtype", "bfloat16",
                "--plan", "chunk", "--arch", "sm_90", cache=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -55,8 +55,12 @@ def test_precompile_plan_chunk(tmp_path):
     rows = [ln.split("|") for ln in rwkv6.stdout.splitlines() if ln.startswith("| RWKV6 chunk")]
     assert len(rows) == 6 and all(int(r[4]) == 0 for r in rows), rwkv6.stdout
     mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16", "--plan", "chunk",
-                 "--arch", "sm_90")
-    assert mlstm.returncode == 1 and "max-plus" in mlstm.stderr and "Traceback" not in mlstm.stderr
+                 "--arch", "sm_90", cache=tmp_path)  # the stabiliser's max-plus scan first
+    assert mlstm.returncode == 0, mlstm.stderr[-3000:]
+    rows = [ln.split("|") for ln in mlstm.stdout.splitlines() if ln.startswith("| MLSTM chunk")]
+    assert [r[1].strip() for r in rows[:2]] == ["MLSTM chunk max-plus scan",
+                                                "MLSTM chunk max-plus scan backward"]
+    assert len(rows) == 8 and all(int(r[4]) == 0 for r in rows), mlstm.stdout
 
 
 def test_precompile_plans_scan_and_newton(tmp_path):

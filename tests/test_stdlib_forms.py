@@ -306,15 +306,12 @@ def test_explain_names_the_structure_and_plan(name):
     assert "diagonal-plus-rank-one" in str(analysis)
 
 
-def test_triton_names_the_form_it_lacks():
-    with pytest.raises(NotImplementedError, match="max-plus"):
-        rcc.compile(stdlib("mlstm.rnn"), backend="triton", plan="chunk")
-    # plan auto on backend triton runs the fused loop instead; the diagonal-plus-rank-one form runs
+def test_triton_plan_auto_runs_the_chunk_kernels():
+    # the stabilised mLSTM (a max-plus scan first) and the diagonal-plus-rank-one form
     import sys
-    cls = rcc.compile(stdlib("mlstm.rnn"), backend="triton")
-    assert "(backend triton, plan sequential)" in sys.modules[cls.__module__].__doc__
-    cls = rcc.compile(stdlib("kda.rnn"), backend="triton")
-    assert "(backend triton, plan chunk)" in sys.modules[cls.__module__].__doc__
+    for name in ("mlstm.rnn", "kda.rnn"):
+        cls = rcc.compile(stdlib(name), backend="triton")
+        assert "(backend triton, plan chunk)" in sys.modules[cls.__module__].__doc__
 
 
 # ---- vector states folded into the matrix state's chunkwise form -----------------------------
@@ -383,12 +380,16 @@ def test_linear_attention_matches_fla_naive(plan):
 
 
 # ---- the stabilised mLSTM: a max-plus scan, then the chunkwise form --------------------------
-@pytest.mark.parametrize("T,heads,with_init", [(1, (), False), (9, (2,), True), (70, (), True)])
-def test_stabilised_mlstm_chunk_equals_sequential(T, heads, with_init):
+@pytest.mark.parametrize("T,heads,with_init,backend", [
+    (1, (), False, "torch"), (9, (2,), True, "torch"), (70, (), True, "torch"),
+    (1, (), True, "triton"), (70, (2,), True, "triton"), (130, (), False, "triton")])
+def test_stabilised_mlstm_chunk_equals_sequential(T, heads, with_init, backend):
+    """Backend triton: the max-plus scan's kernels (blocks of 32 steps), then the chunk
+    kernels (chunks of 64): T = 70 and 130 cross both."""
     from conftest import cell_inputs, run_with_grads
 
     ref = rcc.compile(stdlib("mlstm.rnn"), plan="sequential")(K=3, V=4).double()
-    mod = rcc.compile(stdlib("mlstm.rnn"), plan="chunk")(K=3, V=4).double()
+    mod = rcc.compile(stdlib("mlstm.rnn"), plan="chunk", backend=backend)(K=3, V=4).double()
     mod.chunk_size = 4
     xs, init = cell_inputs(ref, 2, T, heads)
     xs[3] = (xs[3] * 40).detach().requires_grad_()  # input gates up to e^100: the stabiliser matters

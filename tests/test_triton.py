@@ -13,6 +13,7 @@ from conftest import STDLIB_DIMS, cell_inputs, run_with_grads, stdlib
 @pytest.mark.parametrize("name,dims,plan", [
     ("lstm.rnn", {"d_in": 3, "d": 5}, "sequential"), ("gla.rnn", {"K": 4, "V": 3}, "sequential"),
     ("gla.rnn", {"K": 4, "V": 3}, "chunk"), ("deltanet.rnn", {"K": 4, "V": 3}, "chunk"),
+    ("mlstm.rnn", {"K": 4, "V": 3}, "chunk"),
     ("mingru.rnn", {"d_in": 3, "d": 5}, "scan"), ("pararnn_gru.rnn", {"d_in": 3, "d": 5}, "newton")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_computes_in_float32(name, dims, plan, dtype):
@@ -43,8 +44,10 @@ def test_plan_auto_is_chunk_then_scan_then_the_fused_loop():
     assert "plan scan" in rcc.generate(stdlib("mingru.rnn"), backend="triton")
     assert "plan sequential" in rcc.generate(stdlib("lstm.rnn"), backend="triton")
     assert "plan chunk" in rcc.generate(stdlib("deltanet.rnn"), backend="triton")
+    # the stabilised mLSTM: the max-plus scan's kernels, then the chunkwise form's
+    assert "plan chunk" in rcc.generate(stdlib("mlstm.rnn"), backend="triton")
     # a scan would write the matrix state out for every step: the fused loop keeps it on chip
-    assert "plan sequential" in rcc.generate(stdlib("mlstm.rnn"), backend="triton")
+    assert "plan sequential" in rcc.generate(stdlib("mamba.rnn"), backend="triton")
 
 
 def _run(code, env=None):
@@ -117,6 +120,34 @@ def test_linear_scan(T, a_shape, b_shape):
     g = [torch.randn(b_shape, dtype=F64)]
     _close(_grads(linear_scan, (a, b, s0), (a, b, s0), g),
            _grads(scan.linear_scan, (a, b, s0), (a, b, s0), g))
+
+
+@pytest.mark.parametrize("T,a_shape,b_shape", [
+    (1, (1, 3, 4), (1, 3, 4)), (70, (70, 3, 4), (70, 3, 4)),  # 70: three blocks of 32
+    (33, (1, 1, 4), (33, 2, 4)), (45, (), (45, 7)), (32, (32, 7), (32, 7))])
+def test_maxplus_scan(T, a_shape, b_shape):
+    from rcc.runtime import maxplus_scan
+    from rcc.runtime import triton as rtt
+    a = (-torch.rand(a_shape, dtype=F64)).requires_grad_()
+    b = (3 * torch.randn(b_shape, dtype=F64)).requires_grad_()
+    m0 = torch.randn(b_shape[2:], dtype=F64, requires_grad=True)  # broadcast over the batch
+    g = [torch.randn(b_shape, dtype=F64)]
+    _close(_grads(rtt.maxplus_scan, (a, b, m0), (a, b, m0), g),
+           _grads(maxplus_scan, (a, b, m0), (a, b, m0), g))
+
+
+def test_maxplus_scan_ties_split_the_gradient_as_torch_maximum():
+    from rcc.runtime import triton as rtt
+    a = torch.zeros(3, 2, dtype=F64, requires_grad=True)
+    b = torch.tensor([[0.0, 1.0], [0.0, -1.0], [2.0, 1.0]], dtype=F64, requires_grad=True)
+    m0 = torch.zeros(2, dtype=F64, requires_grad=True)
+    want, m = [], m0
+    for t in range(3):  # the sequential steps with torch.maximum
+        m = torch.maximum(m + a[t], b[t])
+        want.append(m)
+    want = torch.stack(want)
+    g = [torch.randn(3, 2, dtype=F64)]
+    _close(_grads(rtt.maxplus_scan, (a, b, m0), (a, b, m0), g), _grads(lambda *x: want, (), (a, b, m0), g))
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -199,7 +230,7 @@ def test_kernels_compile_for_an_h100_offline(dtype):
                           "plans"], capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [ln for ln in run.stdout.splitlines() if ln.startswith("| ") and "kernel" not in ln]
-    assert len(rows) == 39 and all(int(r.split("|")[2]) > 0 for r in rows), run.stdout
+    assert len(rows) == 41 and all(int(r.split("|")[2]) > 0 for r in rows), run.stdout
 
 
 def test_loop_kernels_do_not_spill_at_model_sizes():

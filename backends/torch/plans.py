@@ -339,7 +339,7 @@ class ChunkPrinter(PlanPrinter):
             self.batch = "_N"
             steps = self.ns.new(m.state + "_steps")
             lines += [f"        # {m.state}' = max({m.state} + a, b) for every step: a max-plus scan",
-                      f"        {steps} = _rt.maxplus_scan({a}, {b}, {init})",
+                      f"        {steps} = {self.kernels}.maxplus_scan({a}, {b}, {init})",
                       f"        {self.var[m.leaf]} = _rt.previous_steps({steps}, {init})",
                       f"        {self.next[m.update]} = {steps}.flatten(0, 1)"]
             finals[m.state] = f"{steps}[-1]"

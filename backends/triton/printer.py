@@ -174,11 +174,6 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
     (rcc/runtime/triton/chunk_gla.py, chunk_delta.py)."""
 
     def __init__(self, form, source_name=""):
-        why = triton_lacks(form)
-        if why:
-            raise NotImplementedError(
-                f"backend 'triton' has no kernel for {why} (cell '{form.cell.name}'); plan "
-                "'chunk' runs it on backend 'torch', plan 'sequential' on 'triton'")
         super().__init__(form, source_name)
         if form.kind == "linear":
             K = form.cell.states[[d.name for d in form.cell.states].index(form.state)].shape[-2]
@@ -190,16 +185,10 @@ class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
                             scalar_decay=form.cell.node(form.steps[0].log_decay).type.shape[-1] == 1)
         else:
             launches = dict(kernels="delta_rule", state=form.state, n_h=len(form.keys))
+        if form.maxplus:  # the stabiliser's scan runs first (rcc/runtime/triton/maxplus.py)
+            launches["maxplus"] = True
         self.class_attrs = self.class_attrs + [
             f"    CHUNK_KERNELS = {launches!r}  # what the Triton kernels run (for rcc precompile)"]
-
-
-def triton_lacks(form) -> str:
-    """What of a chunk form the Triton chunk kernels (chunk_gla.py, chunk_delta.py, dplr.py)
-    do not run ('' if none)."""
-    if form.maxplus:
-        return "a max-plus state computed before the chunkwise form (the stabilised mLSTM)"
-    return ""
 
 
 class GridChunkPrinter(TritonModule, GraphPrinter):

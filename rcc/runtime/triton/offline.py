@@ -158,9 +158,21 @@ def chunk_kernels(m, dtype, label=""):
     if spec is None:
         raise NotImplementedError(f"{type(m).__name__} launches no chunk kernels of the sequence plan")
     K, V = (int(n) for n in m.shapes[spec["state"]][-2:])
-    return chunk_launches(spec["kernels"], dtype, K, V + spec.get("extra_values", 0),
-                          spec.get("scalar_decay", False), spec.get("n_h", 1),
-                          label or f"{type(m).__name__} chunk", spec.get("prev", False))
+    label = label or f"{type(m).__name__} chunk"
+    first = maxplus_launches(dtype, label) if spec.get("maxplus") else []
+    return first + chunk_launches(spec["kernels"], dtype, K, V + spec.get("extra_values", 0),
+                                  spec.get("scalar_decay", False), spec.get("n_h", 1), label,
+                                  spec.get("prev", False))
+
+
+def maxplus_launches(dtype, label):
+    """The max-plus scan's kernels (the stabiliser before the chunkwise form), forward and
+    backward, in the launches' format."""
+    from . import maxplus, scan
+    meta = dict(ACC=accumulator(dtype), BLOCK_T=scan.BLOCK_T, **scan.CONFIGS[0].kwargs)
+    options = dict(num_warps=scan.CONFIGS[0].num_warps)
+    return [(f"{label} max-plus scan", maxplus._maxplus_forward, meta, options, ()),
+            (f"{label} max-plus scan backward", maxplus._maxplus_backward, meta, options, ())]
 
 
 def scan_kernels(m, dtype, label=""):
