@@ -130,6 +130,8 @@ def explain(source_or_path, cell=None, dims=None, device="cpu", lengths=(256, 40
             batch=AUTO_N, graph=None, grid=None, edge_index=None) -> str:
     """The analysis, then the cost model's estimate of each legal plan and the plan 'auto'
     picks, per sequence length (what `rcc explain` prints)."""
+    from .runtime.cost import device_kind
+    device_kind(device)
     dims = dict(dims or {})
     while True:
         try:
@@ -213,7 +215,9 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
              device="cpu") -> str:
     """The generated module's source text (what `rcc compile` writes). A file holds one plan:
     'auto' picks it by the cost model for `device` and T = AUTO_T."""
+    from .runtime.cost import device_kind
     backend, plan = _check_choice(backend, plan)
+    device_kind(device)
     try:
         cell_ir, _, _ = build_ir(source_or_path, cell, dims)
     except NeedStatic as need:

@@ -152,3 +152,11 @@ def test_rcc_lsrl_is_there_after_import_rcc():
     code = "import rcc; print(callable(rcc.lsrl.compile))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_the_device_plan_auto_chooses_for_is_checked():
+    import rcc.api
+    assert "plan chunk" in rcc.generate(stdlib("gla.rnn"), device=torch.device("cuda", 1))
+    for call in (rcc.generate, rcc.api.explain):
+        with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+            call(stdlib("gla.rnn"), device="tpu")

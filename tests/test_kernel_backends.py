@@ -173,3 +173,18 @@ def test_generated_module_runs_without_the_compiler_packages(backend, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cell_that_reads_no_input(backend):
+    """Its inputs are declared but unused: the backward has only the initial state's gradient
+    (backend triton's launcher took its device from the first input)."""
+    src = """cell M(K, V) {
+    input q[K]
+    state S[K, V]
+    S' = 0.5 * S + 0.5 * S[:, 0:1]
+    output o = sum(S' * S', 0)
+}"""
+    ref = rcc.compile(src, backend="torch", plan="sequential")(K=3, V=4).double()
+    mod = rcc.compile(src, backend=backend)(K=3, V=4).double()
+    _compare(ref, mod, 2, 3, (), torch.float64, F64)

@@ -140,3 +140,28 @@ def test_a_stack_of_a_one_state_cell_takes_initial_state_as_one_tensor():
     lstm = rcc.Stack(rcc.compile(stdlib("lstm.rnn")), num_layers=2, d_in=4, d=5)
     with pytest.raises(TypeError, match="has 2 states: pass a dict"):
         lstm(x, initial_state=h0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cu_seqlens_equals_each_sequence_alone(batch_first):
+    """Sequences packed along time (flash-linear-attention's layout) through 2 bidirectional
+    layers: each sequence's reverse direction starts at its own end; initial and final states
+    are one per sequence."""
+    stack, _ = pair("lstm.rnn", num_layers=2, batch_first=batch_first)
+    lens = [5, 1, 7]
+    seqs = [torch.randn(1, n, 5, dtype=torch.float64) for n in lens]
+    h0 = {"h": torch.randn(4, 3, 4, dtype=torch.float64), "c": torch.randn(4, 3, 4, dtype=torch.float64)}
+    packed = torch.cat(seqs, 1)
+    cu = torch.tensor([0, 5, 6, 13])
+    y, final = stack(packed if batch_first else packed.transpose(0, 1), initial_state=h0, cu_seqlens=cu)
+    for i, x in enumerate(seqs):
+        start = {k: v[:, i:i + 1] for k, v in h0.items()}
+        y_i, final_i = stack(x if batch_first else x.transpose(0, 1), initial_state=start)
+        got = y[:, cu[i]:cu[i + 1]] if batch_first else y[cu[i]:cu[i + 1]]
+        torch.testing.assert_close(got, y_i)
+        for k in final:
+            torch.testing.assert_close(final[k][:, i:i + 1], final_i[k])
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        stack(packed, cu_seqlens=[0, 5, 12])
+    with pytest.raises(TypeError, match="not both"):
+        stack(packed, cu_seqlens=cu, lengths=[13])

@@ -20,11 +20,20 @@ DEVICES = {  # per-op overhead (s), elementwise throughput (elements/s), matmul 
 NEWTON_ITERATIONS = 4  # typical for the contractive cells it is legal for (BENCHMARKS.md)
 
 
+def device_kind(device) -> str:
+    """'cpu' or 'cuda' for a device the cost model knows ('cpu', 'cuda', 'cuda:1', a
+    torch.device); anything else is a ValueError."""
+    text = str(device)
+    if text == "cpu" or text == "cuda" or text.startswith("cuda:"):
+        return text.split(":")[0]
+    raise ValueError(f"device {device!r}: plan 'auto' chooses for 'cpu' or 'cuda' (or 'cuda:N')")
+
+
 def estimate(plan: str, facts: dict, device: str, T: int, N: int) -> float:
     """Seconds, roughly, for one forward call. `facts`: step_ops (operations of one step),
     plan_ops (operations the plan adds per call), state (elements of the states per sequence),
     key/value (sizes of a matrix state, for the chunkwise form), block (Newton's k)."""
-    overhead, rate, flops = DEVICES["cuda" if device.startswith("cuda") else "cpu"]
+    overhead, rate, flops = DEVICES[device_kind(device)]
     state = facts["state"] * N
     depth = 2 * max(1.0, math.log2(T))
     if plan == "sequential":

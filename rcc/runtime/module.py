@@ -401,7 +401,8 @@ class AutoPlan:
             if "matrix_state" in f:
                 f["key"], f["value"] = self.shapes[f["matrix_state"]][-2:]
             facts[plan] = f
-        self.last_plan, self.last_estimates = choose(self.PLAN_FACTS, facts, x.device.type, T, N)
+        device = "cuda" if x.device.type == "cuda" else "cpu"  # other devices: the CPU's figures
+        self.last_plan, self.last_estimates = choose(self.PLAN_FACTS, facts, device, T, N)
         return self.PLAN_CLASSES[self.last_plan].forward(
             self, *args, initial_state=initial_state, output_final_state=output_final_state,
             **kwargs)

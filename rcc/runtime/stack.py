@@ -24,6 +24,14 @@ def _reverse_within(lengths, T, device):
     return torch.where(rev >= 0, rev, t[None]).to(device)
 
 
+def _reverse_packed(bounds, device):
+    """The time index that reverses each packed sequence bounds[i]:bounds[i + 1] in place."""
+    t = torch.arange(bounds[-1])
+    for start, end in zip(bounds, bounds[1:]):
+        t[start:end] = torch.arange(end - 1, start - 1, -1)
+    return t[None].to(device)
+
+
 def _reversed(x, flip):
     """x [B, T, ...] reversed in time: whole rows, or each row within its length (`flip`)."""
     if flip is None:
@@ -33,6 +41,11 @@ def _reversed(x, flip):
 
 
 class Stack(torch.nn.Module):
+    """Layers of a one-input, one-output cell, as torch.nn.LSTM stacks its cell: each layer
+    reads the one below's output (both directions' side by side); dropout between layers in
+    training. Calls take a padded batch (with lengths=), a PackedSequence, or sequences packed
+    along time (cu_seqlens=); final states are [num_layers * num_directions, B, *decl]."""
+
     def __init__(self, cell, num_layers=1, bidirectional=False, dropout=0.0, batch_first=True,
                  input_dim="d_in", **dims):
         super().__init__()
@@ -64,25 +77,35 @@ class Stack(torch.nn.Module):
         """The cell module of `layer` (and direction)."""
         return self.cells[layer * self.directions + int(reverse)]
 
-    def forward(self, x, initial_state=None, lengths=None):
+    def forward(self, x, initial_state=None, lengths=None, cu_seqlens=None):
         """x: [B, T, d_in] ([T, B, d_in] with batch_first=False), or a PackedSequence.
         initial_state: {state: [num_layers * num_directions, B, *decl]} or None. lengths: each
         row's length in a padded x (the reverse direction then starts at each row's own end).
-        Returns (output [B, T, directions * out], or a PackedSequence for one; final states in
-        the same layout as initial_state, each row's at its own length)."""
+        cu_seqlens: x holds sequences packed along time into a batch of one, sequence i at
+        cu_seqlens[i]:cu_seqlens[i + 1] (flash-linear-attention's layout); B is then the number
+        of sequences for initial and final states. Returns (output [B, T, directions * out], or
+        a PackedSequence for one; final states in the same layout as initial_state, each row's
+        at its own length)."""
         if isinstance(x, PackedSequence):
-            if lengths is not None:
-                raise TypeError("a PackedSequence carries its lengths: pass no lengths=")
+            if lengths is not None or cu_seqlens is not None:
+                raise TypeError("a PackedSequence carries its lengths: pass no lengths= or cu_seqlens=")
             padded, lens = pad_packed_sequence(x, batch_first=self.batch_first)
             y, final = self.forward(padded, initial_state, lens)
             return pack_padded_sequence(y, lens, batch_first=self.batch_first,
                                         enforce_sorted=False), final
+        if lengths is not None and cu_seqlens is not None:
+            raise TypeError("pass lengths= (a padded batch) or cu_seqlens= (a packed one), not both")
         if not self.batch_first:
             x = x.transpose(0, 1)
         if lengths is not None:
             lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
             kwargs = {"lengths": lengths.tolist()}
             flip = _reverse_within(lengths, x.shape[1], x.device)
+        elif cu_seqlens is not None:
+            from .varlen import _bounds
+            bounds = _bounds(cu_seqlens, x.shape[1])  # checked as a cell's call checks them
+            kwargs = {"cu_seqlens": bounds}
+            flip = _reverse_packed(bounds, x.device) if self.bidirectional else None
         else:
             kwargs, flip = {}, None
         initial_state = states_by_name(initial_state, self.states, "the cell")  # GRU's h_0 too

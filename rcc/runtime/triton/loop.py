@@ -82,7 +82,8 @@ class _Loop(torch.autograd.Function):
                           "states": [False] * len(ctx.kept[2])}
         parts = lambda w: blocks if w else 1  # noqa: E731 (a part of the adjoint per program)
         seq, consts, states, saved = ctx.kept
-        dtype, device = states[0].dtype if states else seq[0].dtype, seq[0].device
+        first = (states + seq + consts)[0]  # a cell may read no input, or keep no state
+        dtype, device = first.dtype, first.device
         n_out = len(out_shapes)
         gouts = output_grads(grads[:n_out], out_shapes, N, T, dtype, device)
         gfinals = [torch.zeros_like(s) if g is None else rows(g, 1).contiguous()
