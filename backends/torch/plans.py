@@ -220,8 +220,10 @@ class NewtonPrinter(PlanPrinter):
         self.batch = batch
         rendered = render()
         self.batch = "_N"
-        outside = sorted({a for i in ids for a in self.cell.node(i).args
-                          if a not in ids and not self._is_const(a)
+        # what the scope reads: the arguments of its values and the roots it does not compute
+        # (a state-free next state or Jacobian entry), never a closure over all steps' rows
+        reads = [a for i in ids for a in self.cell.node(i).args] + list(roots)
+        outside = sorted({a for a in reads if a not in ids and not self._is_const(a)
                           and a not in self.leaf.values() and a not in self.bound})
         self.var, self.inline, self.live, self.region = saved
         return body, rendered, outside

@@ -140,9 +140,12 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
     def _solve(self, lines):
         c, form = self.cell, self.form
         roots = list(self.next_of.values()) + [v for row in form.jacobian for v in row]
-        ids = torch_plans._cone(c, [v for v in roots if v is not None])
-        ids = (ids & self.stateful) - set(self.leaf.values())
         leaves = [self.leaf[s] for s in form.states]
+        # what the kernel computes from the states and what the step reads (a Jacobian entry
+        # may itself be state-free: a product of two gates the step reads)
+        stop = set(self.reads) | set(leaves)
+        ids = {i for i in torch_plans._cone(c, [v for v in roots if v is not None], stop) - stop
+               if c.node(i).op != "const"}
         decl = next(d for d in c.states if d.name == form.states[0])
         self.kernel_source = self.kernel.rows_source(
             f"{self.kernel.name}_jacobian", ids, leaves, self.reads, roots, decl.shape)
