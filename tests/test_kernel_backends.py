@@ -188,3 +188,19 @@ def test_a_cell_that_reads_no_input(backend):
     ref = rcc.compile(src, backend="torch", plan="sequential")(K=3, V=4).double()
     mod = rcc.compile(src, backend=backend)(K=3, V=4).double()
     _compare(ref, mod, 2, 3, (), torch.float64, F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_folded_to_a_number_keeps_its_shape(backend):
+    """`0.0 * S` folds to the number 0 in backend triton's pointwise printer; a slice of it then
+    needs the [K, V] tile (found by a randomised campaign on the kernel backends)."""
+    src = """cell M(K, V) {
+    input q[K], k[K], v[V]
+    state S[K, V]
+    S_0 = 0.0 * S
+    S' = concat(S_0[:, 1:V], S_0[:, 0:1], axis=1) + outer(k, v)
+    output o = q @ S'
+}"""
+    ref = rcc.compile(src, backend="torch", plan="sequential")(K=3, V=4).double()
+    mod = rcc.compile(src, backend=backend, plan="sequential")(K=3, V=4).double()
+    _compare(ref, mod, 2, 5, (), torch.float64, F64)

@@ -393,7 +393,11 @@ class TileKernelPrinter:
             return f"{self.value[a[0]]}[:, None] * {self.value[a[1]]}[None, :]"
         if op in POINTWISE:
             syms, names = self._pointwise_symbols(n)
-            return TileExprPrinter(names, self.constant).doprint(pointwise(op, syms))
+            value = pointwise(op, syms)
+            text = TileExprPrinter(names, self.constant).doprint(value)
+            if shape and not value.free_symbols:  # folded to a number (0.0 * S): keep the tile
+                text = f"{text} + tl.zeros({self.tile(shape)}, ACC)"
+            return text
         x = self.value[a[0]] if a else None
         if op == "matmul":
             return self._matmul(n)
