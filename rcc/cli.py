@@ -104,8 +104,9 @@ def _parser():
     pc.add_argument("--cell")
     pc.add_argument("--dims", nargs="*", metavar="NAME=INT", help="every dim of the cell")
     pc.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    pc.add_argument("--plan", default="sequential", choices=["sequential", "chunk", "scan", "newton"],
-                    help="the plan whose kernels to compile")
+    pc.add_argument("--plan", default="auto", choices=["auto", "sequential", "chunk", "scan", "newton"],
+                    help="the plan whose kernels to compile (auto: the one rcc.compile(backend='triton') "
+                         "runs)")
     pc.add_argument("--arch", help="the GPU to compile for, as sm_90 (default: this machine's GPU)")
     pc.add_argument("--batch", type=int, default=16, help="rows per call (batch x heads)")
     ls = sub.add_parser("lsrl", help="compile an LSRL program (a cell written with `use lsrl`) "

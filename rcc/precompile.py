@@ -1,12 +1,14 @@
 """`rcc precompile FILE.rnn --dims ... [--dtype] [--plan P] [--arch sm_90] [--batch N]`: every
 Triton kernel a forward (with and without gradients) and a backward of the cell will launch in
-plan P (sequential, the default, chunk, scan or newton), compiled ahead of a job, each in its own
-process, with its compile seconds, registers, spilled bytes and shared memory.
+plan P (auto, the default: the plan rcc.compile(backend='triton') picks; or sequential, chunk,
+scan or newton), compiled ahead of a job, each in its own process, with its compile seconds,
+registers, spilled bytes and shared memory.
 
-With --arch, no GPU is needed: the kernels are lowered for that architecture here (a check of
-compile time and registers, and Triton's cache filled for a launch that specializes the same
-way). Without it, on a GPU, the kernels are compiled for it and the cell then runs once on
-zeros ([batch, 2 steps]), which leaves exactly the kernels its launches use in Triton's cache.
+With --arch, no GPU is needed: the kernels are lowered for that architecture here, a check of
+compile time, registers and spills (on an H200 a launch did not find these cubins: its
+specialization of the arguments differs, BENCHMARKS.md). Without it, on a GPU, the kernels are
+compiled for it and the cell then runs once on zeros ([batch, 2 steps]), which leaves exactly the
+kernels its launches use in Triton's cache.
 """
 from __future__ import annotations
 
@@ -54,13 +56,23 @@ def _compile_one(job):
     return (label, time.perf_counter() - start, *resources(kernel))
 
 
-def precompile(path, cell=None, dims=None, dtype="bfloat16", plan="sequential", arch=None,
+def resolved_plan(path, cell, dims, plan) -> str:
+    """The plan whose kernels a module of backend triton launches: plan 'auto' is the one
+    rcc.compile(backend='triton') picks for the cell."""
+    if plan != "auto":
+        return plan
+    from .api import _triton_plan, build_ir
+    return _triton_plan(build_ir(path, cell, dims)[0], plan)[0]
+
+
+def precompile(path, cell=None, dims=None, dtype="bfloat16", plan="auto", arch=None,
                batch=16, out=print) -> int:
     """Compile, print a row per kernel; returns the number of kernels that spill."""
     import multiprocessing
 
     import torch
     dims = dict(dims or {})
+    plan = resolved_plan(path, cell, dims, plan)
     gpu = arch is None
     if gpu:
         if not torch.cuda.is_available():
@@ -77,7 +89,7 @@ def precompile(path, cell=None, dims=None, dtype="bfloat16", plan="sequential", 
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(_compile_one, jobs))
-    out(f"{len(rows)} kernels for sm_{arch}, {dtype}, {batch} rows, dims "
+    out(f"{len(rows)} kernels of plan {plan} for sm_{arch}, {dtype}, {batch} rows, dims "
         f"{' '.join(f'{k}={v}' for k, v in dims.items()) or '-'} ({workers} processes, "
         f"{time.perf_counter() - start:.1f} s):")
     width = max([44] + [len(r[0]) for r in rows])

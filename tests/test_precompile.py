@@ -54,9 +54,10 @@ def test_precompile_plan_chunk(tmp_path):
     assert rwkv6.returncode == 0, rwkv6.stderr[-3000:]
     rows = [ln.split("|") for ln in rwkv6.stdout.splitlines() if ln.startswith("| RWKV6 chunk")]
     assert len(rows) == 6 and all(int(r[4]) == 0 for r in rows), rwkv6.stdout
-    mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16", "--plan", "chunk",
-                 "--arch", "sm_90", cache=tmp_path)  # the stabiliser's max-plus scan first
+    mlstm = _rcc("precompile", stdlib("mlstm.rnn"), "--dims", "K=16", "V=16",
+                 "--arch", "sm_90", cache=tmp_path)  # plan auto: chunk, the max-plus scan first
     assert mlstm.returncode == 0, mlstm.stderr[-3000:]
+    assert "8 kernels of plan chunk for sm_90" in mlstm.stdout, mlstm.stdout
     rows = [ln.split("|") for ln in mlstm.stdout.splitlines() if ln.startswith("| MLSTM chunk")]
     assert [r[1].strip() for r in rows[:2]] == ["MLSTM chunk max-plus scan",
                                                 "MLSTM chunk max-plus scan backward"]
