@@ -245,15 +245,10 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
 
 
 def _with_dims(cell_ir, dims):
-    """`dims` (rcc compile --dims) checked against the cell's: a dim that sets a loop count took
-    its value in elaboration; a free one gets it as its default in the generated module."""
+    """`dims` (already checked against the cell's by _checked_dims): a dim that sets a loop count
+    took its value in elaboration; a free one gets it as its default in the generated module."""
     from dataclasses import replace
 
-    names = [d.name for d in cell_ir.dims]
-    for name in dims:
-        if name not in names:
-            raise CompileError(f"cell '{cell_ir.name}' has no dim '{name}' (dims: "
-                               f"{', '.join(names) or 'none'})", cell_ir.span)
     return replace(cell_ir, dims=tuple(
         replace(d, default=dims[d.name]) if d.name in dims and d.static is None else d
         for d in cell_ir.dims))

@@ -62,7 +62,16 @@ def resolved_plan(path, cell, dims, plan) -> str:
     if plan != "auto":
         return plan
     from .api import _triton_plan, build_ir
-    return _triton_plan(build_ir(path, cell, dims)[0], plan)[0]
+    from .elaborate import NeedStatic
+    from .errors import CompileError
+    try:
+        cell_ir = build_ir(path, cell, dims)[0]
+    except NeedStatic as need:
+        raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
+                           f"value: pass --dims {need.names[0]}=N", need.span) from None
+    if cell_ir.topology != "seq":  # the backend says what it runs over graphs and grids
+        return "sequential"
+    return _triton_plan(cell_ir, plan)[0]
 
 
 def precompile(path, cell=None, dims=None, dtype="bfloat16", plan="auto", arch=None,

@@ -185,8 +185,13 @@ class Traced:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """torch.tanh(h) on a traced value: the cell's functions are rcc's (rcc.tanh(h))."""
+        import torch
         name = getattr(func, "__name__", str(func))
-        hint = f"rcc.{name}" if name in _FUNCTION_NAMES else "an rcc function (LANGUAGE.md section 6)"
+        if getattr(func, "__objclass__", None) is torch._C.TensorBase:
+            # a torch tensor's operator (torch.tensor(0.5) * h): Python then asks the traced
+            # value's reflected operator, which takes a 0-d tensor's value
+            return NotImplemented
+        hint = f"rcc.{name}" if name in _FUNCTION_NAMES else "an rcc function (docs/language.md)"
         raise CompileError(f"torch.{name} cannot trace a cell's value; write {hint}", _user_span())
 
     def __getattr__(self, name):  # x.sum() and other tensor methods: say the rcc spelling

@@ -250,3 +250,7 @@ def test_a_layer_with_short_convolutions_continues_from_a_final_state(make):
         torch.testing.assert_close(y_rest, y[:, cut:])
         for name in final:
             torch.testing.assert_close(final_rest[name], final[name])
+    with pytest.raises(ValueError, match="of no input's short convolution"):
+        layer(x, initial_state={**final, "conv:beta": torch.zeros(2, 3, 2, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"a convolution window is \[B, conv - 1, width\]"):
+        layer(x, initial_state={**final, "conv:q": final["conv:q"][:1]})

@@ -27,7 +27,14 @@ def test_precompile_for_sm90_without_a_gpu(tmp_path):
     assert "sm_90, bfloat16, 16 rows" in run.stdout
 
 
-def test_precompile_errors_are_clear():
+def test_precompile_errors_are_clear(tmp_path):
+    loop = tmp_path / "loop.rnn"  # plan auto reads the cell's form: a loop count needs its value
+    loop.write_text("cell L(d, n) {\n    input x[d]\n    state h[d]\n    h_0 = h\n"
+                    "    for j in 0..n {\n        h_0 = 0.5 * h_0\n    }\n    h' = h_0 + x\n"
+                    "    output h'\n}\n")
+    unbound = _rcc("precompile", str(loop), "--dims", "d=8", "--arch", "sm_90")
+    assert unbound.returncode == 1 and "--dims n=N" in unbound.stderr, unbound.stderr
+    assert "Traceback" not in unbound.stderr and "internal error" not in unbound.stderr
     no_gpu = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d_in=8", "d=8")
     assert no_gpu.returncode == 2 and "--arch sm_90" in no_gpu.stderr, no_gpu.stderr
     missing = _rcc("precompile", stdlib("gru.rnn"), "--dims", "d=8", "--arch", "sm_90")

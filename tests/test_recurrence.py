@@ -105,6 +105,13 @@ def test_torch_spellings_say_the_rcc_one_at_the_line():
     y, _ = Abs(d=2)(x)
     torch.testing.assert_close(y[:, 0], x[:, 0].abs())
 
+    @rcc.recurrence
+    def TorchScalar(x: rcc.Input["d"], h: rcc.State["d"]):  # a 0-d tensor on the left: its value
+        h_next = torch.tensor(0.5) * h + x - torch.tensor(1.0)
+        return {"h'": h_next, "y": h_next}
+    y, _ = TorchScalar(d=2)(x)
+    torch.testing.assert_close(y[:, 1], 0.5 * (x[:, 0] - 1) + x[:, 1] - 1)
+
 
 # ---- dims as values (issue 18): `K: rcc.Dim` arguments --------------------------------------
 @rcc.recurrence

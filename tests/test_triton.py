@@ -150,6 +150,23 @@ def test_maxplus_scan_ties_split_the_gradient_as_torch_maximum():
     _close(_grads(rtt.maxplus_scan, (a, b, m0), (a, b, m0), g), _grads(lambda *x: want, (), (a, b, m0), g))
 
 
+def test_maxplus_scan_in_bf16_takes_the_forwards_branches():
+    """The backward finds each step's branch from m kept in float32: from m rounded to bf16,
+    1-2% of near-ties flipped and gradients were off by up to 12 (found by a review)."""
+    from rcc.runtime import triton as rtt
+    torch.manual_seed(3)
+    a = -0.02 * torch.rand(64, 256)
+    b = 3 + 0.05 * torch.randn(64, 256)
+    m0 = torch.full((256,), 3.0)
+    g = torch.randn(64, 256)
+    xs = [x.to(torch.bfloat16).requires_grad_() for x in (a, b, m0)]
+    got = torch.autograd.grad((rtt.maxplus_scan(*xs).float() * g).sum(), xs)
+    xs32 = [x.detach().float().requires_grad_() for x in xs]  # the same (rounded) inputs
+    want = torch.autograd.grad((rtt.maxplus_scan(*xs32) * g).sum(), xs32)
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x.float(), w, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("T,A_lead,b_lead", [(1, (1, 3), (1, 3)), (70, (70, 3, 4), (70, 3, 4)),
                                              (33, (1, 1, 4), (33, 2, 4))])

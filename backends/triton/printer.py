@@ -174,7 +174,8 @@ class NewtonPrinter(TritonModule, torch_plans.NewtonPrinter):
 
 class ChunkPrinter(TritonModule, torch_plans.ChunkPrinter):
     """Plan chunk: the torch plan's module, the chunkwise form Triton kernels
-    (rcc/runtime/triton/chunk_gla.py, chunk_delta.py)."""
+    (rcc/runtime/triton/chunk_gla.py, chunk_delta.py, dplr.py; maxplus.py for a max-plus state
+    computed first)."""
 
     def __init__(self, form, source_name=""):
         super().__init__(form, source_name)

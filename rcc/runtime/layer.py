@@ -63,11 +63,20 @@ class Feature(torch.nn.Module):
         y = self.proj(x)
         if not self.conv:
             return self._activate(y), None
-        if history is None:
-            history = y.new_zeros(y.shape[0], self.conv - 1, y.shape[-1])
+        history = self._history(history, y)
         full = torch.cat([history.to(y.dtype), y], 1)  # causal: step t sees t - conv + 1 .. t
         y = F.conv1d(full.transpose(1, 2), self.conv_weight, groups=y.shape[-1]).transpose(1, 2)
         return self._activate(F.silu(y)), full[:, full.shape[1] - (self.conv - 1):]
+
+    def _history(self, history, y):
+        """The window before x: zeros at a sequence's start, else checked [B, conv - 1, width]."""
+        want = (y.shape[0], self.conv - 1, y.shape[-1])
+        if history is None:
+            return y.new_zeros(want)
+        if not isinstance(history, torch.Tensor) or tuple(history.shape) != want:
+            got = list(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__
+            raise ValueError(f"a convolution window is [B, conv - 1, width] = {list(want)}; got {got}")
+        return history
 
     def step(self, x, history=None):
         """One step: x [B, d_model] -> ([B, heads, size], the convolution's window of the last
@@ -75,8 +84,7 @@ class Feature(torch.nn.Module):
         y = self.proj(x)
         if not self.conv:
             return self._activate(y[:, None])[:, 0], None
-        if history is None:
-            history = y.new_zeros(y.shape[0], self.conv - 1, y.shape[-1])
+        history = self._history(history, y)
         window = torch.cat([history, y[:, None]], 1)  # oldest first, as the convolution reads
         y = F.silu(torch.einsum("bjw,wj->bw", window, self.conv_weight[:, 0]))
         return self._activate(y[:, None])[:, 0], window[:, 1:]
@@ -101,7 +109,9 @@ class Feature(torch.nn.Module):
 
 class Layer(torch.nn.Module):
     """x [B, T, d_model] -> (y [B, T, d_model], final states), the cell run over num_heads heads
-    (its dims per head). Calls take the cell's keywords (initial_state, cu_seqlens, ...)."""
+    (its dims per head). Calls take the cell's keywords (initial_state, cu_seqlens, ...). The
+    final states hold each short convolution's window as "conv:<input>" [B, conv - 1, width],
+    so a call continues from another's final state."""
 
     def __init__(self, cell, d_model, num_heads, inputs=None, output_gate=None, gate_rank=None,
                  norm=True, norm_eps=1e-5, **dims):
@@ -173,6 +183,11 @@ class Layer(torch.nn.Module):
             raise ValueError(f"Layer takes x [B, T, {self.d_model}], got {list(x.shape)}")
         given = dict(initial_state) if isinstance(initial_state, dict) else None
         windows = {k: given.pop(k) for k in list(given) if k.startswith("conv:")} if given else {}
+        convs = [f"conv:{n}" for n in self.cell.INPUTS if self.features[n].conv]
+        unknown = sorted(set(windows) - set(convs))
+        if unknown:
+            raise ValueError(f"initial_state has convolution windows {unknown} of no input's short "
+                             f"convolution (windows: {', '.join(convs) or 'none'})")
         if windows and kwargs.get("cu_seqlens") is not None:
             raise ValueError("with cu_seqlens each packed sequence starts its convolutions from "
                              "zeros: initial_state may not hold convolution windows (conv:*)")

@@ -1,6 +1,8 @@
 """The max-plus scan in Triton: m_t = max(m_{t-1} + a_t, b_t) for every step (xLSTM's mLSTM
 stabiliser, computed before plan chunk's kernels), with the contract of
-rcc.runtime.maxplus.maxplus_scan (time-major, a broadcasting to b, m0 to b[0]).
+rcc.runtime.maxplus.maxplus_scan (time-major, a broadcasting to b, m0 to b[0]). At an exact tie
+the gradient splits in half, as the sequential step's torch.maximum does (the torch form's
+cummax gives it to one side).
 
 Forward: as scan.py's linear scan, one program per block of columns walks time in chunks of
 BLOCK_T steps. tl.associative_scan composes the chunk's maps m -> max(m + a, b): (a1, b1) then
@@ -96,11 +98,14 @@ class _MaxPlusScan(torch.autograd.Function):
         ac, a_st = _columns(a.to(dtype), b)
         bc = b.contiguous()
         m0c = m0.to(dtype).expand(b.shape[1:]).contiguous()
-        out = torch.empty_like(bc)
+        # m in the accumulator's precision: the backward finds each step's branch from it as the
+        # forward took it (rounded to bf16, 1-2% of the branches flipped)
+        out = torch.empty(bc.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          device=bc.device)
         _maxplus_forward[_grid(M)](ac, bc, m0c, out, T, M, a_st, ACC=accumulator(dtype), BLOCK_T=BLOCK_T)
         ctx.save_for_backward(ac, bc, m0c, out)
-        ctx.a_st, ctx.shapes, ctx.dtypes = a_st, (a.shape, m0.shape), (a.dtype, m0.dtype)
-        return out
+        ctx.a_st, ctx.shapes, ctx.dtypes = a_st, (a.shape, m0.shape), (a.dtype, b.dtype, m0.dtype)
+        return out.to(dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward: a clear error, never a silent 0
@@ -114,7 +119,7 @@ class _MaxPlusScan(torch.autograd.Function):
         grad_m0 = _sum_to(da[0], m0_shape)  # s_0 lam_0, as grad a_0
         a_full = (1,) * (out.dim() - len(a_shape)) + tuple(a_shape)
         grad_a = _sum_to(da, a_full).reshape(a_shape)
-        return grad_a.to(ctx.dtypes[0]), db, grad_m0.to(ctx.dtypes[1])
+        return grad_a.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), grad_m0.to(ctx.dtypes[2])
 
 
 def maxplus_scan(a: torch.Tensor, b: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
