@@ -221,9 +221,7 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
     try:
         cell_ir, _, _ = build_ir(source_or_path, cell, dims)
     except NeedStatic as need:
-        raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
-                           f"value to generate code: give it a default or pass --dims "
-                           f"{need.names[0]}=N", need.span) from None
+        raise needs_value(need, "to generate code: give it a default or pass") from None
     cell_ir = _with_dims(cell_ir, dims or {})
     if cell_ir.topology != "seq":
         return _graph_module(cell_ir, backend, plan)
@@ -242,6 +240,14 @@ def generate(source_or_path, cell=None, backend="auto", plan="auto", dims=None,
         facts = _auto_facts(cell_ir, analysis, dims)
         plan = choose(facts, facts, device, AUTO_T, AUTO_N)[0]
     return print_module(cell_ir, plan=plan, analysis=analysis)
+
+
+def needs_value(need: NeedStatic, how: str) -> CompileError:
+    """The error for a dim without a value that sets a loop count or split (`how`: what gives it
+    one, before `--dims NAME=N`)."""
+    name = need.names[0]
+    return CompileError(f"dim '{name}' sets a loop count or split here, so it needs a value "
+                        f"{how} --dims {name}=N", need.span)
 
 
 def _with_dims(cell_ir, dims):

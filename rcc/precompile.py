@@ -61,14 +61,12 @@ def resolved_plan(path, cell, dims, plan) -> str:
     rcc.compile(backend='triton') picks for the cell."""
     if plan != "auto":
         return plan
-    from .api import _triton_plan, build_ir
+    from .api import _triton_plan, build_ir, needs_value
     from .elaborate import NeedStatic
-    from .errors import CompileError
     try:
         cell_ir = build_ir(path, cell, dims)[0]
     except NeedStatic as need:
-        raise CompileError(f"dim '{need.names[0]}' sets a loop count or split here, so it needs a "
-                           f"value: pass --dims {need.names[0]}=N", need.span) from None
+        raise needs_value(need, "to compile its kernels: pass") from None
     if cell_ir.topology != "seq":  # the backend says what it runs over graphs and grids
         return "sequential"
     return _triton_plan(cell_ir, plan)[0]

@@ -20,6 +20,7 @@ import linecache
 import os
 import sys
 
+from . import _TRACED_FUNCTIONS
 from . import syntax as S
 from .elaborate import Elaborator, Multi, Val
 from .errors import CompileError, Span
@@ -205,10 +206,7 @@ class Traced:
         return f"<traced {n.type}>"
 
 
-_FUNCTION_NAMES = frozenset("""
-    sigmoid tanh relu silu gelu exp log log1p expm1 softplus logsigmoid sqrt rsqrt abs sign sin cos
-    max min logaddexp where sum mean amax logsumexp softmax dot outer l2norm eye zeros ones
-    concat stack split chunk""".split())
+_FUNCTION_NAMES = _TRACED_FUNCTIONS  # the language's functions as rcc.<name> (rcc/__init__.py)
 
 # Python operator methods -> the .rnn operator they build; arithmetic ones also come reflected
 _ARITHMETIC = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "matmul": "@", "pow": "**"}
@@ -291,13 +289,11 @@ def _traced_function(name):
             tracer = _ACTIVE[-1]
         return tracer.call(name, args, kwargs)
     fn.__name__ = name
-    fn.__doc__ = f"rcc.{name}: LANGUAGE.md section 6, for use inside @rcc.recurrence functions."
+    fn.__doc__ = f"rcc.{name}: the language's {name} (docs/language.md), inside @rcc.recurrence functions."
     return fn
 
 
-for _name in ("sigmoid tanh relu silu gelu exp log log1p expm1 softplus logsigmoid sqrt rsqrt abs "
-              "sign sin cos max min logaddexp where sum mean amax logsumexp softmax dot outer "
-              "l2norm eye zeros ones concat stack split chunk").split():
+for _name in sorted(_FUNCTION_NAMES):
     globals()[_name] = _traced_function(_name)
 
 

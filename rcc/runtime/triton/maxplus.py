@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ..scan import _sum_to
-from .common import accumulator, check, tuned
-from .scan import BLOCK_T, CONFIGS, _columns, _compose, _grid
+from .common import accumulator, tuned
+from .scan import BLOCK_T, CONFIGS, _columns, _compose, _grid, _has_steps
 
 
 @triton.jit
@@ -127,10 +127,6 @@ def maxplus_scan(a: torch.Tensor, b: torch.Tensor, m0: torch.Tensor) -> torch.Te
     broadcasts to b (right-aligned; a time extent of 1 means constant in time); m0 broadcasts to
     b[0]. Returns [T, N, *shape] in b's dtype (computed in float32, or float64), differentiable
     in a, b and m0."""
-    if b.dim() == 0 or a.dim() > b.dim() or m0.dim() >= b.dim():
-        raise ValueError(f"maxplus_scan: a {tuple(a.shape)} and m0 {tuple(m0.shape)} must broadcast to "
-                         f"b {tuple(b.shape)} and b[0]")
-    check([b], "maxplus_scan (backend 'triton')")
-    if b.shape[0] == 0:
+    if not _has_steps("maxplus_scan", a, b, m0, "m0"):
         return b.clone()
     return _MaxPlusScan.apply(a, b, m0)

@@ -168,9 +168,8 @@ def chunk_kernels(m, dtype, label=""):
 def maxplus_launches(dtype, label):
     """The max-plus scan's kernels (the stabiliser before the chunkwise form), forward and
     backward, in the launches' format."""
-    from . import maxplus, scan
-    meta = dict(ACC=accumulator(dtype), BLOCK_T=scan.BLOCK_T, **scan.CONFIGS[0].kwargs)
-    options = dict(num_warps=scan.CONFIGS[0].num_warps)
+    from . import maxplus
+    meta, options = _scan_launch(dtype)
     return [(f"{label} max-plus scan", maxplus._maxplus_forward, meta, options, ()),
             (f"{label} max-plus scan backward", maxplus._maxplus_backward, meta, options, ())]
 
@@ -188,8 +187,7 @@ def scan_kernels(m, dtype, label=""):
     acc = accumulator(dtype)
     out = [(f"{label} Jacobian", jit, dict(m._meta, ACC=acc), {}, ())
            for name, jit in vars(module).items() if name.endswith("_jacobian")]
-    meta = dict(ACC=acc, BLOCK_T=scan.BLOCK_T, **scan.CONFIGS[0].kwargs)
-    options = dict(num_warps=scan.CONFIGS[0].num_warps)
+    meta, options = _scan_launch(dtype)
     if spec["block"] == 1:
         out.append((f"{label} linear scan", scan._linear_scan_forward, meta, options, ()))
         if spec["backward"]:
@@ -198,3 +196,12 @@ def scan_kernels(m, dtype, label=""):
         out.append((f"{label} block scan k={spec['block']}", scan._block_kernel(spec["block"]), meta,
                     options, ()))
     return out
+
+
+def _scan_launch(dtype):
+    """(constexprs, options) of a launch of scan.py's and maxplus.py's kernels: their first
+    config, the one a launch uses unless RCC_AUTOTUNE=1."""
+    from . import scan
+    config = scan.CONFIGS[0]
+    meta = dict(ACC=accumulator(dtype), BLOCK_T=scan.BLOCK_T, **config.kwargs)
+    return meta, dict(num_warps=config.num_warps)

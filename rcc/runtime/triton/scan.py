@@ -129,13 +129,19 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor) -> torch.Ten
     b: [T, N, *shape]; a broadcasts to b (right-aligned; a time extent of 1 means constant in time);
     s0 broadcasts to b[0]. Returns [T, N, *shape] in b's dtype (computed in float32, or float64),
     differentiable in a, b and s0."""
-    if b.dim() == 0 or a.dim() > b.dim() or s0.dim() >= b.dim():
-        raise ValueError(f"linear_scan: a {tuple(a.shape)} and s0 {tuple(s0.shape)} must broadcast to b "
-                         f"{tuple(b.shape)} and b[0]")
-    check([b], "linear_scan (backend 'triton')")
-    if b.shape[0] == 0:
+    if not _has_steps("linear_scan", a, b, s0):
         return b.clone()
     return _LinearScan.apply(a, b, s0)
+
+
+def _has_steps(what, a, b, s0, init="s0") -> bool:
+    """A scan's arguments checked (a broadcasting to b, the initial state `init` to b[0], a dtype
+    and device the kernels run); whether b has any step."""
+    if b.dim() == 0 or a.dim() > b.dim() or s0.dim() >= b.dim():
+        raise ValueError(f"{what}: a {tuple(a.shape)} and {init} {tuple(s0.shape)} must broadcast to b "
+                         f"{tuple(b.shape)} and b[0]")
+    check([b], f"{what} (backend 'triton')")
+    return b.shape[0] > 0
 
 
 def linear_adjoint(a, g):
